@@ -1,0 +1,1 @@
+"""kpimon alerting: rules, detectors, alert lifecycle and notifiers."""

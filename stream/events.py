@@ -1,0 +1,370 @@
+"""The event contract: pydantic models, JSON Schemas, and the byte-level parser.
+
+The models are the single definition of what producers may send (the JSON
+Schemas handed to producers are generated from them). ``EventParser`` turns any
+byte string into either a normalised :class:`Event` or a :class:`Rejection`
+with a reason from a small fixed set, so bad input can be dead-lettered and
+counted instead of crashing the worker. This module has no Kafka imports.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic_core import PydanticCustomError
+
+EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
+MONEY_FIELDS: frozenset[str] = frozenset({"cost", "revenue", "amount"})
+
+# Timestamps outside this range are almost always unit mistakes (seconds or
+# microseconds sent as milliseconds), so they are rejected rather than counted.
+_MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z
+_MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+class RejectReason(StrEnum):
+    """Why an input was dead-lettered; the label values of the rejection counter."""
+
+    TOO_LARGE = "too_large"
+    NOT_UTF8 = "not_utf8"
+    NOT_JSON = "not_json"
+    NOT_OBJECT = "not_object"
+    UNKNOWN_TYPE = "unknown_type"
+    TYPE_MISMATCH = "type_mismatch"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    INVALID_VALUE = "invalid_value"
+    NEGATIVE_MONEY = "negative_money"
+    UNKNOWN_CURRENCY = "unknown_currency"
+    BAD_TIMESTAMP = "bad_timestamp"
+    FUTURE_TIMESTAMP = "future_timestamp"
+
+
+def _bad_ts(detail: str) -> PydanticCustomError:
+    return PydanticCustomError("bad_timestamp", "{detail}", {"detail": detail})
+
+
+def parse_timestamp(value: Any) -> int:
+    """RFC 3339 with offset, or epoch milliseconds -> epoch milliseconds (UTC)."""
+    if isinstance(value, bool):
+        raise _bad_ts("ts must be an RFC 3339 string or epoch milliseconds, not a boolean")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise _bad_ts("ts must be finite")
+        ms = int(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise _bad_ts(f"ts {value[:64]!r} is not RFC 3339") from None
+        if parsed.tzinfo is None:
+            raise _bad_ts(f"ts {value[:64]!r} has no UTC offset")
+        ms = (parsed - _EPOCH) // _MS
+    else:
+        raise _bad_ts("ts must be an RFC 3339 string or epoch milliseconds")
+    if not _MIN_TS_MS <= ms < _MAX_TS_MS:
+        raise _bad_ts(f"ts {ms} is outside 2000-2100 (epoch milliseconds expected)")
+    return ms
+
+
+def _normalise_channel(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.strip().lower() or "unknown"
+    if value is None:
+        return "unknown"
+    return value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+Timestamp = Annotated[
+    int,
+    BeforeValidator(parse_timestamp),
+    WithJsonSchema(
+        {
+            "description": "Event time: RFC 3339 with offset, or epoch milliseconds",
+            "anyOf": [
+                {"type": "string", "format": "date-time"},
+                {"type": "integer", "minimum": _MIN_TS_MS, "maximum": _MAX_TS_MS - 1},
+            ],
+        }
+    ),
+]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Money = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Channel = Annotated[str, BeforeValidator(_normalise_channel), StringConstraints(max_length=64)]
+Currency = Annotated[str, BeforeValidator(_upper), StringConstraints(pattern=r"^[A-Z]{3}$")]
+
+
+class EventModel(BaseModel):
+    """Fields common to every event. Unknown extra fields are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    event_id: Id = Field(description="Deduplication key (orders: order_id when present)")
+    ts: Timestamp
+    campaign_id: Id | None = None
+    channel: Channel = Field("unknown", description="Lower-cased; 'unknown' when absent")
+    ad_group_id: Id | None = None
+    creative_id: Id | None = None
+    country: Annotated[str, StringConstraints(max_length=64)] | None = None
+    device: Annotated[str, StringConstraints(max_length=64)] | None = None
+    currency: Currency | None = Field(
+        None, description="ISO 4217 code of money fields; default: the reporting currency"
+    )
+
+
+class Impression(EventModel):
+    type: Literal["impression"] | None = None
+    campaign_id: Id
+    cost: Money | None = None
+
+
+class Click(EventModel):
+    type: Literal["click"] | None = None
+    campaign_id: Id
+    click_id: Id | None = None
+    cost: Money | None = None
+
+
+class Lead(EventModel):
+    type: Literal["lead"] | None = None
+    click_id: Id | None = None
+    user_id: Id | None = None
+
+
+class Order(EventModel):
+    type: Literal["order"] | None = None
+    revenue: Money
+    customer_id: Id
+    new_customer: bool | None = None
+    click_id: Id | None = None
+    order_id: Id | None = None
+
+
+class Spend(EventModel):
+    type: Literal["spend"] | None = None
+    campaign_id: Id
+    amount: Money
+
+
+MODELS: dict[str, type[EventModel]] = {
+    "impression": Impression,
+    "click": Click,
+    "lead": Lead,
+    "order": Order,
+    "spend": Spend,
+}
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """JSON Schema (draft 2020-12) of each event type, for producers."""
+    schemas: dict[str, dict[str, Any]] = {}
+    for name, model in MODELS.items():
+        schema = model.model_json_schema(mode="validation")
+        schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+        schema["$id"] = f"https://kpimon.dev/schemas/{name}.schema.json"
+        schema["description"] = (
+            f"kpimon {name} event. 'type' is required when several types share a topic."
+        )
+        schemas[name] = schema
+    return schemas
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event, normalised for aggregation (money in reporting currency)."""
+
+    type: str
+    event_id: str
+    dedup_key: str
+    ts_ms: int
+    campaign_id: str | None
+    channel: str
+    click_id: str | None = None
+    spend: float = 0.0
+    revenue: float = 0.0
+    new_customer: bool = False
+    customer_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why an input could not be counted; ``detail`` is for humans (DLQ, logs)."""
+
+    reason: RejectReason
+    detail: str
+
+
+_REASON_PRIORITY = (
+    RejectReason.MISSING_FIELD,
+    RejectReason.WRONG_TYPE,
+    RejectReason.BAD_TIMESTAMP,
+    RejectReason.NEGATIVE_MONEY,
+    RejectReason.UNKNOWN_CURRENCY,
+    RejectReason.INVALID_VALUE,
+)
+
+
+def _classify(err: Any) -> RejectReason:
+    loc = err.get("loc") or ("",)
+    field = str(loc[0])
+    kind = str(err.get("type", ""))
+    if kind == "missing":
+        return RejectReason.MISSING_FIELD
+    if field == "ts":
+        return RejectReason.BAD_TIMESTAMP
+    if field == "currency" and not kind.endswith("_type"):
+        return RejectReason.UNKNOWN_CURRENCY
+    if field in MONEY_FIELDS and kind == "greater_than_equal":
+        return RejectReason.NEGATIVE_MONEY
+    if kind.endswith(("_type", "_parsing")) or kind == "literal_error":
+        return RejectReason.WRONG_TYPE
+    return RejectReason.INVALID_VALUE
+
+
+def _rejection_from(exc: ValidationError) -> Rejection:
+    errors = exc.errors(include_url=False, include_input=False)
+    classified = [(_classify(err), err) for err in errors]
+    reason, err = min(classified, key=lambda pair: _REASON_PRIORITY.index(pair[0]))
+    field = ".".join(str(part) for part in err.get("loc", ())) or "(event)"
+    msg = str(err.get("msg", "invalid"))
+    if reason is RejectReason.MISSING_FIELD:
+        return Rejection(reason, f"missing required field {field!r}")
+    return Rejection(reason, f"{field}: {msg}")
+
+
+def _decode_json(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass  # orjson refuses some valid JSON (integers beyond 64 bits): ask the stdlib
+
+    def _no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(text, parse_constant=_no_constants)
+
+
+class EventParser:
+    """Bytes -> :class:`Event` or :class:`Rejection`. Never raises on any input."""
+
+    def __init__(
+        self,
+        *,
+        rates: dict[str, float],
+        reporting_currency: str,
+        max_bytes: int,
+        max_future_skew_ms: int,
+    ) -> None:
+        self._rates = dict(rates)
+        self._rates[reporting_currency] = 1.0
+        self._reporting_currency = reporting_currency
+        self._max_bytes = max_bytes
+        self._max_future_skew_ms = max_future_skew_ms
+
+    def parse(self, raw: bytes | None, *, topic_type: str | None, now_ms: int) -> Event | Rejection:
+        """Parse one message value; ``topic_type`` is None on a shared topic."""
+        if raw is None or len(raw) == 0:
+            return Rejection(RejectReason.NOT_JSON, "empty message")
+        if len(raw) > self._max_bytes:
+            return Rejection(
+                RejectReason.TOO_LARGE, f"{len(raw)} bytes exceeds the {self._max_bytes} limit"
+            )
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return Rejection(RejectReason.NOT_UTF8, f"invalid UTF-8 at byte {exc.start}")
+        try:
+            data = _decode_json(text)
+        except (ValueError, RecursionError) as exc:
+            return Rejection(RejectReason.NOT_JSON, str(exc)[:200] or "invalid JSON")
+        if not isinstance(data, dict):
+            got = type(data).__name__
+            return Rejection(RejectReason.NOT_OBJECT, f"expected a JSON object, got {got}")
+        declared = data.get("type")
+        if topic_type is None:
+            if not isinstance(declared, str) or declared not in MODELS:
+                return Rejection(
+                    RejectReason.UNKNOWN_TYPE,
+                    f"type must be one of {', '.join(EVENT_TYPES)} on a shared topic, "
+                    f"got {str(declared)[:40]!r}",
+                )
+            kind: str = declared
+        else:
+            kind = topic_type
+            if declared is not None and declared != topic_type:
+                return Rejection(
+                    RejectReason.TYPE_MISMATCH,
+                    f"type {str(declared)[:40]!r} on the {topic_type} topic",
+                )
+        try:
+            model = MODELS[kind].model_validate(data)
+        except ValidationError as exc:
+            return _rejection_from(exc)
+        return self._normalise(kind, model, now_ms)
+
+    def _normalise(self, kind: str, model: EventModel, now_ms: int) -> Event | Rejection:
+        if model.ts > now_ms + self._max_future_skew_ms:
+            return Rejection(
+                RejectReason.FUTURE_TIMESTAMP,
+                f"ts is {(model.ts - now_ms) / 1000:.0f} s in the future "
+                f"(limit {self._max_future_skew_ms / 1000:.0f} s)",
+            )
+        currency = model.currency or self._reporting_currency
+        rate = self._rates.get(currency)
+        if rate is None:
+            return Rejection(RejectReason.UNKNOWN_CURRENCY, f"no rate configured for {currency}")
+        spend = revenue = 0.0
+        new_customer = False
+        click_id = customer_id = None
+        dedup_key = model.event_id
+        if isinstance(model, Impression):
+            spend = (model.cost or 0.0) * rate
+        elif isinstance(model, Click):
+            spend = (model.cost or 0.0) * rate
+            click_id = model.click_id
+        elif isinstance(model, Lead):
+            click_id = model.click_id
+        elif isinstance(model, Order):
+            revenue = model.revenue * rate
+            new_customer = bool(model.new_customer)
+            click_id = model.click_id
+            customer_id = model.customer_id
+            dedup_key = model.order_id or model.event_id
+        elif isinstance(model, Spend):
+            spend = model.amount * rate
+        if not math.isfinite(spend + revenue):
+            return Rejection(RejectReason.INVALID_VALUE, "money overflows after conversion")
+        return Event(
+            type=kind,
+            event_id=model.event_id,
+            dedup_key=dedup_key,
+            ts_ms=model.ts,
+            campaign_id=model.campaign_id,
+            channel=model.channel,
+            click_id=click_id,
+            spend=spend,
+            revenue=revenue,
+            new_customer=new_customer,
+            customer_id=customer_id,
+        )

@@ -1,0 +1,116 @@
+"""The per-batch work of the worker, free of Kafka so it can be tested alone.
+
+A batch of raw records becomes counted events and dead letters. Counts are
+staged per batch in a :class:`BatchResult` and folded into the live
+:class:`PipelineStats` only after the batch's Kafka transaction committed, so a
+retried batch is never counted twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from stream.events import EVENT_TYPES, Event, EventParser, Rejection, RejectReason
+from stream.settings import Settings
+
+DLQ_HEADER_REASON = "kpimon.reason"
+DLQ_HEADER_ERROR = "kpimon.error"
+DLQ_HEADER_TOPIC = "kpimon.source.topic"
+DLQ_HEADER_PARTITION = "kpimon.source.partition"
+DLQ_HEADER_OFFSET = "kpimon.source.offset"
+DLQ_HEADER_TIMESTAMP = "kpimon.source.timestamp"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """One consumed Kafka record, as much of it as the pipeline needs."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """The original bytes plus why and where from, for the dead-letter topic."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+
+def dead_letter(record: SourceRecord, rejection: Rejection) -> DeadLetter:
+    headers = [
+        (DLQ_HEADER_REASON, rejection.reason.value.encode()),
+        (DLQ_HEADER_ERROR, rejection.detail.encode("utf-8", "replace")),
+        (DLQ_HEADER_TOPIC, record.topic.encode()),
+        (DLQ_HEADER_PARTITION, str(record.partition).encode()),
+        (DLQ_HEADER_OFFSET, str(record.offset).encode()),
+        (DLQ_HEADER_TIMESTAMP, str(record.timestamp_ms).encode()),
+    ]
+    return DeadLetter(key=record.key, value=record.value, headers=headers)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """What one batch produced; applied to the stats once the batch is committed."""
+
+    events: list[Event] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """Live counters read by the metrics collector at scrape time."""
+
+    events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RejectReason, 0))
+    last_event_ms: dict[str, int] = field(default_factory=dict)
+
+    def apply(self, batch: BatchResult) -> None:
+        events, last = self.events, self.last_event_ms
+        for event in batch.events:
+            kind = event.type
+            events[kind] += 1
+            if event.ts_ms > last.get(kind, 0):
+                last[kind] = event.ts_ms
+        for reason, count in batch.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
+
+
+class RecordHandler:
+    """Parses records of the configured topics into a :class:`BatchResult`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.parser = EventParser(
+            rates=settings.rates,
+            reporting_currency=settings.reporting_currency,
+            max_bytes=settings.max_message_bytes,
+            max_future_skew_ms=int(settings.max_future_skew_seconds * 1000),
+        )
+        self.topic_types: dict[str, str | None] = {
+            topic: kind for kind, topic in settings.type_topics.items()
+        }
+        self.topic_types.update(dict.fromkeys(settings.shared_topics))
+
+    @property
+    def topics(self) -> list[str]:
+        return list(self.topic_types)
+
+    def handle(self, records: Iterable[SourceRecord], now_ms: int) -> BatchResult:
+        result = BatchResult()
+        parse, topic_types = self.parser.parse, self.topic_types
+        for record in records:
+            parsed = parse(record.value, topic_type=topic_types[record.topic], now_ms=now_ms)
+            if isinstance(parsed, Event):
+                result.events.append(parsed)
+            else:
+                result.dead_letters.append(dead_letter(record, parsed))
+                reason = parsed.reason.value
+                result.rejected[reason] = result.rejected.get(reason, 0) + 1
+        return result
