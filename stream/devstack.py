@@ -135,6 +135,7 @@ class ManagedProcess:
     argv: Sequence[str]
     workdir: Path
     ready: Callable[[], bool]
+    ports: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     start_timeout: float = 90.0
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -163,6 +164,11 @@ class ManagedProcess:
         if self.pid() is not None:
             wait_until(self.ready, self.start_timeout, f"running {self.name} to answer")
             return False
+        for port in self.ports:
+            if port_open("127.0.0.1", port):
+                raise DevStackError(
+                    f"{self.name}: port {port} is already in use by another process"
+                )
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as out:
             log_start = out.tell()
@@ -296,6 +302,7 @@ def kafka_process(
         argv=argv,
         workdir=workdir,
         ready=lambda: kafka_api_versions_ok("127.0.0.1", port),
+        ports=(port, controller_port),
     )
 
 
@@ -349,7 +356,7 @@ def prometheus_process(
     ]  # fmt: skip
     return ManagedProcess(
         name=name, argv=argv, workdir=workdir,
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"), ports=(port,),
     )  # fmt: skip
 
 
@@ -369,7 +376,7 @@ def alertmanager_process(
     ]  # fmt: skip
     return ManagedProcess(
         name=name, argv=argv, workdir=workdir,
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"), ports=(port,),
     )  # fmt: skip
 
 
