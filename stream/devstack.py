@@ -287,8 +287,8 @@ def kafka_process(
         data.mkdir(parents=True, exist_ok=True)
         fmt = subprocess.run(
             [java, "-cp", classpath, f"-Dlog4j.configuration=file:{log4j}",
-             "kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}", "-c", str(config),
-             "--ignore-formatted"],
+             "kafka.tools.StorageTool", "format", f"--cluster-id={_cluster_id()}",
+             "-c", str(config), "--ignore-formatted"],
             capture_output=True, text=True, check=False,
         )  # fmt: skip
         if fmt.returncode != 0:
