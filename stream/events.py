@@ -30,6 +30,8 @@ from pydantic_core import PydanticCustomError
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 MONEY_FIELDS: frozenset[str] = frozenset({"cost", "revenue", "amount"})
+# Sums are 64-bit integers of millionths: one event may carry up to 10^12 units.
+MAX_MONEY = 1e12
 
 # Timestamps outside this range are almost always unit mistakes (seconds or
 # microseconds sent as milliseconds), so they are rejected rather than counted.
@@ -192,7 +194,11 @@ def json_schemas() -> dict[str, dict[str, Any]]:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """A validated event, normalised for aggregation (money in reporting currency)."""
+    """A validated event, normalised for aggregation.
+
+    Money is in millionths of the reporting currency, as integers, so that sums
+    are exact whatever order events arrive in.
+    """
 
     type: str
     event_id: str
@@ -201,8 +207,8 @@ class Event:
     campaign_id: str | None
     channel: str
     click_id: str | None = None
-    spend: float = 0.0
-    revenue: float = 0.0
+    spend_micros: int = 0
+    revenue_micros: int = 0
     new_customer: bool = False
     customer_id: str | None = None
 
@@ -353,8 +359,8 @@ class EventParser:
             dedup_key = model.order_id or model.event_id
         elif isinstance(model, Spend):
             spend = model.amount * rate
-        if not math.isfinite(spend + revenue):
-            return Rejection(RejectReason.INVALID_VALUE, "money overflows after conversion")
+        if not (spend + revenue) < MAX_MONEY:
+            return Rejection(RejectReason.INVALID_VALUE, "money too large after conversion")
         return Event(
             type=kind,
             event_id=model.event_id,
@@ -363,8 +369,8 @@ class EventParser:
             campaign_id=model.campaign_id,
             channel=model.channel,
             click_id=click_id,
-            spend=spend,
-            revenue=revenue,
+            spend_micros=round(spend * 1_000_000),
+            revenue_micros=round(revenue * 1_000_000),
             new_customer=new_customer,
             customer_id=customer_id,
         )

@@ -52,7 +52,7 @@ def test_valid_click_is_normalised(parse: Callable[..., Event | Rejection]) -> N
     event = parse(click(channel="  Social ", click_id="k1", cost=0.5))
     assert event == Event(
         type="click", event_id="e1", dedup_key="e1", ts_ms=NOW_MS, campaign_id="c1",
-        channel="social", click_id="k1", spend=0.5,
+        channel="social", click_id="k1", spend_micros=500_000,
     )  # fmt: skip
 
 
@@ -179,7 +179,7 @@ def test_shared_topic_dispatches_on_type(parse: Callable[..., Event | Rejection]
     assert (order.type, order.dedup_key, order.new_customer, order.click_id) == (
         "order", "o-1", True, "k",
     )  # fmt: skip
-    assert order.revenue == pytest.approx(22.0)
+    assert order.revenue_micros == 22_000_000
     assert order.campaign_id is None
     assert order.channel == "unknown"
 
@@ -204,7 +204,7 @@ def test_money_converted_to_reporting_currency(
 ) -> None:
     event = parse(body, topic_type)
     assert isinstance(event, Event)
-    assert event.spend == pytest.approx(spend)
+    assert event.spend_micros == round(spend * 1_000_000)
 
 
 def test_extra_fields_are_ignored(parse: Callable[..., Event | Rejection]) -> None:
@@ -294,5 +294,5 @@ def test_valid_clicks_always_parse(
     result = PARSER.parse(orjson.dumps(body), topic_type="click", now_ms=NOW_MS)
     assert isinstance(result, Event), result
     assert result.ts_ms == ts_ms
-    assert result.spend == cost
+    assert result.spend_micros == round(cost * 1_000_000)
     assert result.channel == (channel.strip().lower() or "unknown")

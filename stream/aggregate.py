@@ -1,0 +1,372 @@
+"""The two stateful stages of the pipeline, as pure code (no Kafka).
+
+``PartitionState`` (one per partition of the routed-events topic) deduplicates,
+attributes leads and orders to the clicked campaign, drops late events, and
+turns events into per-minute cell deltas keyed by (channel, campaign).
+``ScopeStore`` (one for the whole deployment) sums those deltas into the
+global, channel and campaign series, tracks the watermark, and evaluates the
+windows and KPIs. Both are deterministic functions of their input, so a
+restarted worker rebuilds them from their changelogs and input exactly.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream.events import EVENT_TYPES
+from stream.windows import (
+    CLICKS,
+    IMPRESSIONS,
+    LEADS,
+    MEASURES,
+    N_MEASURES,
+    NEW_CUSTOMERS,
+    ORDERS,
+    REVENUE,
+    SPEND,
+    WINDOWS,
+    Retention,
+    SeriesBuckets,
+    Totals,
+    evaluation_minute,
+    kpis,
+    minute_of,
+)
+
+UNATTRIBUTED = "unattributed"
+OTHER = "__other__"
+
+# A routed event, as a tuple for speed (see stream.codec): these are its fields.
+R_TYPE, R_KEY, R_TS, R_CAMPAIGN, R_CHANNEL, R_CLICK, R_SPEND, R_REVENUE, R_NEW, R_SOURCE_TS = range(
+    10
+)
+Routed = Sequence[object]
+Cell = tuple[str, str, int]  # (channel, campaign, minute)
+
+
+DEDUP_MINUTES = {"impression": 60, "click": 60, "lead": 1440, "order": 1440, "spend": 1440}
+
+
+@dataclass(frozen=True)
+class Horizons:
+    """Event-time horizons, in minutes (dedup per type, attribution) and lateness."""
+
+    dedup_minutes: dict[str, int] = field(default_factory=lambda: dict(DEDUP_MINUTES))
+    attribution_minutes: int = 1440
+    allowed_lateness_ms: int = 10 * 60_000
+
+
+@dataclass
+class BatchOutput:
+    """What a batch of routed events changed: cell deltas and counters."""
+
+    cells: dict[Cell, list[int]] = field(default_factory=dict)
+    applied: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    late: Counter[str] = field(default_factory=Counter)
+    source_ts: list[int] = field(default_factory=list)
+
+
+class _ExpiringMap:
+    """A dict whose entries expire at an event-time minute; also logs additions."""
+
+    __slots__ = ("by_minute", "entries", "log")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[int, object]] = {}
+        self.by_minute: dict[int, list[str]] = {}
+        self.log: list[tuple[str, int, object]] = []
+
+    def put(self, key: str, expires: int, value: object = None, *, record: bool = True) -> None:
+        self.entries[key] = (expires, value)
+        self.by_minute.setdefault(expires, []).append(key)
+        if record:
+            self.log.append((key, expires, value))
+
+    def expire(self, now_minute: int) -> None:
+        for minute in [m for m in self.by_minute if m < now_minute]:
+            for key in self.by_minute.pop(minute):
+                entry = self.entries.get(key)
+                if entry is not None and entry[0] == minute:
+                    del self.entries[key]
+
+
+class PartitionState:
+    """Dedup, attribution and lateness for one partition of routed events."""
+
+    def __init__(self, horizons: Horizons | None = None) -> None:
+        self.horizons = horizons or Horizons()
+        self.seen = _ExpiringMap()
+        self.clicks = _ExpiringMap()
+        self.max_ts = 0
+        self._expired_at = 0
+        self._dedup = {t: self.horizons.dedup_minutes.get(t, 1440) for t in EVENT_TYPES}
+
+    def apply(
+        self, events: Iterable[Routed], now_ms: int, out: BatchOutput | None = None
+    ) -> BatchOutput:
+        """Apply routed events in order; ``now_ms`` caps the lateness watermark."""
+        out = out if out is not None else BatchOutput()
+        seen, clicks, cells = self.seen.entries, self.clicks.entries, out.cells
+        lateness = self.horizons.allowed_lateness_ms
+        attribution = self.horizons.attribution_minutes
+        for ev in events:
+            kind = str(ev[R_TYPE])
+            ts = int(ev[R_TS])  # type: ignore[call-overload]
+            key = f"{kind[0]}{ev[R_KEY]}"
+            if key in seen:
+                out.duplicates[kind] += 1
+                continue
+            minute = ts // 60_000
+            self.seen.put(key, minute + self._dedup[kind])
+            if ts > self.max_ts:
+                self.max_ts = ts
+            if ts < min(self.max_ts, now_ms) - lateness:
+                out.late[kind] += 1
+                continue
+            campaign = ev[R_CAMPAIGN]
+            channel = str(ev[R_CHANNEL])
+            click_id = ev[R_CLICK]
+            if kind == "click" and click_id is not None:
+                self.clicks.put(str(click_id), minute + attribution, (campaign, channel))
+            elif campaign is None:
+                hit = clicks.get(str(click_id)) if click_id is not None else None
+                if hit is None:
+                    campaign = UNATTRIBUTED
+                else:
+                    clicked: tuple[str, str] = hit[1]  # type: ignore[assignment]
+                    campaign = clicked[0]
+                    if channel == "unknown":
+                        channel = clicked[1]
+            cell = (channel, str(campaign), minute)
+            values = cells.get(cell)
+            if values is None:
+                values = cells[cell] = [0] * N_MEASURES
+            if kind == "impression":
+                values[IMPRESSIONS] += 1
+                values[SPEND] += ev[R_SPEND]  # type: ignore[operator]
+            elif kind == "click":
+                values[CLICKS] += 1
+                values[SPEND] += ev[R_SPEND]  # type: ignore[operator]
+            elif kind == "lead":
+                values[LEADS] += 1
+            elif kind == "order":
+                values[ORDERS] += 1
+                values[NEW_CUSTOMERS] += 1 if ev[R_NEW] else 0
+                values[REVENUE] += ev[R_REVENUE]  # type: ignore[operator]
+            else:
+                values[SPEND] += ev[R_SPEND]  # type: ignore[operator]
+            out.applied[kind] += 1
+            out.source_ts.append(int(ev[R_SOURCE_TS]))  # type: ignore[call-overload]
+        self._expire()
+        return out
+
+    def _expire(self) -> None:
+        minute = self.max_ts // 60_000
+        if minute > self._expired_at:
+            self._expired_at = minute
+            self.seen.expire(minute)
+            self.clicks.expire(minute)
+
+    # -- changelog --------------------------------------------------------------
+    def drain_changes(self) -> dict[str, object]:
+        """State added since the last drain, for the changelog (then forgotten)."""
+        change = {
+            "max_ts": self.max_ts,
+            "seen": [[k, e] for k, e, _ in self.seen.log],
+            "clicks": [[k, e, v] for k, e, v in self.clicks.log],
+        }
+        self.seen.log.clear()
+        self.clicks.log.clear()
+        return change
+
+    def load_changes(self, change: dict[str, object]) -> None:
+        """Re-apply one changelog entry (restore)."""
+        self.max_ts = max(self.max_ts, int(change["max_ts"]))  # type: ignore[call-overload]
+        for key, expires in change["seen"]:  # type: ignore[attr-defined]
+            self.seen.put(key, expires, record=False)
+        for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
+            self.clicks.put(key, expires, tuple(value), record=False)
+        self._expire()
+
+
+SeriesKey = tuple[str, str, str]  # (scope, channel, campaign)
+StateKey = tuple[str, str, str, str, int]  # ("B", scope, channel, campaign, hour) or ("T", ...)
+
+
+def series_of(channel: str, campaign: str) -> tuple[SeriesKey, SeriesKey, SeriesKey]:
+    return ("campaign", channel, campaign), ("channel", channel, ""), ("global", "", "")
+
+
+@dataclass
+class SeriesResult:
+    """One series' window sums and KPIs at an evaluation."""
+
+    windows: dict[str, Totals]
+    kpis: dict[str, dict[str, float]]
+
+
+@dataclass
+class Evaluation:
+    """Everything the exporter shows, computed once per evaluation tick."""
+
+    watermark_ms: int
+    end_minute: int
+    series: dict[SeriesKey, SeriesResult]
+    measure_totals: dict[tuple[str, str], list[int]]
+    replaying: bool
+
+
+LATENCY_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+
+
+@dataclass
+class _Reporter:
+    max_ts: int = 0
+    worker: str = ""
+    caught_up: bool = False
+    seen_ms: int = 0
+
+
+class ScopeStore:
+    """Global, channel and campaign series built from cell deltas of all partitions."""
+
+    def __init__(
+        self,
+        *,
+        settle_ms: int = 60_000,
+        max_campaigns: int = 500,
+        retention: Retention | None = None,
+        worker_timeout_ms: int = 30_000,
+    ) -> None:
+        self.settle_ms = settle_ms
+        self.max_campaigns = max_campaigns
+        self.retention = retention or Retention()
+        self.worker_timeout_ms = worker_timeout_ms
+        self.series: dict[SeriesKey, SeriesBuckets] = {}
+        self.totals: dict[tuple[str, str], list[int]] = {}
+        self.reporters: dict[int, _Reporter] = {}
+        self.watermark_ms = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.dirty_totals: set[tuple[str, str]] = set()
+
+    def apply_cells(self, cells: Iterable[tuple[str, str, int, Sequence[int]]]) -> None:
+        for channel, campaign, minute, values in cells:
+            for key in series_of(channel, campaign):
+                buckets = self.series.get(key)
+                if buckets is None:
+                    buckets = self.series[key] = SeriesBuckets(self.retention)
+                buckets.add(minute, values)
+            total = self.totals.get((channel, campaign))
+            if total is None:
+                total = self.totals[(channel, campaign)] = [0] * N_MEASURES
+            for i, v in enumerate(values):
+                total[i] += v
+            self.dirty_totals.add((channel, campaign))
+
+    def report(
+        self, partition: int, max_ts: int, worker: str, caught_up: bool, now_ms: int
+    ) -> None:
+        """Progress of one routed-events partition, as its owner last reported it."""
+        self.reporters[partition] = _Reporter(max_ts, worker, caught_up, now_ms)
+
+    def observe_latency(self, source_ts: Iterable[int], now_ms: int) -> None:
+        counts, bounds = self.latency_counts, LATENCY_BUCKETS
+        for ts in source_ts:
+            seconds = max(0.0, (now_ms - ts) / 1000)
+            counts[bisect.bisect_left(bounds, seconds)] += 1
+            self.latency_sum += seconds
+
+    def replaying(self, now_ms: int) -> bool:
+        """True while any live worker reports that it is working through a backlog."""
+        return any(
+            not r.caught_up
+            for r in self.reporters.values()
+            if now_ms - r.seen_ms <= self.worker_timeout_ms
+        )
+
+    def advance_watermark(self, now_ms: int) -> int:
+        """Wall clock when every live worker is caught up, else the event time reached."""
+        behind = [
+            r.max_ts
+            for r in self.reporters.values()
+            if not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
+        ]
+        candidate = min(min(behind), now_ms) if behind else now_ms
+        self.watermark_ms = max(self.watermark_ms, candidate)
+        return self.watermark_ms
+
+    def evaluate(self, now_ms: int) -> Evaluation:
+        watermark = self.advance_watermark(now_ms)
+        end = evaluation_minute(watermark, self.settle_ms)
+        for buckets in self.series.values():
+            buckets.expire(minute_of(watermark))
+        sums: dict[SeriesKey, dict[str, Totals]] = {
+            key: {w: b.sum(end - minutes, end) for w, minutes in WINDOWS.items()}
+            for key, b in self.series.items()
+        }
+        kept = self._campaigns_kept(sums)
+        folded: dict[SeriesKey, dict[str, Totals]] = {}
+        for key, windows in sums.items():
+            if key[0] == "campaign" and key not in kept:
+                other = folded.setdefault(
+                    ("campaign", key[1], OTHER),
+                    {w: np.zeros(N_MEASURES, dtype=np.int64) for w in WINDOWS},
+                )
+                for w, values in windows.items():
+                    other[w] += values
+            else:
+                folded[key] = windows
+        series = {
+            key: SeriesResult(windows, {w: kpis(v) for w, v in windows.items()})
+            for key, windows in folded.items()
+        }
+        totals: dict[tuple[str, str], list[int]] = {}
+        for (channel, campaign), counts in self.totals.items():
+            name = campaign if ("campaign", channel, campaign) in kept else OTHER
+            target = totals.setdefault((channel, name), [0] * N_MEASURES)
+            for i, v in enumerate(counts):
+                target[i] += v
+        return Evaluation(watermark, end, series, totals, self.replaying(now_ms))
+
+    def _campaigns_kept(self, sums: dict[SeriesKey, dict[str, Totals]]) -> set[SeriesKey]:
+        campaigns = [k for k in sums if k[0] == "campaign"]
+        if len(campaigns) <= self.max_campaigns:
+            return set(campaigns)
+        ranked = sorted(campaigns, key=lambda k: (-int(sums[k]["24h"][SPEND]), k))
+        return set(ranked[: self.max_campaigns])
+
+    # -- changelog --------------------------------------------------------------
+    def drain_dirty(self) -> Iterator[tuple[StateKey, object]]:
+        """(key, value) pairs of changed state; value None deletes (compaction)."""
+        for (scope, channel, campaign), buckets in self.series.items():
+            for hour in sorted(buckets.dirty):
+                block = buckets.block(hour)
+                value = None if block is None else block.tolist()
+                yield ("B", scope, channel, campaign, hour), value
+            buckets.dirty.clear()
+        for channel, campaign in sorted(self.dirty_totals):
+            yield ("T", "", channel, campaign, 0), self.totals[(channel, campaign)]
+        self.dirty_totals.clear()
+
+    def load(self, key: StateKey, value: object) -> None:
+        """Restore one changelog entry."""
+        kind, scope, channel, campaign, hour = key
+        if kind == "T":
+            self.totals[(channel, campaign)] = list(value)  # type: ignore[call-overload]
+            return
+        buckets = self.series.setdefault((scope, channel, campaign), SeriesBuckets(self.retention))
+        if value is None:
+            buckets.blocks.pop(hour, None)
+            buckets.coarse.pop(hour, None)
+        else:
+            buckets.load_block(hour, np.asarray(value, dtype=np.int64))
+
+
+__all__ = ["MEASURES", "BatchOutput", "Horizons", "PartitionState", "ScopeStore"]

@@ -1,0 +1,272 @@
+"""Dedup, attribution, lateness and scope sums against a brute-force model of the raw events."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream.aggregate import OTHER, UNATTRIBUTED, BatchOutput, Horizons, PartitionState, ScopeStore
+from stream.windows import MEASURES, SPEND, WINDOWS, kpis
+
+N = len(MEASURES)
+T0 = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000  # an hour boundary
+MIN = 60_000
+
+
+def routed(
+    kind: str, key: str, ts: int, campaign: str | None = "c1", channel: str = "search",
+    click: str | None = None, spend: int = 0, revenue: int = 0, new: bool = False,
+) -> list[Any]:  # fmt: skip
+    return [kind, key, ts, campaign, channel, click, spend, revenue, new, ts]
+
+
+Model = tuple[dict[Any, list[int]], Counter[str], Counter[str]]
+
+
+def reference(events: list[list[Any]], now_ms: int, lateness_ms: int) -> Model:
+    """The contract in its plainest form (events within one dedup horizon)."""
+    seen: set[tuple[str, str]] = set()
+    clicks: dict[str, tuple[str, str]] = {}
+    cells: dict[Any, list[int]] = {}
+    dups: Counter[str] = Counter()
+    late: Counter[str] = Counter()
+    max_ts = 0
+    for kind, key, ts, campaign, channel, click, spend, revenue, new, _ in events:
+        if (kind, key) in seen:
+            dups[kind] += 1
+            continue
+        seen.add((kind, key))
+        max_ts = max(max_ts, ts)
+        if ts < min(max_ts, now_ms) - lateness_ms:
+            late[kind] += 1
+            continue
+        if kind == "click" and click is not None:
+            clicks[click] = (campaign, channel)
+        elif campaign is None:
+            if click in clicks:
+                campaign = clicks[click][0]
+                channel = clicks[click][1] if channel == "unknown" else channel
+            else:
+                campaign = UNATTRIBUTED
+        row = cells.setdefault((channel, campaign, ts // MIN), [0] * N)
+        index = {"impression": 0, "click": 1, "lead": 2, "order": 3}.get(kind)
+        if index is not None:
+            row[index] += 1
+        if kind == "order":
+            row[4] += int(new)
+            row[5] += revenue
+        elif kind != "lead":
+            row[6] += spend
+    return cells, dups, late
+
+
+event_st = st.builds(
+    routed,
+    kind=st.sampled_from(["impression", "click", "lead", "order", "spend"]),
+    key=st.sampled_from([f"e{i}" for i in range(30)]),
+    ts=st.integers(T0, T0 + 40 * MIN),
+    campaign=st.sampled_from(["c1", "c2", None]),
+    channel=st.sampled_from(["search", "social", "unknown"]),
+    click=st.sampled_from([None, "k1", "k2", "k3"]),
+    spend=st.integers(0, 5_000_000),
+    revenue=st.integers(0, 90_000_000),
+    new=st.booleans(),
+).map(
+    lambda ev: ev if ev[3] is not None or ev[0] in ("lead", "order") else [*ev[:3], "c1", *ev[4:]]
+)
+
+
+@settings(max_examples=300)
+@given(events=st.lists(event_st, max_size=80), split=st.integers(0, 80))
+def test_partition_state_matches_the_plain_model(events: list[list[Any]], split: int) -> None:
+    now = T0 + 45 * MIN
+    horizons = Horizons(allowed_lateness_ms=10 * MIN)
+    state = PartitionState(horizons)
+    out = BatchOutput()
+    state.apply(events[:split], now, out)  # two batches: state carries across
+    state.apply(events[split:], now, out)
+    cells, dups, late = reference(events, now, 10 * MIN)
+    assert {k: v for k, v in out.cells.items() if any(v)} == {
+        k: v for k, v in cells.items() if any(v)
+    }
+    assert out.duplicates == dups
+    assert out.late == late
+    assert sum(out.applied.values()) + dups.total() + late.total() == len(events)
+
+
+def test_attribution_by_click_id_and_unattributed() -> None:
+    state = PartitionState()
+    out = state.apply(
+        [
+            routed("click", "k-ev", T0, campaign="c7", channel="social", click="k9"),
+            routed(
+                "order",
+                "o1",
+                T0 + MIN,
+                campaign=None,
+                channel="unknown",
+                click="k9",
+                revenue=5_000_000,
+                new=True,
+            ),
+            routed("lead", "l1", T0 + MIN, campaign=None, channel="email", click="k9"),
+            routed("order", "o2", T0 + MIN, campaign=None, click="nope", revenue=1),
+            routed("lead", "l2", T0 + MIN, campaign=None, click=None),
+        ],
+        now_ms=T0 + 2 * MIN,
+    )
+    minute = (T0 + MIN) // MIN
+    assert out.cells[("social", "c7", minute)][3:6] == [1, 1, 5_000_000]
+    assert out.cells[("email", "c7", minute)][2] == 1  # the lead keeps its own channel
+    assert out.cells[("search", UNATTRIBUTED, minute)][2:4] == [1, 1]
+
+
+def test_dedup_horizon_expires_by_event_time() -> None:
+    state = PartitionState(Horizons(allowed_lateness_ms=10**12))
+    state.apply([routed("click", "a", T0)], now_ms=T0)
+    assert (
+        state.apply([routed("click", "a", T0 + 30 * MIN)], T0 + 30 * MIN).duplicates["click"] == 1
+    )
+    state.apply([routed("impression", "x", T0 + 62 * MIN)], T0 + 62 * MIN)  # advances time
+    again = state.apply([routed("click", "a", T0 + 62 * MIN)], T0 + 62 * MIN)
+    assert again.applied["click"] == 1 and not again.duplicates
+    order = state.apply([routed("order", "o", T0 + 62 * MIN)], T0 + 62 * MIN)
+    assert order.applied["order"] == 1
+    later = state.apply([routed("order", "o", T0 + 23 * 60 * MIN)], T0 + 23 * 60 * MIN)
+    assert later.duplicates["order"] == 1  # 24 h for orders
+
+
+def test_lateness_is_measured_against_event_time_reached_during_replay() -> None:
+    """A backlog of hours-old events is not late; an old straggler after it is."""
+    now = T0 + 5 * 60 * MIN
+    state = PartitionState(Horizons(allowed_lateness_ms=10 * MIN))
+    backlog = [routed("click", f"b{i}", T0 + i * MIN) for i in range(60)]
+    out = state.apply(backlog, now)
+    assert out.applied["click"] == 60 and not out.late
+    straggler = state.apply([routed("click", "s", T0 + 30 * MIN)], now)
+    assert straggler.late["click"] == 1
+
+
+def test_changelog_round_trip_restores_behaviour() -> None:
+    first = PartitionState()
+    first.apply([routed("click", "a", T0, click="k1", campaign="c3"), routed("order", "o", T0)], T0)
+    restored = PartitionState()
+    restored.load_changes(first.drain_changes())
+    assert first.drain_changes() == {"max_ts": T0, "seen": [], "clicks": []}
+    follow = [
+        routed("click", "a", T0 + MIN),
+        routed("lead", "l", T0 + MIN, campaign=None, click="k1"),
+    ]
+    a, b = first.apply(follow, T0 + MIN), restored.apply(follow, T0 + MIN)
+    assert a.cells == b.cells and a.duplicates == b.duplicates == Counter({"click": 1})
+    assert ("search", "c3", (T0 + MIN) // MIN) in b.cells
+
+
+# --- ScopeStore ------------------------------------------------------------------
+
+cell_st = st.tuples(
+    st.sampled_from(["search", "social", "email"]),
+    st.sampled_from([f"c{i}" for i in range(8)]),
+    st.integers(T0 // MIN, T0 // MIN + 1500),
+    st.lists(st.integers(0, 1000), min_size=N, max_size=N),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cells=st.lists(cell_st, max_size=40), max_campaigns=st.integers(1, 30))
+def test_scope_sums_are_exact_at_every_scope(cells: list[Any], max_campaigns: int) -> None:
+    store = ScopeStore(max_campaigns=max_campaigns, settle_ms=MIN)
+    store.apply_cells(cells)
+    now = T0 + 1502 * MIN + 5_000
+    result = store.evaluate(now)
+    end = result.end_minute
+    assert end == (now - MIN) // MIN
+
+    def brute(pred: Any, minutes: int) -> list[int]:
+        total = [0] * N
+        for channel, campaign, minute, values in cells:
+            if pred(channel, campaign) and end - minutes <= minute < end:
+                total = [a + b for a, b in zip(total, values, strict=True)]
+        return total
+
+    campaigns = {(ch, c) for ch, c, _, _ in cells}
+    kept = {k[1:] for k in result.series if k[0] == "campaign" and k[2] != OTHER}
+    assert len(kept) == min(len(campaigns), max_campaigns)
+    for w, minutes in WINDOWS.items():
+        glob = brute(lambda ch, c: True, minutes)
+        if cells:
+            assert result.series[("global", "", "")].windows[w].tolist() == glob
+            assert result.series[("global", "", "")].kpis[w] == kpis(glob)
+        for channel in {ch for ch, _ in campaigns}:
+            expected = brute(lambda ch, c, channel=channel: ch == channel, minutes)
+            assert result.series[("channel", channel, "")].windows[w].tolist() == expected
+        for channel, campaign in kept:
+            expected = brute(lambda ch, c, k=(channel, campaign): (ch, c) == k, minutes)
+            got = result.series[("campaign", channel, campaign)].windows[w].tolist()
+            assert got == expected
+        for key, series in result.series.items():
+            if key[0] == "campaign" and key[2] == OTHER:
+                expected = brute(
+                    lambda ch, c, key=key: ch == key[1] and (ch, c) not in kept, minutes
+                )
+                assert series.windows[w].tolist() == expected
+    # Totals are monotonic sums of everything, folded the same way.
+    assert sum(v[SPEND] for v in result.measure_totals.values()) == sum(c[3][SPEND] for c in cells)
+
+
+def test_guard_keeps_highest_spend() -> None:
+    store = ScopeStore(max_campaigns=2, settle_ms=0)
+    minute = T0 // MIN
+    for i, spend in enumerate([5, 50, 500, 1]):
+        store.apply_cells([("search", f"c{i}", minute, [0, 0, 0, 0, 0, 0, spend])])
+    result = store.evaluate(T0 + 2 * MIN)
+    campaigns = sorted(k[2] for k in result.series if k[0] == "campaign")
+    assert campaigns == [OTHER, "c1", "c2"]
+    assert result.series[("campaign", "search", OTHER)].windows["5m"][SPEND] == 6
+
+
+def test_watermark_follows_event_time_while_a_worker_replays() -> None:
+    store = ScopeStore()
+    now = T0 + 10 * 60 * MIN
+    store.report(0, T0 + 60 * MIN, "w1", caught_up=False, now_ms=now)
+    store.report(1, T0 + 90 * MIN, "w1", caught_up=False, now_ms=now)
+    store.report(2, now, "w2", caught_up=True, now_ms=now)
+    assert store.advance_watermark(now) == T0 + 60 * MIN
+    assert store.replaying(now)
+    for p in (0, 1):
+        store.report(p, now - 1000, "w1", caught_up=True, now_ms=now)
+    assert store.advance_watermark(now) == now
+    assert not store.replaying(now)
+    # a worker that stopped reporting no longer holds the watermark back
+    store.report(3, T0, "w3", caught_up=False, now_ms=now)
+    assert store.advance_watermark(now + 31_000) == now + 31_000
+
+
+def test_scope_changelog_round_trip() -> None:
+    store = ScopeStore()
+    minute = T0 // MIN
+    store.apply_cells([("search", "c1", minute, [1, 2, 3, 4, 5, 6, 7]),
+                       ("social", "c2", minute + 70, [7, 6, 5, 4, 3, 2, 1])])  # fmt: skip
+    restored = ScopeStore()
+    for state_key, value in store.drain_dirty():
+        restored.load(state_key, value)
+    assert list(store.drain_dirty()) == []
+    now = T0 + 200 * MIN
+    a, b = store.evaluate(now), restored.evaluate(now)
+    assert a.series.keys() == b.series.keys()
+    for key in a.series:
+        for w in WINDOWS:
+            assert a.series[key].windows[w].tolist() == b.series[key].windows[w].tolist()
+    assert a.measure_totals == b.measure_totals
+
+
+@pytest.mark.parametrize("seconds", [0.05, 0.3, 7, 1000])
+def test_latency_histogram(seconds: float) -> None:
+    store = ScopeStore()
+    store.observe_latency([T0], T0 + int(seconds * 1000))
+    assert sum(store.latency_counts) == 1
+    assert store.latency_sum == pytest.approx(seconds)
