@@ -8,7 +8,7 @@ retried batch is never counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from stream.events import EVENT_TYPES, Event, EventParser, Rejection, RejectReason
@@ -60,8 +60,16 @@ class BatchResult:
     """What one batch produced; applied to the stats once the batch is committed."""
 
     events: list[Event] = field(default_factory=list)
+    event_sources: list[SourceRecord] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: BatchResult) -> None:
+        self.events += other.events
+        self.event_sources += other.event_sources
+        self.dead_letters += other.dead_letters
+        for reason, count in other.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + count
 
 
 @dataclass(slots=True)
@@ -70,7 +78,11 @@ class PipelineStats:
 
     events: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RejectReason, 0))
+    duplicates: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
+    late: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     last_event_ms: dict[str, int] = field(default_factory=dict)
+    transactions: int = 0
+    aborted: int = 0
 
     def apply(self, batch: BatchResult) -> None:
         events, last = self.events, self.last_event_ms
@@ -81,6 +93,12 @@ class PipelineStats:
                 last[kind] = event.ts_ms
         for reason, count in batch.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
+
+    def apply_stateful(self, duplicates: Mapping[str, int], late: Mapping[str, int]) -> None:
+        for kind, n in duplicates.items():
+            self.duplicates[kind] += n
+        for kind, n in late.items():
+            self.late[kind] += n
 
 
 class RecordHandler:
@@ -109,6 +127,7 @@ class RecordHandler:
             parsed = parse(record.value, topic_type=topic_types[record.topic], now_ms=now_ms)
             if isinstance(parsed, Event):
                 result.events.append(parsed)
+                result.event_sources.append(record)
             else:
                 result.dead_letters.append(dead_letter(record, parsed))
                 reason = parsed.reason.value

@@ -77,6 +77,14 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(65536, ge=64, le=10 * 1024 * 1024)
     max_future_skew_seconds: float = Field(300.0, ge=0)
 
+    eval_interval_seconds: float = Field(10.0, gt=0, le=3600)
+    settle_seconds: float = Field(60.0, ge=0, le=3600)
+    allowed_lateness_seconds: float = Field(600.0, ge=0, le=7 * 86400)
+    max_campaigns: int = Field(500, ge=1, le=100_000)
+    max_batch_records: int = Field(20_000, ge=1, le=1_000_000)
+    caught_up_lag: int = Field(20_000, ge=0)
+    snapshot_interval_seconds: float = Field(5.0, gt=0, le=3600)
+
     state_dir: Path = Path(".kpimon")
     dev_kafka_port: int = Field(9092, ge=1, le=65535)
     dev_kafka_controller_port: int = Field(9094, ge=1, le=65535)

@@ -1,11 +1,24 @@
-"""The stream worker: a faust-streaming app hosting kpimon's batch ingest service.
+"""The stream worker: a faust-streaming app hosting kpimon's transactional pipeline.
 
 Faust provides the worker's lifecycle, web server (``/metrics``), signal
-handling and logging. The ingest path itself is a faust/mode ``Service`` that
-consumes with aiokafka's batch API and commits each batch's dead letters and
-source offsets in one Kafka transaction: per-event faust agents cap near 50k
-events/s and faust's exactly-once mode has open bugs (see ANCHORS.md), while
-this path is exact and several times faster.
+handling and logging. The pipeline is a faust/mode ``Service`` with one aiokafka
+consumer (one consumer group) and one transactional producer, running three
+stages in the same loop, each stage on the partitions the group gave it:
+
+1. *ingest* (source topics): parse, dead-letter, route valid events to the
+   ``<group>.routed`` topic by click id / dedup key (one message per batch);
+2. *partition* (``<group>.routed``): dedup, attribution, lateness, per-minute
+   cell deltas to ``<group>.partials``; its state's changes go to
+   ``<group>.changelog.dedup`` in the same transaction;
+3. *scope* (``<group>.partials``, one partition, so exactly one worker): sums
+   cells into global/channel/campaign series and serves them; its state is
+   snapshotted to the compacted ``<group>.changelog.scopes`` with the partials
+   offset it covers.
+
+Each loop iteration is one Kafka transaction holding every output and every
+consumed offset, so a crash at any point either keeps all of an iteration or
+none of it: nothing is lost or counted twice. Per-event faust agents cap near
+50k events/s and faust's exactly-once mode has open bugs (see ANCHORS.md).
 """
 
 from __future__ import annotations
@@ -14,6 +27,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import faust
@@ -23,73 +38,105 @@ from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from stream.metrics import build_registry, render
-from stream.pipeline import PipelineStats, RecordHandler, SourceRecord
+from stream import codec
+from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
+from stream.metrics import build_registry, render, render_evaluation
+from stream.pipeline import BatchResult, PipelineStats, RecordHandler, SourceRecord
 from stream.settings import Settings
 
 log = logging.getLogger("kpimon.worker")
+HEARTBEAT_MS = 1000
 
 
-class _HoldDuringRebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Revocation waits for the batch in flight, so no batch spans two owners."""
+@dataclass(frozen=True)
+class Topology:
+    """Names of the internal topics, namespaced by consumer group."""
 
-    def __init__(self, lock: asyncio.Lock) -> None:
-        self._lock = lock
+    routed: str
+    partials: str
+    dedup_log: str
+    scope_log: str
 
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        async with self._lock:
-            log.info("partitions revoked: %s", _names(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        log.info("partitions assigned: %s", _names(assigned))
+    @classmethod
+    def of(cls, settings: Settings) -> Topology:
+        g = settings.group_id
+        return cls(f"{g}.routed", f"{g}.partials", f"{g}.changelog.dedup", f"{g}.changelog.scopes")
 
 
 def _names(partitions: Any) -> str:
     return ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)) or "none"
 
 
-async def ensure_topics(settings: Settings, topics: list[str]) -> None:
-    """Create missing topics (events, dead letters, alerts) with the configured layout."""
+async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> None:
+    """Create missing topics with the layout the pipeline relies on."""
+    n, rf = settings.topic_partitions, settings.topic_replication_factor
+    wanted = [NewTopic(t, n, rf) for t in dict.fromkeys([*sources, settings.dlq_topic])]
+    wanted += [
+        NewTopic(settings.alerts_topic, 1, rf),
+        NewTopic(topology.routed, n, rf),
+        NewTopic(topology.partials, 1, rf),
+        NewTopic(topology.dedup_log, n, rf, topic_configs={"retention.ms": str(26 * 3600_000)}),
+        NewTopic(topology.scope_log, 1, rf, topic_configs={"cleanup.policy": "compact"}),
+    ]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        missing = [t for t in wanted if t.name not in existing]
         if missing:
-            new = [
-                NewTopic(t, settings.topic_partitions, settings.topic_replication_factor)
-                for t in missing
-            ]
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
-                await admin.create_topics(new)
-            log.info("created topics %s", ", ".join(missing))
+                await admin.create_topics(missing)
+            log.info("created topics %s", ", ".join(t.name for t in missing))
     finally:
         await admin.close()
 
 
-class IngestService(Service):
-    """Consume, parse, dead-letter and count, one transaction per batch."""
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, service: PipelineService) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.service.revoke(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.service.assign(list(assigned))
+
+
+class PipelineService(Service):
+    """Ingest, partition and scope stages, one Kafka transaction per iteration."""
 
     def __init__(self, settings: Settings, stats: PipelineStats, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.stats = stats
+        self.topology = Topology.of(settings)
         self.handler = RecordHandler(settings)
+        self.horizons = Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
+        self.partitions: dict[int, PartitionState] = {}
+        self.scope: ScopeStore | None = None
+        self.evaluation: Evaluation | None = None
+        self.kpi_exposition = b""
+        self._partials_position = 0
+        self._last_report: dict[int, int] = {}
+        self._next_snapshot = 0.0
+        self._routed_partitions = settings.topic_partitions
         self._lock = asyncio.Lock()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
+    # -- lifecycle ----------------------------------------------------------------
     async def on_start(self) -> None:
-        s = self.settings
-        await ensure_topics(s, [*self.handler.topics, s.dlq_topic, s.alerts_topic])
+        s, topo = self.settings, self.topology
+        await ensure_topics(s, topo, self.handler.topics)
         self._producer = AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
             client_id=f"kpimon-{s.worker_id}",
-            transactional_id=f"{s.group_id}-ingest-{s.worker_id}",
+            transactional_id=f"{s.group_id}-{s.worker_id}",
             enable_idempotence=True,
             acks="all",
             linger_ms=5,
-            max_request_size=max(2 * 1024 * 1024, 2 * s.max_message_bytes),
+            max_request_size=max(4 << 20, 2 * s.max_message_bytes),
+            transaction_timeout_ms=30_000,
         )
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
@@ -98,15 +145,18 @@ class IngestService(Service):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",
+            max_partition_fetch_bytes=4 << 20,
         )
         await self._producer.start()
+        self._routed_partitions = len(await self._producer.partitions_for(topo.routed))
         await self._consumer.start()
         self._consumer.subscribe(
-            topics=self.handler.topics, listener=_HoldDuringRebalance(self._lock)
+            topics=[*self.handler.topics, topo.routed, topo.partials], listener=_Rebalance(self)
         )
         log.info(
-            "ingesting %s as %s in group %s; dead letters to %s",
-            ", ".join(self.handler.topics), s.worker_id, s.group_id, s.dlq_topic,
+            "worker %s in group %s: ingesting %s; dead letters to %s; metrics on %s:%d",
+            s.worker_id, s.group_id, ", ".join(self.handler.topics), s.dlq_topic,
+            s.metrics_host, s.metrics_port,
         )  # fmt: skip
 
     async def on_stop(self) -> None:
@@ -115,47 +165,245 @@ class IngestService(Service):
         if self._producer is not None:
             await self._producer.stop()
 
+    # -- rebalance: state follows partitions ----------------------------------------
+    async def revoke(self, revoked: list[TopicPartition]) -> None:
+        async with self._lock:  # waits for the transaction in flight
+            for tp in revoked:
+                if tp.topic == self.topology.routed:
+                    self.partitions.pop(tp.partition, None)
+                    self._last_report.pop(tp.partition, None)
+                elif tp.topic == self.topology.partials:
+                    self.scope = None
+                    self.evaluation = None
+                    self.kpi_exposition = b""
+            if revoked:
+                log.info("partitions revoked: %s", _names(revoked))
+
+    async def assign(self, assigned: list[TopicPartition]) -> None:
+        async with self._lock:
+            log.info("partitions assigned: %s", _names(assigned))
+            await self._restore(assigned)
+
+    async def _restore(self, assigned: list[TopicPartition]) -> None:
+        started = time.monotonic()
+        for tp in assigned:
+            if tp.topic == self.topology.routed and tp.partition not in self.partitions:
+                state = PartitionState(self.horizons)
+                n = 0
+                async for record in self._read_log(self.topology.dedup_log, tp.partition):
+                    state.load_changes(codec.decode_json(record.value))
+                    n += 1
+                self.partitions[tp.partition] = state
+                log.info("restored routed partition %d from %d changelog entries", tp.partition, n)
+            elif tp.topic == self.topology.partials and self.scope is None:
+                await self._restore_scope(tp)
+        if assigned:
+            log.info("state ready in %.2f s", time.monotonic() - started)
+
+    async def _restore_scope(self, tp: TopicPartition) -> None:
+        s = self.settings
+        scope = ScopeStore(settle_ms=int(s.settle_seconds * 1000), max_campaigns=s.max_campaigns)
+        position, n = 0, 0
+        async for record in self._read_log(self.topology.scope_log, 0):
+            key = codec.decode_json(record.key)
+            value = None if record.value is None else codec.decode_json(record.value)
+            if key == "meta":
+                position = int(value["offset"]) if value else 0
+            else:
+                scope.load(tuple(key), value)
+            n += 1
+        self.scope = scope
+        self._partials_position = position
+        assert self._consumer is not None
+        self._consumer.seek(tp, position)
+        log.info("restored scope state from %d changelog entries; replaying partials from %d",
+                 n, position)  # fmt: skip
+
+    async def _read_log(self, topic: str, partition: int) -> Any:
+        """Every committed record of one changelog partition, oldest first."""
+        reader = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=8 << 20,
+        )
+        await reader.start()
+        try:
+            tp = TopicPartition(topic, partition)
+            reader.assign([tp])
+            await reader.seek_to_beginning(tp)
+            end = (await reader.end_offsets([tp]))[tp]
+            while await reader.position(tp) < end:
+                batch = await reader.getmany(tp, timeout_ms=500)
+                for record in batch.get(tp, []):
+                    yield record
+        finally:
+            await reader.stop()
+
+    # -- the loop -----------------------------------------------------------------
     @Service.task
     async def _consume(self) -> None:
-        assert self._consumer is not None
+        consumer = self._consumer
+        assert consumer is not None
         while not self.should_stop:
-            batches = await self._consumer.getmany(timeout_ms=500, max_records=5000)
-            if not batches:
-                continue
+            batches = await consumer.getmany(
+                timeout_ms=200, max_records=self.settings.max_batch_records
+            )
             async with self._lock:
                 try:
-                    await self._process(batches)
+                    await self._transact(batches)
                 except ProducerFenced:
-                    log.critical(
-                        "another worker uses worker id %r: stopping", self.settings.worker_id
-                    )
-                    await self.crash(
-                        RuntimeError(f"producer fenced: worker id {self.settings.worker_id}")
-                    )
+                    log.critical("worker id %r is in use by another worker: stopping",
+                                 self.settings.worker_id)  # fmt: skip
+                    await self.crash(RuntimeError("producer fenced"))
                     return
                 except KafkaError as exc:
-                    log.warning("batch not committed (%s); it will be retried", exc)
-                    for tp, records in batches.items():
-                        self._consumer.seek(tp, records[0].offset)
+                    self.stats.aborted += 1
+                    log.warning("transaction failed (%s): rebuilding state and retrying", exc)
+                    await self._rewind()
 
-    async def _process(self, batches: dict[TopicPartition, list[Any]]) -> None:
-        assert self._producer is not None
-        records = [
-            SourceRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-            for batch in batches.values()
-            for r in batch
-        ]
-        result = self.handler.handle(records, now_ms=int(time.time() * 1000))
-        producer, dlq = self._producer, self.settings.dlq_topic
+    async def _rewind(self) -> None:
+        """After an aborted transaction: back to committed offsets and state."""
+        assert self._consumer is not None
+        assigned = list(self._consumer.assignment())
+        self.partitions.clear()
+        self.scope = None
+        for tp in assigned:
+            if tp.topic != self.topology.partials:
+                committed = await self._consumer.committed(tp)
+                if committed is None:
+                    await self._consumer.seek_to_beginning(tp)
+                else:
+                    self._consumer.seek(tp, committed)
+        await self._restore(assigned)
+
+    async def _transact(self, batches: dict[TopicPartition, list[Any]]) -> None:
+        producer, topo, s = self._producer, self.topology, self.settings
+        assert producer is not None
+        now_ms = int(time.time() * 1000)
+        ingest = BatchResult()
+        routed: dict[int, list[list[Any]]] = {}
+        outputs: dict[int, BatchOutput] = {}
+        for tp, records in batches.items():
+            if tp.topic == topo.routed:
+                state = self.partitions[tp.partition]
+                out = outputs.setdefault(tp.partition, BatchOutput())
+                for record in records:
+                    state.apply(codec.decode_rows(record.value), now_ms, out)
+            elif tp.topic == topo.partials:
+                self._apply_partials(records, now_ms)
+            else:
+                sources = [
+                    SourceRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
+                    for r in records
+                ]
+                result = self.handler.handle(sources, now_ms)
+                for event, source in zip(result.events, result.event_sources, strict=True):
+                    p = codec.route_partition(event, self._routed_partitions)
+                    routed.setdefault(p, []).append(codec.routed_row(event, source.timestamp_ms))
+                ingest.merge(result)
+        caught_up = await self._caught_up()
+        due = [
+            p for p in self.partitions
+            if p not in outputs and now_ms - self._last_report.get(p, 0) >= HEARTBEAT_MS
+        ]  # fmt: skip
+        snapshot = self.scope is not None and time.monotonic() >= self._next_snapshot
+        if not batches and not due and not snapshot:
+            return
         async with producer.transaction():
-            for letter in result.dead_letters:
-                await producer.send(dlq, value=letter.value, key=letter.key, headers=letter.headers)
-            offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-            await producer.send_offsets_to_transaction(offsets, self.settings.group_id)
-        self.stats.apply(result)
+            for p, rows in routed.items():
+                await producer.send(topo.routed, codec.encode_rows(rows), partition=p)
+            for letter in ingest.dead_letters:
+                await producer.send(
+                    s.dlq_topic, letter.value, key=letter.key, headers=letter.headers
+                )
+            for p in [*outputs, *due]:
+                await self._send_partial(p, outputs.get(p), caught_up, now_ms)
+            if snapshot and self.scope is not None:
+                await self._send_snapshot(self.scope)
+            offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+            if offsets:
+                await producer.send_offsets_to_transaction(offsets, s.group_id)
+        self.stats.transactions += 1
+        self.stats.apply(ingest)
+        dups: Counter[str] = Counter()
+        late: Counter[str] = Counter()
+        for out in outputs.values():
+            dups.update(out.duplicates)
+            late.update(out.late)
+        self.stats.apply_stateful(dups, late)
+
+    def _apply_partials(self, records: list[Any], now_ms: int) -> None:
+        scope = self.scope
+        assert scope is not None
+        for record in records:
+            partial = codec.Partial.decode(record.value)
+            scope.apply_cells((c[0], c[1], c[2], c[3:]) for c in partial.cells)
+            scope.report(partial.partition, partial.max_ts, partial.worker, partial.caught_up,
+                         now_ms)  # fmt: skip
+            for ts, n in partial.source_ts:
+                scope.observe_latency([ts] * n, now_ms)
+        self._partials_position = records[-1].offset + 1
+
+    async def _send_partial(
+        self, p: int, out: BatchOutput | None, caught_up: bool, now_ms: int
+    ) -> None:
+        assert self._producer is not None
+        state = self.partitions[p]
+        partial = codec.Partial(
+            partition=p,
+            worker=self.settings.worker_id,
+            max_ts=state.max_ts,
+            caught_up=caught_up,
+            cells=codec.cells_list(out.cells) if out else [],
+            source_ts=codec.source_histogram(out.source_ts) if out else [],
+        )
+        await self._producer.send(self.topology.partials, partial.encode(), partition=0)
+        if out is not None:
+            change = codec.encode_json(state.drain_changes())
+            await self._producer.send(
+                self.topology.dedup_log, change, key=f"p{p}".encode(), partition=p
+            )
+        self._last_report[p] = now_ms
+
+    async def _send_snapshot(self, scope: ScopeStore) -> None:
+        assert self._producer is not None
+        topic = self.topology.scope_log
+        for key, value in scope.drain_dirty():
+            encoded = None if value is None else codec.encode_json(value)
+            await self._producer.send(topic, encoded, key=codec.encode_json(list(key)), partition=0)
+        meta = codec.encode_json({"offset": self._partials_position})
+        await self._producer.send(topic, meta, key=codec.META_KEY, partition=0)
+        self._next_snapshot = time.monotonic() + self.settings.snapshot_interval_seconds
+
+    async def _caught_up(self) -> bool:
+        """True when every assigned source and routed partition is within a batch of its end."""
+        consumer = self._consumer
+        assert consumer is not None
+        for tp in consumer.assignment():
+            if tp.topic == self.topology.partials:
+                continue
+            highwater = consumer.highwater(tp)
+            if highwater is None:
+                return False
+            if highwater - await consumer.position(tp) > self.settings.caught_up_lag:
+                return False
+        return True
+
+    # -- evaluation ---------------------------------------------------------------
+    @Service.task
+    async def _evaluate(self) -> None:
+        while not self.should_stop:
+            await self.sleep(self.settings.eval_interval_seconds)
+            async with self._lock:
+                if self.scope is None:
+                    continue
+                now_ms = int(time.time() * 1000)
+                self.evaluation = self.scope.evaluate(now_ms)
+                self.kpi_exposition = render_evaluation(self.evaluation, self.scope, now_ms)
 
 
-def create_app(settings: Settings, stats: PipelineStats) -> faust.App:
+def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineService) -> faust.App:
     """The faust app: web server with ``/metrics``; no faust agents of its own."""
     app = faust.App(
         f"{settings.group_id}-host",
@@ -172,7 +420,8 @@ def create_app(settings: Settings, stats: PipelineStats) -> faust.App:
 
     @app.page("/metrics")
     async def metrics(web: Any, request: Any) -> Any:
-        return web.bytes(render(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body = render(registry) + pipeline.kpi_exposition
+        return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
 
@@ -181,8 +430,8 @@ def run_worker(settings: Settings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     stats = PipelineStats()
-    app = create_app(settings, stats)
-    ingest = IngestService(settings, stats)
-    worker = faust.Worker(app, ingest, loglevel=settings.log_level.lower(), quiet=True)
+    pipeline = PipelineService(settings, stats)
+    app = create_app(settings, stats, pipeline)
+    worker = faust.Worker(app, pipeline, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()
     return 0

@@ -1,0 +1,95 @@
+"""Wire formats of kpimon's internal topics (compact JSON, one message per batch)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from stream.events import Event
+
+META_KEY = b'"meta"'
+
+
+def route_partition(event: Event, partitions: int) -> int:
+    """Partition of the routed-events topic for an event.
+
+    Keyed by click id when there is one, so that a click and the leads and
+    orders it led to meet in one partition (attribution), else by the dedup key,
+    so that copies of one event always meet (deduplication).
+    """
+    key = event.click_id or event.dedup_key
+    return zlib.crc32(key.encode()) % partitions
+
+
+def routed_row(event: Event, source_ts_ms: int) -> list[Any]:
+    """Field order is ``stream.aggregate.R_*``."""
+    return [
+        event.type, event.dedup_key, event.ts_ms, event.campaign_id, event.channel,
+        event.click_id, event.spend_micros, event.revenue_micros, event.new_customer,
+        source_ts_ms,
+    ]  # fmt: skip
+
+
+def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
+    return orjson.dumps(rows)
+
+
+def decode_rows(value: bytes) -> list[list[Any]]:
+    rows: list[list[Any]] = orjson.loads(value)
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """Cell deltas of one routed partition for one transaction, plus its progress."""
+
+    partition: int
+    worker: str
+    max_ts: int
+    caught_up: bool
+    cells: list[list[Any]]  # [channel, campaign, minute, *measures]
+    source_ts: list[list[int]]  # [ts rounded to 100 ms, count]
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "p": self.partition,
+                "w": self.worker,
+                "wm": self.max_ts,
+                "cu": self.caught_up,
+                "c": self.cells,
+                "s": self.source_ts,
+            }
+        )
+
+    @staticmethod
+    def decode(value: bytes) -> Partial:
+        data = orjson.loads(value)
+        return Partial(data["p"], data["w"], data["wm"], data["cu"], data["c"], data["s"])
+
+
+def cells_list(cells: Mapping[tuple[str, str, int], Sequence[int]]) -> list[list[Any]]:
+    return [
+        [channel, campaign, minute, *values]
+        for (channel, campaign, minute), values in cells.items()
+    ]
+
+
+def source_histogram(timestamps: Iterable[int]) -> list[list[int]]:
+    counts: dict[int, int] = {}
+    for ts in timestamps:
+        bucket = ts - ts % 100
+        counts[bucket] = counts.get(bucket, 0) + 1
+    return [[ts, n] for ts, n in counts.items()]
+
+
+def encode_json(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def decode_json(value: bytes) -> Any:
+    return orjson.loads(value)
