@@ -73,6 +73,58 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import asyncio
+    import time
+
+    from stream.simulate import (
+        Incident,
+        IncidentError,
+        SimConfig,
+        Simulator,
+        load_scenario,
+        parse_duration,
+        produce_to_kafka,
+        write_jsonl,
+    )
+
+    try:
+        incidents = [Incident.parse(spec) for spec in args.incident]
+        if args.scenario:
+            incidents += load_scenario(Path(args.scenario))
+        seconds = int(parse_duration(args.duration)) if args.duration else None
+        ago = parse_duration(args.start_ago) if args.start_ago else None
+    except (IncidentError, OSError) as exc:
+        print(f"kpimon simulate: {exc}", file=sys.stderr)
+        return 2
+    config = SimConfig(
+        seed=args.seed, campaigns=args.campaigns, rate=args.rate, incidents=incidents,
+        duplicate_rate=args.duplicates, late_rate=args.late,
+    )  # fmt: skip
+    sim = Simulator(config)
+    now = time.time()
+    if args.out:
+        if seconds is None:
+            print("kpimon simulate: --out needs --duration", file=sys.stderr)
+            return 2
+        start = now - (ago if ago is not None else seconds)
+        n = write_jsonl(sim, Path(args.out), start_s=start, seconds=seconds)
+        print(f"wrote {n} events to {args.out}")
+        return 0
+    settings = _settings()
+    start = now - ago if ago is not None else now
+    realtime = ago is None
+    n = asyncio.run(
+        produce_to_kafka(
+            sim, bootstrap=settings.kafka_bootstrap, topics=settings.type_topics,
+            start_s=start, seconds=seconds, realtime=realtime,
+            shared_topic=args.shared_topic,
+        )
+    )  # fmt: skip
+    print(f"sent {n} events")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpimon", description="Real-time marketing KPI monitor (configure with KPIMON_*)."
@@ -84,6 +136,24 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("type", nargs="?", choices=EVENT_TYPES)
     schema.add_argument("--write", metavar="DIR", help="write one <type>.schema.json per type")
     schema.set_defaults(func=cmd_schema)
+    sim = sub.add_parser("simulate", help="produce realistic traffic (or write it as JSON lines)")
+    sim.add_argument("--rate", type=float, default=200.0, help="mean events/s (default 200)")
+    sim.add_argument("--campaigns", type=int, default=20)
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--duration", help="how long, e.g. 10m, 2h (default: until stopped)")
+    sim.add_argument(
+        "--start-ago", help="simulate from this long ago as fast as possible (backfill)"
+    )
+    sim.add_argument(
+        "--incident", action="append", default=[],
+        help="e.g. ctr_drop:campaign=c7:at=+10m:by=40%%:for=20m (repeatable)",
+    )  # fmt: skip
+    sim.add_argument("--scenario", help="YAML list of incidents")
+    sim.add_argument("--duplicates", type=float, default=0.01, help="share sent twice")
+    sim.add_argument("--late", type=float, default=0.002, help="share beyond allowed lateness")
+    sim.add_argument("--out", help="write JSON lines (with type) instead of producing to Kafka")
+    sim.add_argument("--shared-topic", help="send every type to this topic with a type field")
+    sim.set_defaults(func=cmd_simulate)
     dev = sub.add_parser("dev", help="local stack without Docker (Kafka, Prometheus, Alertmanager)")
     dev.add_argument("action", choices=["up", "down", "fetch"])
     dev.set_defaults(func=cmd_dev)

@@ -34,7 +34,7 @@ def require_binary(*names: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
     """A real single-node KRaft broker for the whole test session."""
     libs = ensure_kafka_jars(REPO / ".kpimon" / "cache")
     port, controller = free_port(), free_port()
@@ -43,9 +43,14 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     broker.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(kafka_broker: ManagedProcess) -> str:
+    return f"127.0.0.1:{kafka_broker.ports[0]}"
 
 
 @pytest.fixture
