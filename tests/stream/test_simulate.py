@@ -1,0 +1,132 @@
+"""The simulator: deterministic, a realistic funnel, incidents that do what they say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from stream.events import Event, EventParser
+from stream.simulate import Incident, IncidentError, SimConfig, Simulator, load_scenario
+from tests.helpers import REPO
+
+START = 1_795_000_000.0
+
+
+def run_sim(config: SimConfig, seconds: int = 600) -> list[tuple[str, dict[str, object]]]:
+    return list(Simulator(config).events(START, seconds))
+
+
+def test_same_seed_same_stream() -> None:
+    a = run_sim(SimConfig(seed=3, rate=50), 120)
+    b = run_sim(SimConfig(seed=3, rate=50), 120)
+    c = run_sim(SimConfig(seed=4, rate=50), 120)
+    assert a == b
+    assert a != c
+
+
+def test_every_event_is_valid_and_the_funnel_is_realistic() -> None:
+    events = run_sim(SimConfig(seed=1, rate=100, late_rate=0, slightly_late_rate=0), 900)
+    parser = EventParser(rates={"EUR": 1.1}, reporting_currency="USD", max_bytes=65536,
+                         max_future_skew_ms=300_000)  # fmt: skip
+    kinds: Counter[str] = Counter()
+    click_only = 0
+    for kind, body in events:
+        parsed = parser.parse(json.dumps(body).encode(), topic_type=kind,
+                              now_ms=int((START + 900) * 1000))  # fmt: skip
+        assert isinstance(parsed, Event), (kind, body, parsed)
+        kinds[kind] += 1
+        if kind == "order" and "campaign_id" not in body:
+            click_only += 1
+    assert kinds["impression"] > 50 * 900 * 0.5
+    assert 0.01 < kinds["click"] / kinds["impression"] < 0.06
+    assert kinds["lead"] > 0 and kinds["order"] > 0 and kinds["spend"] > 0
+    assert click_only > kinds["order"] * 0.4
+
+
+def test_duplicates_and_late_events_are_injected() -> None:
+    events = run_sim(SimConfig(seed=2, rate=100, duplicate_rate=0.05, late_rate=0.02), 300)
+    ids = Counter((kind, body["event_id"]) for kind, body in events)
+    assert sum(1 for n in ids.values() if n > 1) > 0.03 * len(ids)
+
+
+def clicks_of(events: list[tuple[str, dict[str, object]]], campaign: str, lo: float,
+              hi: float) -> int:  # fmt: skip
+    def ts(value: object) -> float:
+        if isinstance(value, int):
+            return value / 1000
+        from datetime import datetime
+
+        return datetime.fromisoformat(str(value)).timestamp()
+
+    return sum(
+        1 for kind, body in events
+        if kind == "click" and body["campaign_id"] == campaign and lo <= ts(body["ts"]) - START < hi
+    )  # fmt: skip
+
+
+def test_ctr_drop_incident_hits_only_its_campaign() -> None:
+    base = SimConfig(seed=5, rate=200, late_rate=0, slightly_late_rate=0, duplicate_rate=0)
+    incident = Incident.parse("ctr_drop:campaign=c1:at=+10m:by=60%:for=10m")
+    normal = run_sim(base, 1200)
+    dropped = run_sim(SimConfig(**{**base.__dict__, "incidents": [incident]}), 1200)
+    before, during = clicks_of(normal, "c1", 600, 1200), clicks_of(dropped, "c1", 600, 1200)
+    assert during < before * 0.6
+    assert clicks_of(dropped, "c1", 0, 600) == clicks_of(normal, "c1", 0, 600)
+
+
+def test_tracking_outage_silences_a_stream() -> None:
+    outage = Incident.parse("tracking_outage:type=click:channel=social:at=+2m:for=5m")
+    events = run_sim(SimConfig(seed=6, rate=200, incidents=[outage], late_rate=0,
+                               slightly_late_rate=0), 600)  # fmt: skip
+    social = [b for k, b in events if k == "click" and b["channel"] == "social"]
+    assert social
+    assert clicks_of(events, "c1", 130, 410) == 0  # c1 is a social campaign
+    assert clicks_of(events, "c1", 0, 110) > 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["nope:at=1m", "ctr_drop:at=soon", "ctr_drop:by=abc", "ctr_drop:colour=red",
+     "ctr_drop:campaign", "ctr_drop:by=150%"],
+)  # fmt: skip
+def test_bad_incident_specs(spec: str) -> None:
+    with pytest.raises(IncidentError):
+        Incident.parse(spec)
+
+
+def test_incident_spec_fields() -> None:
+    inc = Incident.parse("spend_spike:channel=search:at=+1h:by=200%:for=30m")
+    assert (inc.kind, inc.channel, inc.at, inc.by, inc.duration) == (
+        "spend_spike", "search", 3600.0, 2.0, 1800.0,
+    )  # fmt: skip
+
+
+def test_scenario_file(tmp_path: Path) -> None:
+    path = tmp_path / "scenario.yml"
+    path.write_text("- ctr_drop:campaign=c7:at=+10m:by=40%\n"
+                    "- {kind: conversion_drop, channel: email, at: 30m, by: 50%}\n")  # fmt: skip
+    kinds = [i.kind for i in load_scenario(path)]
+    assert kinds == ["ctr_drop", "conversion_drop"]
+
+
+def test_cli_writes_json_lines_with_type(tmp_path: Path) -> None:
+    out = tmp_path / "events.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "simulate", "--duration", "2m", "--rate", "20",
+         "--seed", "9", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines and all(line["type"] in {"impression", "click", "lead", "order", "spend"}
+                         for line in lines)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "simulate", "--incident", "x:y"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unknown incident" in bad.stderr
