@@ -9,24 +9,21 @@ counted instead of crashing the worker. This module has no Kafka imports.
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-import orjson
 from pydantic import (
+    AwareDatetime,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     WithJsonSchema,
 )
-from pydantic_core import PydanticCustomError
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 MONEY_FIELDS: frozenset[str] = frozenset({"cost", "revenue", "amount"})
@@ -59,48 +56,18 @@ class RejectReason(StrEnum):
     FUTURE_TIMESTAMP = "future_timestamp"
 
 
-def _bad_ts(detail: str) -> PydanticCustomError:
-    return PydanticCustomError("bad_timestamp", "{detail}", {"detail": detail})
+def timestamp_ms(value: float | datetime) -> int:
+    """Epoch milliseconds of a validated ``ts`` (a number of ms, or an aware datetime)."""
+    if isinstance(value, datetime):
+        return (value - _EPOCH) // _MS
+    return int(value)
 
 
-def parse_timestamp(value: Any) -> int:
-    """RFC 3339 with offset, or epoch milliseconds -> epoch milliseconds (UTC)."""
-    if isinstance(value, bool):
-        raise _bad_ts("ts must be an RFC 3339 string or epoch milliseconds, not a boolean")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise _bad_ts("ts must be finite")
-        ms = int(value)
-    elif isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            raise _bad_ts(f"ts {value[:64]!r} is not RFC 3339") from None
-        if parsed.tzinfo is None:
-            raise _bad_ts(f"ts {value[:64]!r} has no UTC offset")
-        ms = (parsed - _EPOCH) // _MS
-    else:
-        raise _bad_ts("ts must be an RFC 3339 string or epoch milliseconds")
-    if not _MIN_TS_MS <= ms < _MAX_TS_MS:
-        raise _bad_ts(f"ts {ms} is outside 2000-2100 (epoch milliseconds expected)")
-    return ms
-
-
-def _normalise_channel(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.strip().lower() or "unknown"
-    if value is None:
-        return "unknown"
-    return value
-
-
-def _upper(value: Any) -> Any:
-    return value.upper() if isinstance(value, str) else value
-
-
+# Validation is pydantic-native throughout (no Python validator calls): this
+# is the hot path. ``ts`` is a number (epoch ms) or an RFC 3339 string with an
+# offset; its range is checked when the event is normalised.
 Timestamp = Annotated[
-    int,
-    BeforeValidator(parse_timestamp),
+    Annotated[float, Field(allow_inf_nan=False)] | AwareDatetime,
     WithJsonSchema(
         {
             "description": "Event time: RFC 3339 with offset, or epoch milliseconds",
@@ -113,19 +80,22 @@ Timestamp = Annotated[
 ]
 Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Money = Annotated[float, Field(ge=0, allow_inf_nan=False)]
-Channel = Annotated[str, BeforeValidator(_normalise_channel), StringConstraints(max_length=64)]
-Currency = Annotated[str, BeforeValidator(_upper), StringConstraints(pattern=r"^[A-Z]{3}$")]
+Channel = Annotated[str, StringConstraints(strip_whitespace=True, to_lower=True, max_length=64)]
+Currency = Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{3}$")]
 
 
 class EventModel(BaseModel):
     """Fields common to every event. Unknown extra fields are ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+    kind: ClassVar[str]
 
     event_id: Id = Field(description="Deduplication key (orders: order_id when present)")
     ts: Timestamp
     campaign_id: Id | None = None
-    channel: Channel = Field("unknown", description="Lower-cased; 'unknown' when absent")
+    channel: Channel | None = Field(
+        "unknown", description="Lower-cased; 'unknown' when absent or empty"
+    )
     ad_group_id: Id | None = None
     creative_id: Id | None = None
     country: Annotated[str, StringConstraints(max_length=64)] | None = None
@@ -136,12 +106,14 @@ class EventModel(BaseModel):
 
 
 class Impression(EventModel):
+    kind: ClassVar[str] = "impression"
     type: Literal["impression"] | None = None
     campaign_id: Id
     cost: Money | None = None
 
 
 class Click(EventModel):
+    kind: ClassVar[str] = "click"
     type: Literal["click"] | None = None
     campaign_id: Id
     click_id: Id | None = None
@@ -149,12 +121,14 @@ class Click(EventModel):
 
 
 class Lead(EventModel):
+    kind: ClassVar[str] = "lead"
     type: Literal["lead"] | None = None
     click_id: Id | None = None
     user_id: Id | None = None
 
 
 class Order(EventModel):
+    kind: ClassVar[str] = "order"
     type: Literal["order"] | None = None
     revenue: Money
     customer_id: Id
@@ -164,6 +138,7 @@ class Order(EventModel):
 
 
 class Spend(EventModel):
+    kind: ClassVar[str] = "spend"
     type: Literal["spend"] | None = None
     campaign_id: Id
     amount: Money
@@ -176,6 +151,17 @@ MODELS: dict[str, type[EventModel]] = {
     "order": Order,
     "spend": Spend,
 }
+
+
+def _tagged(model: type[EventModel], kind: str) -> type[EventModel]:
+    """The same model with ``type`` required, for topics that carry several types."""
+    annotations = {"type": Literal[kind]}
+    return type(f"Shared{model.__name__}", (model,), {"__annotations__": annotations})
+
+
+# One pass over the bytes on a shared topic too: a union tagged by ``type``.
+_TAGGED: Any = Union[tuple(_tagged(model, kind) for kind, model in MODELS.items())]  # noqa: UP007
+_SHARED: TypeAdapter[EventModel] = TypeAdapter(Annotated[_TAGGED, Field(discriminator="type")])
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
@@ -192,7 +178,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     return schemas
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
     """A validated event, normalised for aggregation.
 
@@ -221,24 +207,13 @@ class Rejection:
     detail: str
 
 
-_REASON_PRIORITY = (
-    RejectReason.MISSING_FIELD,
-    RejectReason.WRONG_TYPE,
-    RejectReason.BAD_TIMESTAMP,
-    RejectReason.NEGATIVE_MONEY,
-    RejectReason.UNKNOWN_CURRENCY,
-    RejectReason.INVALID_VALUE,
-)
-
-
-def _classify(err: Any) -> RejectReason:
-    loc = err.get("loc") or ("",)
-    field = str(loc[0])
-    kind = str(err.get("type", ""))
+def _classify(field: str, kind: str) -> RejectReason:
     if kind == "missing":
         return RejectReason.MISSING_FIELD
     if field == "ts":
         return RejectReason.BAD_TIMESTAMP
+    if field == "type" and kind == "literal_error":
+        return RejectReason.TYPE_MISMATCH
     if field == "currency" and not kind.endswith("_type"):
         return RejectReason.UNKNOWN_CURRENCY
     if field in MONEY_FIELDS and kind == "greater_than_equal":
@@ -248,27 +223,49 @@ def _classify(err: Any) -> RejectReason:
     return RejectReason.INVALID_VALUE
 
 
-def _rejection_from(exc: ValidationError) -> Rejection:
+_REASON_PRIORITY: tuple[RejectReason, ...] = (
+    RejectReason.TYPE_MISMATCH,
+    RejectReason.MISSING_FIELD,
+    RejectReason.WRONG_TYPE,
+    RejectReason.BAD_TIMESTAMP,
+    RejectReason.NEGATIVE_MONEY,
+    RejectReason.UNKNOWN_CURRENCY,
+    RejectReason.INVALID_VALUE,
+)
+
+
+def _rejection_from(exc: ValidationError, raw: bytes, shared: bool) -> Rejection:
     errors = exc.errors(include_url=False, include_input=False)
-    classified = [(_classify(err), err) for err in errors]
-    reason, err = min(classified, key=lambda pair: _REASON_PRIORITY.index(pair[0]))
-    field = ".".join(str(part) for part in err.get("loc", ())) or "(event)"
-    msg = str(err.get("msg", "invalid"))
+    first: dict[str, Any] = dict(errors[0]) if errors else {}
+    kind = str(first.get("type", ""))
+    if kind == "json_invalid":
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return Rejection(RejectReason.NOT_UTF8, f"invalid UTF-8 at byte {bad.start}")
+        return Rejection(RejectReason.NOT_JSON, str(first.get("msg", "invalid JSON"))[:200])
+    if kind in ("model_type", "model_attributes_type") or (
+        kind == "dict_type" and not first.get("loc")
+    ):
+        return Rejection(RejectReason.NOT_OBJECT, "expected a JSON object")
+    if kind in ("union_tag_not_found", "union_tag_invalid"):
+        return Rejection(
+            RejectReason.UNKNOWN_TYPE,
+            f"type must be one of {', '.join(EVENT_TYPES)} on a shared topic",
+        )
+    classified = []
+    for err in errors:
+        loc = tuple(err.get("loc") or ())
+        if shared:
+            loc = loc[1:]  # drop the union tag
+        classified.append((_classify(str(loc[0]) if loc else "", str(err.get("type"))), loc, err))
+    reason, loc, err = min(classified, key=lambda c: _REASON_PRIORITY.index(c[0]))
+    field = ".".join(str(part) for part in loc) or "(event)"
     if reason is RejectReason.MISSING_FIELD:
         return Rejection(reason, f"missing required field {field!r}")
-    return Rejection(reason, f"{field}: {msg}")
-
-
-def _decode_json(text: str) -> Any:
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        pass  # orjson refuses some valid JSON (integers beyond 64 bits): ask the stdlib
-
-    def _no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    return json.loads(text, parse_constant=_no_constants)
+    if reason is RejectReason.BAD_TIMESTAMP:
+        return Rejection(reason, "ts must be RFC 3339 with a UTC offset, or epoch milliseconds")
+    return Rejection(reason, f"{field}: {err.get('msg', 'invalid')}")
 
 
 class EventParser:
@@ -297,46 +294,30 @@ class EventParser:
                 RejectReason.TOO_LARGE, f"{len(raw)} bytes exceeds the {self._max_bytes} limit"
             )
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return Rejection(RejectReason.NOT_UTF8, f"invalid UTF-8 at byte {exc.start}")
-        try:
-            data = _decode_json(text)
-        except (ValueError, RecursionError) as exc:
-            return Rejection(RejectReason.NOT_JSON, str(exc)[:200] or "invalid JSON")
-        if not isinstance(data, dict):
-            got = type(data).__name__
-            return Rejection(RejectReason.NOT_OBJECT, f"expected a JSON object, got {got}")
-        declared = data.get("type")
-        if topic_type is None:
-            if not isinstance(declared, str) or declared not in MODELS:
-                return Rejection(
-                    RejectReason.UNKNOWN_TYPE,
-                    f"type must be one of {', '.join(EVENT_TYPES)} on a shared topic, "
-                    f"got {str(declared)[:40]!r}",
-                )
-            kind: str = declared
-        else:
-            kind = topic_type
-            if declared is not None and declared != topic_type:
-                return Rejection(
-                    RejectReason.TYPE_MISMATCH,
-                    f"type {str(declared)[:40]!r} on the {topic_type} topic",
-                )
-        try:
-            model = MODELS[kind].model_validate(data)
+            if topic_type is None:
+                model = _SHARED.validate_json(raw)
+            else:
+                model = MODELS[topic_type].model_validate_json(raw)
         except ValidationError as exc:
-            return _rejection_from(exc)
-        return self._normalise(kind, model, now_ms)
+            return _rejection_from(exc, raw, topic_type is None)
+        except (ValueError, RecursionError) as exc:  # defensive: the parser itself gave up
+            return Rejection(RejectReason.NOT_JSON, str(exc)[:200])
+        return self._normalise(model, now_ms)
 
-    def _normalise(self, kind: str, model: EventModel, now_ms: int) -> Event | Rejection:
-        if model.ts > now_ms + self._max_future_skew_ms:
+    def _normalise(self, model: EventModel, now_ms: int) -> Event | Rejection:
+        ts = timestamp_ms(model.ts)
+        if not _MIN_TS_MS <= ts < _MAX_TS_MS:
+            return Rejection(
+                RejectReason.BAD_TIMESTAMP,
+                f"ts {ts} is outside 2000-2100 (epoch milliseconds expected)",
+            )
+        if ts > now_ms + self._max_future_skew_ms:
             return Rejection(
                 RejectReason.FUTURE_TIMESTAMP,
-                f"ts is {(model.ts - now_ms) / 1000:.0f} s in the future "
+                f"ts is {(ts - now_ms) / 1000:.0f} s in the future "
                 f"(limit {self._max_future_skew_ms / 1000:.0f} s)",
             )
-        currency = model.currency or self._reporting_currency
+        currency = model.currency.upper() if model.currency else self._reporting_currency
         rate = self._rates.get(currency)
         if rate is None:
             return Rejection(RejectReason.UNKNOWN_CURRENCY, f"no rate configured for {currency}")
@@ -362,12 +343,12 @@ class EventParser:
         if not (spend + revenue) < MAX_MONEY:
             return Rejection(RejectReason.INVALID_VALUE, "money too large after conversion")
         return Event(
-            type=kind,
+            type=model.kind,
             event_id=model.event_id,
             dedup_key=dedup_key,
-            ts_ms=model.ts,
+            ts_ms=ts,
             campaign_id=model.campaign_id,
-            channel=model.channel,
+            channel=model.channel or "unknown",
             click_id=click_id,
             spend_micros=round(spend * 1_000_000),
             revenue_micros=round(revenue * 1_000_000),

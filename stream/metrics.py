@@ -18,7 +18,6 @@ from prometheus_client import (
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
-    HistogramMetricFamily,
     Metric,
 )
 from prometheus_client.registry import Collector
@@ -89,72 +88,65 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-class EvaluationCollector(Collector):
-    """The KPI series of one evaluation (exported only by the worker owning the scopes)."""
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def __init__(self, evaluation: Evaluation, scope: ScopeStore, now_ms: int) -> None:
-        self._evaluation = evaluation
-        self._scope = scope
-        self._now_ms = now_ms
 
-    def collect(self) -> Iterator[Metric]:
-        ev, scope = self._evaluation, self._scope
-        labels = ["scope", "channel", "campaign", "window"]
-        kpi = GaugeMetricFamily(
-            "kpimon_kpi", "KPI over the window (ratio of sums); absent without denominator",
-            labels=["kpi", *labels],
-        )  # fmt: skip
-        window = GaugeMetricFamily(
-            "kpimon_window_total", "Sum of a measure over the window (money in reporting currency)",
-            labels=["measure", *labels],
-        )  # fmt: skip
-        for (scope_name, channel, campaign), result in sorted(ev.series.items()):
-            for w, totals in result.windows.items():
-                for i, measure in enumerate(MEASURES):
-                    window.add_metric(
-                        [measure, scope_name, channel, campaign, w],
-                        measure_value(i, int(totals[i])),
-                    )
-                for name, value in result.kpis[w].items():
-                    kpi.add_metric([name, scope_name, channel, campaign, w], value)
-        yield kpi
-        yield window
-        monotonic = CounterMetricFamily(
-            "kpimon_measure", "Monotonic sum of a measure over all applied events",
-            labels=["measure", "channel", "campaign"],
-        )  # fmt: skip
-        for (channel, campaign), values in sorted(ev.measure_totals.items()):
-            for i, measure in enumerate(MEASURES):
-                monotonic.add_metric([measure, channel, campaign], measure_value(i, values[i]))
-        yield monotonic
-        yield GaugeMetricFamily(
-            "kpimon_watermark_lag_seconds", "Wall clock minus the event-time watermark",
-            value=max(0.0, (self._now_ms - ev.watermark_ms) / 1000),
-        )  # fmt: skip
-        yield GaugeMetricFamily(
-            "kpimon_window_end_timestamp_seconds",
-            "End (exclusive) of the complete minutes the windows cover",
-            value=ev.end_minute * 60.0,
-        )
-        yield GaugeMetricFamily(
-            "kpimon_replaying", "1 while a worker is working through a backlog",
-            value=1.0 if ev.replaying else 0.0,
-        )  # fmt: skip
-        cumulative, buckets = 0, []
-        for bound, count in zip(
-            [*map(str, LATENCY_BUCKETS), "+Inf"], scope.latency_counts, strict=True
-        ):
-            cumulative += count
-            buckets.append((bound, float(cumulative)))
-        yield HistogramMetricFamily(
-            "kpimon_event_to_metric_latency_seconds",
-            "From an event's append to its source topic to its arrival in the KPI state",
-            buckets=buckets, sum_value=scope.latency_sum,
-        )  # fmt: skip
+def _family(out: list[str], name: str, kind: str, doc: str) -> None:
+    out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
 
 
 def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) -> bytes:
-    """Exposition text of one evaluation, rendered once per tick, off the scrape path."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(EvaluationCollector(evaluation, scope, now_ms))
-    return generate_latest(registry)
+    """Exposition text of one evaluation, rendered once per tick, off the scrape path.
+
+    Written directly rather than through prometheus_client: with 500 campaigns
+    this is ~40k lines, and the generic path takes several times longer.
+    """
+    ev = evaluation
+    series = sorted(ev.series.items())
+    prefixes = [
+        f'scope="{name}",channel="{_escape(channel)}",campaign="{_escape(campaign)}",window="'
+        for (name, channel, campaign), _ in series
+    ]
+    out: list[str] = []
+    _family(out, "kpimon_kpi", "gauge",
+            "KPI over the window (ratio of sums); absent without a denominator")  # fmt: skip
+    for prefix, (_, result) in zip(prefixes, series, strict=True):
+        for w, values in result.kpis.items():
+            for name, value in values.items():
+                out.append(f'kpimon_kpi{{kpi="{name}",{prefix}{w}"}} {value!r}\n')
+    _family(out, "kpimon_window_total", "gauge",
+            "Sum of a measure over the window (money in the reporting currency)")  # fmt: skip
+    for prefix, (_, result) in zip(prefixes, series, strict=True):
+        for w, totals in result.windows.items():
+            for i, measure in enumerate(MEASURES):
+                value = measure_value(i, int(totals[i]))
+                out.append(f'kpimon_window_total{{measure="{measure}",{prefix}{w}"}} {value!r}\n')
+    _family(out, "kpimon_measure_total", "counter",
+            "Monotonic sum of a measure over all applied events")  # fmt: skip
+    for (channel, campaign), counts in sorted(ev.measure_totals.items()):
+        labels = f'channel="{_escape(channel)}",campaign="{_escape(campaign)}"'
+        for i, measure in enumerate(MEASURES):
+            value = measure_value(i, counts[i])
+            out.append(f'kpimon_measure_total{{measure="{measure}",{labels}}} {value!r}\n')
+    gauges = (
+        ("kpimon_watermark_lag_seconds", "Wall clock minus the event-time watermark",
+         max(0.0, (now_ms - ev.watermark_ms) / 1000)),
+        ("kpimon_window_end_timestamp_seconds",
+         "End (exclusive) of the complete minutes the windows cover", ev.end_minute * 60.0),
+        ("kpimon_replaying", "1 while a worker is working through a backlog",
+         1.0 if ev.replaying else 0.0),
+    )  # fmt: skip
+    for name, doc, value in gauges:
+        _family(out, name, "gauge", doc)
+        out.append(f"{name} {value!r}\n")
+    name = "kpimon_event_to_metric_latency_seconds"
+    doc = "From an event's append to its source topic to its arrival in the KPI state"
+    _family(out, name, "histogram", doc)
+    cumulative = 0
+    bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
+    for bound, count in zip(bounds, scope.latency_counts, strict=True):
+        cumulative += count
+        out.append(f'{name}_bucket{{le="{bound}"}} {float(cumulative)!r}\n')
+    out.append(f"{name}_count {float(cumulative)!r}\n{name}_sum {scope.latency_sum!r}\n")
+    return "".join(out).encode()

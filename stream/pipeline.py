@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from stream.events import EVENT_TYPES, Event, EventParser, Rejection, RejectReason
 from stream.settings import Settings
@@ -22,16 +23,33 @@ DLQ_HEADER_OFFSET = "kpimon.source.offset"
 DLQ_HEADER_TIMESTAMP = "kpimon.source.timestamp"
 
 
+class Record(Protocol):
+    """What the pipeline reads of a consumed Kafka record (aiokafka's ConsumerRecord)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def timestamp(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class SourceRecord:
-    """One consumed Kafka record, as much of it as the pipeline needs."""
+    """A :class:`Record` built by hand (tests, backtests)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int
+    timestamp: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +61,14 @@ class DeadLetter:
     headers: list[tuple[str, bytes]]
 
 
-def dead_letter(record: SourceRecord, rejection: Rejection) -> DeadLetter:
+def dead_letter(record: Record, rejection: Rejection) -> DeadLetter:
     headers = [
         (DLQ_HEADER_REASON, rejection.reason.value.encode()),
         (DLQ_HEADER_ERROR, rejection.detail.encode("utf-8", "replace")),
         (DLQ_HEADER_TOPIC, record.topic.encode()),
         (DLQ_HEADER_PARTITION, str(record.partition).encode()),
         (DLQ_HEADER_OFFSET, str(record.offset).encode()),
-        (DLQ_HEADER_TIMESTAMP, str(record.timestamp_ms).encode()),
+        (DLQ_HEADER_TIMESTAMP, str(record.timestamp).encode()),
     ]
     return DeadLetter(key=record.key, value=record.value, headers=headers)
 
@@ -60,7 +78,7 @@ class BatchResult:
     """What one batch produced; applied to the stats once the batch is committed."""
 
     events: list[Event] = field(default_factory=list)
-    event_sources: list[SourceRecord] = field(default_factory=list)
+    event_sources: list[Record] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
 
@@ -120,7 +138,7 @@ class RecordHandler:
     def topics(self) -> list[str]:
         return list(self.topic_types)
 
-    def handle(self, records: Iterable[SourceRecord], now_ms: int) -> BatchResult:
+    def handle(self, records: Iterable[Record], now_ms: int) -> BatchResult:
         result = BatchResult()
         parse, topic_types = self.parser.parse, self.topic_types
         for record in records:

@@ -34,18 +34,24 @@ from typing import Any
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    KafkaError,
+    ProducerFenced,
+    TopicAlreadyExistsError,
+)
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream import codec
 from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_evaluation
-from stream.pipeline import BatchResult, PipelineStats, RecordHandler, SourceRecord
+from stream.pipeline import BatchResult, PipelineStats, RecordHandler
 from stream.settings import Settings
 
 log = logging.getLogger("kpimon.worker")
 HEARTBEAT_MS = 1000
+COMMIT_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,7 @@ class PipelineService(Service):
         self._next_snapshot = 0.0
         self._routed_partitions = settings.topic_partitions
         self._lock = asyncio.Lock()
+        self._closing = False
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -160,6 +167,11 @@ class PipelineService(Service):
         )  # fmt: skip
 
     async def on_stop(self) -> None:
+        # Let the transaction in flight finish (or give up on it: it is then
+        # aborted by the broker and redone by whoever owns the partitions next).
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._lock.acquire(), timeout=15)
+        self._closing = True  # the lock stays held: no transaction starts any more
         if self._consumer is not None:
             await self._consumer.stop()
         if self._producer is not None:
@@ -167,6 +179,8 @@ class PipelineService(Service):
 
     # -- rebalance: state follows partitions ----------------------------------------
     async def revoke(self, revoked: list[TopicPartition]) -> None:
+        if self._closing:
+            return  # on_stop holds the lock; the state goes with the process
         async with self._lock:  # waits for the transaction in flight
             for tp in revoked:
                 if tp.topic == self.topology.routed:
@@ -245,22 +259,39 @@ class PipelineService(Service):
     async def _consume(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        while not self.should_stop:
-            batches = await consumer.getmany(
-                timeout_ms=200, max_records=self.settings.max_batch_records
-            )
-            async with self._lock:
-                try:
-                    await self._transact(batches)
-                except ProducerFenced:
-                    log.critical("worker id %r is in use by another worker: stopping",
-                                 self.settings.worker_id)  # fmt: skip
-                    await self.crash(RuntimeError("producer fenced"))
-                    return
-                except KafkaError as exc:
-                    self.stats.aborted += 1
-                    log.warning("transaction failed (%s): rebuilding state and retrying", exc)
-                    await self._rewind()
+        with contextlib.suppress(ConsumerStoppedError):  # stopping: on_stop closed it
+            while not self.should_stop:
+                batches = await self._gather(consumer, self.settings.max_batch_records)
+                async with self._lock:
+                    try:
+                        await self._transact(batches)
+                    except ProducerFenced:
+                        log.critical("worker id %r is in use by another worker: stopping",
+                                     self.settings.worker_id)  # fmt: skip
+                        await self.crash(RuntimeError("producer fenced"))
+                        return
+                    except KafkaError as exc:
+                        self.stats.aborted += 1
+                        log.warning("transaction failed (%s): rebuilding state, retrying", exc)
+                        await self._rewind()
+
+    @staticmethod
+    async def _gather(consumer: AIOKafkaConsumer, limit: int) -> dict[TopicPartition, list[Any]]:
+        """One batch; while a backlog is there, more of it for the same transaction
+        (each commit costs a few broker round trips whatever its size)."""
+        batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
+            timeout_ms=200, max_records=limit
+        )
+        count = sum(map(len, batches.values()))
+        deadline = time.monotonic() + COMMIT_INTERVAL_S
+        while batches and count < limit and time.monotonic() < deadline:
+            more = await consumer.getmany(timeout_ms=0, max_records=limit - count)
+            if not more:
+                break
+            for tp, records in more.items():
+                batches.setdefault(tp, []).extend(records)
+                count += len(records)
+        return batches
 
     async def _rewind(self) -> None:
         """After an aborted transaction: back to committed offsets and state."""
@@ -293,14 +324,10 @@ class PipelineService(Service):
             elif tp.topic == topo.partials:
                 self._apply_partials(records, now_ms)
             else:
-                sources = [
-                    SourceRecord(r.topic, r.partition, r.offset, r.key, r.value, r.timestamp)
-                    for r in records
-                ]
-                result = self.handler.handle(sources, now_ms)
+                result = self.handler.handle(records, now_ms)
                 for event, source in zip(result.events, result.event_sources, strict=True):
                     p = codec.route_partition(event, self._routed_partitions)
-                    routed.setdefault(p, []).append(codec.routed_row(event, source.timestamp_ms))
+                    routed.setdefault(p, []).append(codec.routed_row(event, source.timestamp))
                 ingest.merge(result)
         caught_up = await self._caught_up()
         due = [

@@ -1,0 +1,55 @@
+"""The KPI exposition: valid Prometheus text, exact values, escaped labels."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream.aggregate import ScopeStore
+from stream.metrics import render_evaluation
+
+T0 = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000
+MIN = 60_000
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_render_is_parseable_exact_and_escaped() -> None:
+    store = ScopeStore(settle_ms=MIN)
+    odd = 'c"1\\\n'
+    minute = T0 // MIN
+    store.apply_cells([("search", odd, minute, [1000, 30, 3, 2, 1, 90_500_000, 12_250_000])])
+    store.observe_latency([T0], T0 + 700)
+    now = T0 + 3 * MIN
+    text = render_evaluation(store.evaluate(now), store, now).decode()
+    got = samples(text)
+    labels = {"scope": "campaign", "channel": "search", "campaign": odd, "window": "5m"}
+    assert got[("kpimon_kpi", frozenset({**labels, "kpi": "ctr"}.items()))] == 0.03
+    assert got[("kpimon_kpi", frozenset({**labels, "kpi": "roas"}.items()))] == 90.5 / 12.25
+    total = frozenset({**labels, "measure": "spend"}.items())
+    assert got[("kpimon_window_total", total)] == 12.25
+    glob = {"scope": "global", "channel": "", "campaign": "", "window": "24h"}
+    assert got[("kpimon_window_total", frozenset({**glob, "measure": "clicks"}.items()))] == 30
+    monotonic = frozenset({"measure": "revenue", "channel": "search", "campaign": odd}.items())
+    assert got[("kpimon_measure_total", monotonic)] == 90.5
+    assert got[("kpimon_window_end_timestamp_seconds", frozenset())] == (now - MIN) // MIN * 60
+    assert got[("kpimon_event_to_metric_latency_seconds_bucket", frozenset({("le", "1.0")}))] == 1
+    assert got[("kpimon_event_to_metric_latency_seconds_count", frozenset())] == 1
+    absent = frozenset({**labels, "kpi": "cac", "window": "5m"}.items())
+    assert ("kpimon_kpi", absent) in got  # 1 new customer: present
+    no_leads = {"scope": "campaign", "channel": "search", "campaign": odd, "window": "5m"}
+    assert ("kpimon_kpi", frozenset({**no_leads, "kpi": "cpl"}.items())) in got
+
+
+def test_absent_kpis_are_not_exported() -> None:
+    store = ScopeStore(settle_ms=MIN)
+    store.apply_cells([("email", "c9", T0 // MIN, [500, 0, 0, 0, 0, 0, 0])])
+    now = T0 + 3 * MIN
+    got = samples(render_evaluation(store.evaluate(now), store, now).decode())
+    kpis = {dict(labels)["kpi"] for name, labels in got if name == "kpimon_kpi"}
+    assert kpis == {"ctr"}
