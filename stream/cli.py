@@ -125,6 +125,57 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Worker plus simulated traffic with a CTR drop a few minutes in, on the local stack."""
+    import asyncio
+    import os
+    import subprocess
+    import time
+
+    from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
+
+    settings = _settings()
+    history = 30 * 60  # half an hour of history first, so the windows are full
+    after = parse_duration(args.incident_after)
+    incident = Incident.parse(f"ctr_drop:campaign=c1:at={history + after}s:by=50%:for=20m")
+    worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=os.environ)
+    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    print(f"kpimon demo: worker pid {worker.pid}; metrics on {metrics}")
+    print(f'  KPIs:   curl -s {metrics} | grep \'^kpimon_kpi{{kpi="ctr",scope="global"\'')
+    print(f"  an incident: CTR of campaign c1 drops 50% {args.incident_after} from now")
+    print("  Ctrl-C stops the worker and the simulator; `kpimon dev down` stops the stack")
+    sim = Simulator(SimConfig(seed=args.seed, rate=args.rate, incidents=[incident]))
+    topics = settings.type_topics
+    try:
+        now = time.time()
+        asyncio.run(
+            produce_to_kafka(
+                sim,
+                bootstrap=settings.kafka_bootstrap,
+                topics=topics,
+                start_s=now - history,
+                seconds=history,
+                realtime=False,
+            )
+        )
+        asyncio.run(
+            produce_to_kafka(
+                sim,
+                bootstrap=settings.kafka_bootstrap,
+                topics=topics,
+                start_s=now,
+                seconds=None,
+                realtime=True,
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    finally:
+        worker.terminate()
+        worker.wait(60)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kpimon", description="Real-time marketing KPI monitor (configure with KPIMON_*)."
@@ -154,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", help="write JSON lines (with type) instead of producing to Kafka")
     sim.add_argument("--shared-topic", help="send every type to this topic with a type field")
     sim.set_defaults(func=cmd_simulate)
+    demo = sub.add_parser("demo", help="run the worker with simulated traffic and an incident")
+    demo.add_argument("--rate", type=float, default=100.0)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--incident-after", default="5m", help="when the CTR drop starts")
+    demo.set_defaults(func=cmd_demo)
     dev = sub.add_parser("dev", help="local stack without Docker (Kafka, Prometheus, Alertmanager)")
     dev.add_argument("action", choices=["up", "down", "fetch"])
     dev.set_defaults(func=cmd_dev)

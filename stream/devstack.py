@@ -350,14 +350,22 @@ def prometheus_process(
         interval=interval,
     )
     config.write_text(yaml.safe_dump(rendered, sort_keys=False))
-    argv = [
-        binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / (name + '-data')}",
-        f"--web.listen-address=127.0.0.1:{port}", "--web.enable-lifecycle",
-    ]  # fmt: skip
-    return ManagedProcess(
-        name=name, argv=argv, workdir=workdir,
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"), ports=(port,),
+    return _prometheus_style(
+        name, workdir, port,
+        [binary, f"--config.file={config}", f"--storage.tsdb.path={workdir / (name + '-data')}",
+         "--web.enable-lifecycle"],
     )  # fmt: skip
+
+
+def _prometheus_style(name: str, workdir: Path, port: int, argv: list[str]) -> ManagedProcess:
+    """A Prometheus-family server on 127.0.0.1:port, ready when ``/-/ready`` answers."""
+    return ManagedProcess(
+        name=name,
+        argv=[*argv, f"--web.listen-address=127.0.0.1:{port}"],
+        workdir=workdir,
+        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"),
+        ports=(port,),
+    )
 
 
 def alertmanager_process(
@@ -370,13 +378,10 @@ def alertmanager_process(
             "alertmanager is not installed: apt-get install prometheus-alertmanager"
         )
     source = config or PROJECT_ROOT / "prometheus" / "alertmanager.yml"
-    argv = [
-        binary, f"--config.file={source}", f"--storage.path={workdir / (name + '-data')}",
-        f"--web.listen-address=127.0.0.1:{port}", "--cluster.listen-address=",
-    ]  # fmt: skip
-    return ManagedProcess(
-        name=name, argv=argv, workdir=workdir,
-        ready=lambda: http_ok(f"http://127.0.0.1:{port}/-/ready"), ports=(port,),
+    return _prometheus_style(
+        name, workdir, port,
+        [binary, f"--config.file={source}", f"--storage.path={workdir / (name + '-data')}",
+         "--cluster.listen-address="],
     )  # fmt: skip
 
 

@@ -35,20 +35,20 @@ class PipelineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats
-        events = CounterMetricFamily(
-            "kpimon_events", "Valid events consumed, by type (before dedup)", labels=["type"]
-        )
-        for kind, count in stats.events.items():
-            events.add_metric([kind], count)
-        yield events
-        rejected = CounterMetricFamily(
-            "kpimon_events_rejected",
-            "Inputs sent to the dead-letter topic, by reason",
-            labels=["reason"],
-        )
-        for reason, count in stats.rejected.items():
-            rejected.add_metric([str(reason)], count)
-        yield rejected
+        for name, doc, label, counts in (
+            ("kpimon_events", "Valid events consumed, by type (before dedup)", "type",
+             stats.events),
+            ("kpimon_events_rejected", "Inputs sent to the dead-letter topic, by reason",
+             "reason", stats.rejected),
+            ("kpimon_events_duplicate", "Duplicate events dropped, by type", "type",
+             stats.duplicates),
+            ("kpimon_events_late", "Events beyond the allowed lateness, by type", "type",
+             stats.late),
+        ):  # fmt: skip
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, count in counts.items():
+                family.add_metric([str(key)], count)
+            yield family
         last = GaugeMetricFamily(
             "kpimon_last_event_timestamp_seconds",
             "Event time of the newest valid event seen, by type",
@@ -57,14 +57,6 @@ class PipelineCollector(Collector):
         for kind, ts_ms in stats.last_event_ms.items():
             last.add_metric([kind], ts_ms / 1000)
         yield last
-        for name, doc, counts in (
-            ("kpimon_events_duplicate", "Duplicate events dropped, by type", stats.duplicates),
-            ("kpimon_events_late", "Events beyond the allowed lateness, by type", stats.late),
-        ):
-            family = CounterMetricFamily(name, doc, labels=["type"])
-            for kind, count in counts.items():
-                family.add_metric([kind], count)
-            yield family
         yield CounterMetricFamily(
             "kpimon_transactions", "Kafka transactions committed by this worker",
             value=stats.transactions,

@@ -172,6 +172,7 @@ class Simulator:
             c.weight /= total
         self._pending: list[tuple[float, int, str, dict[str, Any]]] = []
         self._seq = 0
+        self.origin: float | None = None  # incidents' "at" counts from here
 
     def _factor(self, kind: str, offset: float, c: Campaign) -> float:
         factor = 1.0
@@ -199,13 +200,18 @@ class Simulator:
         heapq.heappush(self._pending, (due_s, self._seq, kind, event))
 
     def events(self, start_s: float, seconds: int) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Events emitted during ``seconds`` ticks from ``start_s`` (epoch seconds)."""
+        """Events emitted during ``seconds`` ticks from ``start_s`` (epoch seconds).
+
+        Successive calls continue one stream; incidents count from the first call.
+        """
         rng, cfg = self.rng, self.config
+        if self.origin is None:
+            self.origin = start_s
         # Impressions dominate; clicks, leads, orders and spend add about 6%.
         impressions_per_s = cfg.rate / 1.06
         for tick in range(seconds):
             now_s = start_s + tick
-            offset = now_s - start_s
+            offset = now_s - self.origin
             base = impressions_per_s * (diurnal_factor(now_s) if cfg.diurnal else 1)
             for c in self.campaigns:
                 n = _poisson(rng, base * c.weight)

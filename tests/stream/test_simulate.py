@@ -130,3 +130,13 @@ def test_cli_writes_json_lines_with_type(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert bad.returncode == 2 and "unknown incident" in bad.stderr
+
+
+def test_incident_offsets_count_from_the_first_call() -> None:
+    """A stream produced in chunks (realtime, files) sees incidents at the right time."""
+    base = SimConfig(seed=5, rate=200, late_rate=0, slightly_late_rate=0, duplicate_rate=0)
+    incident = Incident.parse("ctr_drop:campaign=c1:at=+10m:by=100%:for=10m")
+    sim = Simulator(SimConfig(**{**base.__dict__, "incidents": [incident]}))
+    chunked = [e for tick in range(0, 1200, 60) for e in sim.events(START + tick, 60)]
+    assert clicks_of(chunked, "c1", 0, 590) > 0
+    assert clicks_of(chunked, "c1", 610, 1190) == 0
