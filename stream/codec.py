@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,30 @@ def routed_row(event: Event, source_ts_ms: int) -> list[Any]:
         event.click_id, event.spend_micros, event.revenue_micros, event.new_customer,
         source_ts_ms,
     ]  # fmt: skip
+
+
+# Keeps every internal message below Kafka's 1 MB default even with 128-character ids
+# (internal topics also allow 4 MB, as a margin).
+ROWS_PER_MESSAGE = 1000
+
+
+def chunks(items: list[Any], size: int = ROWS_PER_MESSAGE) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def split_changes(
+    change: dict[str, Any], size: int = 2 * ROWS_PER_MESSAGE
+) -> Iterator[dict[str, Any]]:
+    """The dedup-changelog entry of one batch as entries of at most ``size`` keys or clicks."""
+    seen, clicks = change["seen"], change["clicks"]
+    yielded = False
+    for name, items in (("seen", seen), ("clicks", clicks)):
+        for part in chunks(items, size):
+            yield {"max_ts": change["max_ts"], "seen": [], "clicks": [], name: part}
+            yielded = True
+    if not yielded:
+        yield change
 
 
 def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:

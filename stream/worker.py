@@ -76,14 +76,17 @@ def _names(partitions: Any) -> str:
 async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> None:
     """Create missing topics with the layout the pipeline relies on."""
     n, rf = settings.topic_partitions, settings.topic_replication_factor
-    wanted = [NewTopic(t, n, rf) for t in dict.fromkeys([*sources, settings.dlq_topic])]
+    wanted = [NewTopic(t, n, rf) for t in dict.fromkeys(sources)]
+    big = {"max.message.bytes": str(4 << 20)}  # room for a DLQ'd message plus headers
     wanted += [
+        NewTopic(settings.dlq_topic, n, rf, topic_configs=big),
         NewTopic(settings.alerts_topic, 1, rf),
-        NewTopic(topology.routed, n, rf),
-        NewTopic(topology.partials, 1, rf),
-        NewTopic(topology.dedup_log, n, rf, topic_configs={"retention.ms": str(26 * 3600_000)}),
-        NewTopic(topology.scope_log, 1, rf, topic_configs={"cleanup.policy": "compact"}),
-    ]
+        NewTopic(topology.routed, n, rf, topic_configs=big),
+        NewTopic(topology.partials, 1, rf, topic_configs=big),
+        NewTopic(topology.dedup_log, n, rf,
+                 topic_configs={**big, "retention.ms": str(26 * 3600_000)}),
+        NewTopic(topology.scope_log, 1, rf, topic_configs={**big, "cleanup.policy": "compact"}),
+    ]  # fmt: skip
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
     await admin.start()
     try:
@@ -128,14 +131,14 @@ class PipelineService(Service):
         self._routed_partitions = settings.topic_partitions
         self._lock = asyncio.Lock()
         self._closing = False
+        self._sent: list[asyncio.Future[Any]] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
     # -- lifecycle ----------------------------------------------------------------
-    async def on_start(self) -> None:
-        s, topo = self.settings, self.topology
-        await ensure_topics(s, topo, self.handler.topics)
-        self._producer = AIOKafkaProducer(
+    def _new_producer(self) -> AIOKafkaProducer:
+        s = self.settings
+        return AIOKafkaProducer(
             bootstrap_servers=s.kafka_bootstrap,
             client_id=f"kpimon-{s.worker_id}",
             transactional_id=f"{s.group_id}-{s.worker_id}",
@@ -145,6 +148,20 @@ class PipelineService(Service):
             max_request_size=max(4 << 20, 2 * s.max_message_bytes),
             transaction_timeout_ms=30_000,
         )
+
+    async def _reset_producer(self) -> None:
+        """A failed transaction can leave the producer unusable: start a fresh one
+        (same transactional id, so the broker aborts whatever the old one left open)."""
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._producer.stop(), timeout=10)
+        self._producer = self._new_producer()
+        await self._producer.start()
+
+    async def on_start(self) -> None:
+        s, topo = self.settings, self.topology
+        await ensure_topics(s, topo, self.handler.topics)
+        self._producer = self._new_producer()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             client_id=f"kpimon-{s.worker_id}",
@@ -272,7 +289,8 @@ class PipelineService(Service):
                         return
                     except KafkaError as exc:
                         self.stats.aborted += 1
-                        log.warning("transaction failed (%s): rebuilding state, retrying", exc)
+                        log.warning("transaction failed (%r): rebuilding state, retrying", exc)
+                        await self._reset_producer()
                         await self._rewind()
 
     @staticmethod
@@ -337,17 +355,20 @@ class PipelineService(Service):
         snapshot = self.scope is not None and time.monotonic() >= self._next_snapshot
         if not batches and not due and not snapshot:
             return
+        self._sent = []
         async with producer.transaction():
             for p, rows in routed.items():
-                await producer.send(topo.routed, codec.encode_rows(rows), partition=p)
+                for chunk in codec.chunks(rows):
+                    await self._send(topo.routed, codec.encode_rows(chunk), partition=p)
             for letter in ingest.dead_letters:
-                await producer.send(
-                    s.dlq_topic, letter.value, key=letter.key, headers=letter.headers
-                )
+                await self._send(s.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
             for p in [*outputs, *due]:
                 await self._send_partial(p, outputs.get(p), caught_up, now_ms)
             if snapshot and self.scope is not None:
                 await self._send_snapshot(self.scope)
+            # Every send must have succeeded before the commit: a failed one raises
+            # here, the transaction is aborted and the batch is redone.
+            await asyncio.gather(*self._sent)
             offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
             if offsets:
                 await producer.send_offsets_to_transaction(offsets, s.group_id)
@@ -372,25 +393,44 @@ class PipelineService(Service):
                 scope.observe_latency([ts] * n, now_ms)
         self._partials_position = records[-1].offset + 1
 
+    async def _send(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: bytes | None = None,
+        partition: int | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        assert self._producer is not None
+        future = await self._producer.send(
+            topic, value, key=key, partition=partition, headers=headers
+        )
+        self._sent.append(future)
+
     async def _send_partial(
         self, p: int, out: BatchOutput | None, caught_up: bool, now_ms: int
     ) -> None:
         assert self._producer is not None
         state = self.partitions[p]
-        partial = codec.Partial(
-            partition=p,
-            worker=self.settings.worker_id,
-            max_ts=state.max_ts,
-            caught_up=caught_up,
-            cells=codec.cells_list(out.cells) if out else [],
-            source_ts=codec.source_histogram(out.source_ts) if out else [],
-        )
-        await self._producer.send(self.topology.partials, partial.encode(), partition=0)
-        if out is not None:
-            change = codec.encode_json(state.drain_changes())
-            await self._producer.send(
-                self.topology.dedup_log, change, key=f"p{p}".encode(), partition=p
+        cells = codec.cells_list(out.cells) if out else []
+        source_ts = codec.source_histogram(out.source_ts) if out else []
+        for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):
+            partial = codec.Partial(
+                partition=p,
+                worker=self.settings.worker_id,
+                max_ts=state.max_ts,
+                caught_up=caught_up,
+                cells=chunk,
+                source_ts=source_ts if i == 0 else [],
             )
+            await self._send(self.topology.partials, partial.encode(), partition=0)
+        if out is not None:
+            for change in codec.split_changes(state.drain_changes()):
+                key = f"p{p}".encode()
+                await self._send(
+                    self.topology.dedup_log, codec.encode_json(change), key=key, partition=p
+                )
         self._last_report[p] = now_ms
 
     async def _send_snapshot(self, scope: ScopeStore) -> None:
@@ -398,9 +438,9 @@ class PipelineService(Service):
         topic = self.topology.scope_log
         for key, value in scope.drain_dirty():
             encoded = None if value is None else codec.encode_json(value)
-            await self._producer.send(topic, encoded, key=codec.encode_json(list(key)), partition=0)
+            await self._send(topic, encoded, key=codec.encode_json(list(key)), partition=0)
         meta = codec.encode_json({"offset": self._partials_position})
-        await self._producer.send(topic, meta, key=codec.META_KEY, partition=0)
+        await self._send(topic, meta, key=codec.META_KEY, partition=0)
         self._next_snapshot = time.monotonic() + self.settings.snapshot_interval_seconds
 
     async def _caught_up(self) -> bool:

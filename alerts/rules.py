@@ -1,0 +1,544 @@
+"""The alert rules file: typed models, validation with line-precise errors, loading.
+
+A rules file is edited by hand by the people who get paged by it, so every
+mistake is reported at once with ``FILE:LINE:COL`` pointing at the offending
+key or value, and the models are strict: YAML's habit of silently turning
+``1e-3`` or ``yes`` into something else must not change what a rule means.
+
+The bad direction of a KPI is not configurable: it comes from the KPI table
+(``stream.windows.KPI_BAD_DIRECTION``), so a rule cannot alert on a KPI
+getting better. Volume measures (impressions, clicks, leads, orders) can be
+rules too; their bad direction is always "down" (volume drop, tracking outage).
+
+Pure module: no Kafka and no faust, so ``kpimon rules check`` and the backtest
+load quickly.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from stream.windows import KPI_BAD_DIRECTION, KPI_RATIOS, MEASURES, WINDOWS
+
+Kind = Literal["rate", "count", "cost"]
+Scope = Literal["global", "channel", "campaign"]
+Baseline = Literal["trailing", "yesterday", "last_week"]
+Severity = Literal["page", "ticket", "info"]
+
+RATE_KPIS: frozenset[str] = frozenset({"ctr", "conversion_rate", "lead_rate"})
+COST_KPIS: frozenset[str] = frozenset(KPI_RATIOS) - RATE_KPIS
+VOLUME_MEASURES: tuple[str, ...] = ("impressions", "clicks", "leads", "orders")
+RULE_KPIS: tuple[str, ...] = (*KPI_RATIOS, *VOLUME_MEASURES)
+RESERVED_LABELS: frozenset[str] = frozenset(
+    {"rule", "kpi", "scope", "channel", "campaign", "window", "severity"}
+)
+# Cost ratios are heavy-tailed in their conversions: this count is what
+# ``min_conversions`` is compared with (roas/roi are driven by the orders behind revenue).
+CONVERSION_MEASURE: dict[str, str] = {
+    "cpc": "clicks", "cpl": "leads", "cpa": "orders", "cac": "new_customers",
+    "roas": "orders", "roi": "orders", "aov": "orders",
+}  # fmt: skip
+# Defaults of ``min_volume`` by kind: rates need n*p >= 10 in both windows for the
+# two-proportion test; counts need an expected count large enough for Poisson to mean
+# something; cost ratios gate on ``min_conversions`` and ``min_spend`` instead.
+DEFAULT_MIN_VOLUME: dict[str, int] = {"rate": 200, "count": 20, "cost": 0}
+# A trailing baseline can only look back as far as bucket retention (8 days) allows.
+MAX_BASELINE_MINUTES = 7 * 24 * 60
+
+_NAME = re.compile(r"^[a-z0-9_]+$")
+_LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?[smhd])+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_MAX_DURATION = 7 * 86400.0
+
+assert set(CONVERSION_MEASURE) == COST_KPIS and set(CONVERSION_MEASURE.values()) <= set(MEASURES)
+
+
+def _one_of(options: Sequence[str]) -> str:
+    """Pydantic's wording for literals, so custom choices read like built-in ones."""
+    quoted = [f"'{o}'" for o in options]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``5m``, ``1h30m``, ``1d`` (Prometheus style) -> seconds."""
+    if not _DURATION.match(text):
+        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 1h or 1h30m")
+    return sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _duration(text: str) -> str:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise PydanticCustomError("duration", str(exc)) from None
+    if seconds > _MAX_DURATION:
+        raise PydanticCustomError("duration", "duration must be at most 7d")
+    return text
+
+
+def _number_hint(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as text; say so instead of "should be a valid number"."""
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value
+        if not math.isfinite(number):
+            return value
+        raise PydanticCustomError(
+            "yaml_number",
+            "{text} is text in YAML, not a number; write {number}",
+            {"text": repr(value), "number": repr(int(number) if number.is_integer() else number)},
+        )
+    return value
+
+
+Duration = Annotated[str, Field(min_length=1)]
+Number = Annotated[float, BeforeValidator(_number_hint)]
+Count = Annotated[int, BeforeValidator(_number_hint), Field(ge=0)]
+
+
+class Rule(BaseModel):
+    """One alert rule: alert when ``kpi`` moves ``min_change`` in its bad direction.
+
+    Changes are relative to the baseline (0.3 = 30%). ``p_value`` applies to rates
+    (two-proportion test) and counts (Poisson); cost ratios are too heavy-tailed
+    for a test and are gated by ``min_conversions`` (of ``volume_measure``) and
+    ``min_spend`` instead. ``min_volume`` is the floor on ``volume_measure`` in the
+    window: the denominator for rates, the expected (baseline) count for counts.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    name: str = Field(min_length=1, max_length=100)
+    kpi: str
+    scopes: Annotated[tuple[Scope, ...], Field(strict=False)]
+    window: str
+    baseline: Baseline = "trailing"
+    baseline_windows: Annotated[Count, Field(ge=1, le=96)] = 4
+    min_change: Annotated[Number, Field(gt=0, le=10)] = 0.2
+    resolve_change: Annotated[Number, Field(ge=0, le=10)] = 0.1
+    p_value: Annotated[Number, Field(gt=0, lt=1)] = 0.001
+    min_volume: Count = DEFAULT_MIN_VOLUME["rate"]
+    min_conversions: Count = 10
+    min_spend: Annotated[Number, Field(ge=0)] = 50.0
+    for_: Duration = Field("5m", alias="for")
+    keep_firing_for: Duration = "10m"
+    repeat_interval: Duration = "4h"
+    severity: Severity = "ticket"
+    labels: dict[str, str] = Field(default_factory=dict)
+    runbook_url: str
+    summary: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dependent_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other fields: resolve_change and min_volume."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        change = data.get("min_change", 0.2)
+        numeric = isinstance(change, int | float) and not isinstance(change, bool)
+        if "resolve_change" not in data and numeric and 0 < change <= 10:
+            data["resolve_change"] = change / 2
+        kind = _kind(data.get("kpi"))
+        if "min_volume" not in data and kind is not None:
+            data["min_volume"] = DEFAULT_MIN_VOLUME[kind]
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise PydanticCustomError("rule_name", "rule names use only [a-z0-9_]")
+        return value
+
+    @field_validator("kpi")
+    @classmethod
+    def _kpi(cls, value: str) -> str:
+        if value not in RULE_KPIS:
+            raise PydanticCustomError("literal_error", f"Input should be {_one_of(RULE_KPIS)}")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise PydanticCustomError("scopes", "at least one scope is needed")
+        if len(set(value)) != len(value):
+            raise PydanticCustomError("scopes", "scopes must not repeat")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str) -> str:
+        if value not in WINDOWS:
+            raise PydanticCustomError("literal_error", f"Input should be {_one_of(list(WINDOWS))}")
+        return value
+
+    @field_validator("for_", "keep_firing_for", "repeat_interval")
+    @classmethod
+    def _durations(cls, value: str, info: ValidationInfo) -> str:
+        _duration(value)
+        if info.field_name == "repeat_interval" and parse_duration(value) < 60:
+            raise PydanticCustomError("duration", "repeat_interval must be at least 1m")
+        return value
+
+    @field_validator("baseline_windows")
+    @classmethod
+    def _baseline_span(cls, value: int, info: ValidationInfo) -> int:
+        window, baseline = info.data.get("window"), info.data.get("baseline")
+        if baseline == "trailing" and window in WINDOWS:
+            span = value * WINDOWS[window]
+            if span > MAX_BASELINE_MINUTES:
+                raise PydanticCustomError(
+                    "baseline_span",
+                    "a trailing baseline of {n} x {window} spans {hours} h; "
+                    "at most 168 h of history are kept",
+                    {"n": value, "window": window, "hours": span // 60},
+                )
+        return value
+
+    @field_validator("min_change")
+    @classmethod
+    def _reachable(cls, value: float, info: ValidationInfo) -> float:
+        """A non-negative KPI cannot fall by more than 100%: such a rule would never fire."""
+        kpi = info.data.get("kpi")
+        if value > 1 and kpi != "roi" and _direction(kpi) == "down":
+            raise PydanticCustomError(
+                "unreachable",
+                "{kpi} can fall by at most 100%, so min_change must be <= 1 (it is relative: "
+                "0.3 means 30%)",
+                {"kpi": kpi},
+            )
+        return value
+
+    @field_validator("resolve_change")
+    @classmethod
+    def _hysteresis(cls, value: float, info: ValidationInfo) -> float:
+        """Resolving below the firing threshold is what stops an alert from flapping."""
+        change = info.data.get("min_change")
+        if change is not None and value >= change:
+            raise PydanticCustomError(
+                "hysteresis",
+                "resolve_change ({resolve}) must be less than min_change ({change})",
+                {"resolve": value, "change": change},
+            )
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not _LABEL.match(key) or key.startswith("__"):
+                raise PydanticCustomError(
+                    "label_name",
+                    "label name {key} must match [a-zA-Z_][a-zA-Z0-9_]* without a __ prefix",
+                    {"key": repr(key)},
+                )
+            if key in RESERVED_LABELS:
+                raise PydanticCustomError(
+                    "label_reserved",
+                    "label {key} is set by kpimon and cannot be overridden",
+                    {"key": repr(key)},
+                )
+        return value
+
+    @field_validator("runbook_url")
+    @classmethod
+    def _runbook(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError("runbook", "runbook_url must not be empty")
+        return value
+
+    @property
+    def kind(self) -> Kind:
+        """``rate`` (proportion test), ``count`` (Poisson) or ``cost`` (volume floors)."""
+        kind = _kind(self.kpi)
+        assert kind is not None  # validated
+        return kind
+
+    @property
+    def direction(self) -> Literal["up", "down"]:
+        """The bad direction, from the KPI table; volume measures are bad when down."""
+        return "up" if _direction(self.kpi) == "up" else "down"
+
+    @property
+    def volume_measure(self) -> str:
+        """The count ``min_volume`` (rates, counts) or ``min_conversions`` (cost) applies to."""
+        if self.kind == "rate":
+            return MEASURES[KPI_RATIOS[self.kpi][1]]
+        if self.kind == "count":
+            return self.kpi
+        return CONVERSION_MEASURE[self.kpi]
+
+    @property
+    def window_minutes(self) -> int:
+        return WINDOWS[self.window]
+
+    @property
+    def for_seconds(self) -> float:
+        return parse_duration(self.for_)
+
+    @property
+    def keep_firing_for_seconds(self) -> float:
+        return parse_duration(self.keep_firing_for)
+
+    @property
+    def repeat_interval_seconds(self) -> float:
+        return parse_duration(self.repeat_interval)
+
+
+class RulesFile(BaseModel):
+    """A whole rules file: a non-empty list of uniquely named rules."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
+
+    rules: list[Rule]
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _not_empty(cls, value: Any) -> Any:
+        if value is None or value == []:
+            raise PydanticCustomError("no_rules", "no rules: define at least one rule")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RulesFile:
+        """Names identify alert state across restarts, so they must be unique."""
+        for issue in _duplicate_names([rule.name for rule in self.rules]):
+            raise issue
+        return self
+
+    def by_name(self) -> dict[str, Rule]:
+        return {rule.name: rule for rule in self.rules}
+
+
+def _duplicate_names(names: Sequence[object]) -> list[PydanticCustomError]:
+    """One error per repeated name; ``at`` locates it (a model validator cannot set ``loc``)."""
+    first: dict[str, int] = {}
+    errors = []
+    for index, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        if name in first:
+            errors.append(
+                PydanticCustomError(
+                    "duplicate_name",
+                    "duplicate rule name {name} (first used by rules[{first}])",
+                    {"name": repr(name), "first": first[name], "at": ("rules", index, "name")},
+                )
+            )
+        else:
+            first[name] = index
+    return errors
+
+
+def _kind(kpi: object) -> Kind | None:
+    if not isinstance(kpi, str):
+        return None
+    if kpi in RATE_KPIS:
+        return "rate"
+    if kpi in COST_KPIS:
+        return "cost"
+    if kpi in VOLUME_MEASURES:
+        return "count"
+    return None
+
+
+def _direction(kpi: object) -> str | None:
+    if not isinstance(kpi, str):
+        return None
+    return "down" if kpi in VOLUME_MEASURES else KPI_BAD_DIRECTION.get(kpi)
+
+
+@dataclass(frozen=True)
+class RuleIssue:
+    """One problem in a rules file; ``line``/``column`` are 1-based (0: the whole file)."""
+
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def format(self, source: str) -> str:
+        where = f"{source}:{self.line}:{self.column}:" if self.line else f"{source}:"
+        return f"{where} {self.path}: {self.message}" if self.path else f"{where} {self.message}"
+
+
+class RulesError(Exception):
+    """An invalid rules file; ``str()`` is one ``FILE:LINE:COL: path: message`` per issue."""
+
+    def __init__(self, issues: Sequence[RuleIssue], source: str = "<string>") -> None:
+        self.issues = sorted(issues, key=lambda i: (i.line, i.column))
+        self.source = source
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(issue.format(self.source) for issue in self.issues)
+
+
+def _path(loc: Sequence[int | str]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text
+
+
+def _locate(root: yaml.Node | None, loc: Sequence[int | str], key: bool) -> tuple[int, int]:
+    """1-based line/column of the deepest YAML node along ``loc``.
+
+    A mapping entry resolves to its value when that is a scalar (the thing to fix)
+    and to its key when the value is a block or the key itself is wrong (unknown
+    keys, ``[key]`` errors). A path that leaves the document stops at the last
+    node found, so a missing field points at the mapping that lacks it.
+    """
+    if root is None:
+        return 1, 1
+    parts = list(loc)
+    if parts[-1:] == ["[key]"]:
+        parts.pop()
+        key = True
+    node, mark = root, root.start_mark
+    for i, part in enumerate(parts):
+        if isinstance(node, yaml.MappingNode):
+            entries = [(k, v) for k, v in node.value if _scalar(k) == str(part)]
+            if not entries:
+                break
+            key_node, node = entries[-1]  # PyYAML keeps the last of equal keys
+            on_key = (key and i == len(parts) - 1) or not isinstance(node, yaml.ScalarNode)
+            mark = key_node.start_mark if on_key else node.start_mark
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if not 0 <= part < len(node.value):
+                break
+            node = node.value[part]
+            mark = node.start_mark
+        else:
+            break
+    return mark.line + 1, mark.column + 1
+
+
+def _scalar(node: yaml.Node) -> str | None:
+    return node.value if isinstance(node, yaml.ScalarNode) else None
+
+
+def _duplicate_keys(node: yaml.Node, path: str = "") -> list[RuleIssue]:
+    """PyYAML silently keeps the last of two equal keys; a rules file must not."""
+    issues: list[RuleIssue] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for k, v in node.value:
+            name = _scalar(k)
+            if name is not None and name in seen:
+                line, column = k.start_mark.line + 1, k.start_mark.column + 1
+                issues.append(RuleIssue(line, column, path, f"duplicate key {name!r}"))
+            if name is not None:
+                seen.add(name)
+            issues += _duplicate_keys(v, f"{path}.{name}" if path else str(name))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            issues += _duplicate_keys(item, f"{path}[{index}]")
+    return issues
+
+
+def _issue(
+    root: yaml.Node | None, kind: str, loc: tuple[int | str, ...], message: str
+) -> RuleIssue:
+    """A pydantic error as a RuleIssue at its place in the YAML, in the user's words."""
+    line, column = _locate(root, loc, key=kind == "extra_forbidden")
+    message = message.removeprefix("Value error, ")
+    if loc[-1:] == ("[key]",):
+        loc = loc[:-1]
+        message = f"label names must be strings ({message})"
+    if kind == "tuple_type":
+        message = "Input should be a list"
+    elif kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "model_type":
+        message = "expected a mapping of key: value"
+    elif kind == "missing" and loc == ("rules",):
+        message = "no rules: define at least one rule under 'rules:'"
+    return RuleIssue(line, column, _path(loc), message)
+
+
+def _issues(exc: ValidationError, root: yaml.Node | None, data: object) -> list[RuleIssue]:
+    issues = []
+    for err in exc.errors(include_url=False, include_input=False):
+        ctx = err.get("ctx") or {}
+        loc = tuple(ctx.get("at") or err["loc"])
+        issues.append(_issue(root, err["type"], loc, err["msg"]))
+    # The uniqueness check only runs once every rule is valid; report duplicates anyway.
+    if isinstance(data, Mapping) and isinstance(data.get("rules"), list):
+        names = [r.get("name") if isinstance(r, Mapping) else None for r in data["rules"]]
+        for dup in _duplicate_names(names):
+            at = (dup.context or {})["at"]
+            issue = _issue(root, dup.type, at, dup.message())
+            if issue not in issues:
+                issues.append(issue)
+    return issues
+
+
+def parse_rules(text: str, source: str = "<string>") -> RulesFile:
+    """Validate rules from YAML text; raise RulesError listing every problem."""
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        message = exc.problem or "invalid YAML"
+        if exc.context:
+            message += f" ({exc.context})"
+        raise RulesError([RuleIssue(line, column, "", message)], source) from None
+    except yaml.YAMLError as exc:
+        raise RulesError([RuleIssue(1, 1, "", str(exc))], source) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise RulesError([RuleIssue(1, 1, "", "no rules: the file is empty")], source)
+    issues = _duplicate_keys(root) if root is not None else []
+    try:
+        rules = RulesFile.model_validate(data)
+    except ValidationError as exc:
+        issues.extend(_issues(exc, root, data))
+    else:
+        if not issues:
+            return rules
+    raise RulesError(issues, source)
+
+
+def load_rules(path: Path) -> RulesFile:
+    """Read and validate a rules file; unreadable files are a RulesError too."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise RulesError([RuleIssue(0, 0, "", f"cannot read: {reason}")], str(path)) from None
+    return parse_rules(text, str(path))
+
+
+DEFAULT_RULES = Path(__file__).with_name("rules.yml")
