@@ -332,7 +332,15 @@ def _judge_cost(
 ) -> Verdict:
     value = kpis(current).get(kpi)
     base = kpis(baseline).get(kpi)
-    change = (value - base) / abs(base) if value is not None and base else None
+    if kpi == "roi":
+        # ROI hovers around 0, where a relative change means nothing (-3% -> -12% is
+        # "-300%"): judge it as the relative change of ROAS = 1 + ROI instead.
+        change = (
+            (value - base) / (1 + base) if value is not None and base is not None and base > -1
+            else None
+        )  # fmt: skip
+    else:
+        change = (value - base) / abs(base) if value is not None and base else None
     conversion = CONVERSION_MEASURE[kpi]
     short: list[str] = []
     for label, totals in (("current", current), ("baseline", baseline)):
@@ -344,8 +352,10 @@ def _judge_cost(
             short.append(f"{label} {MEASURES[conversion]} {conversions} < {th.min_conversions}")
     if value is None or base is None:
         short.append(f"undefined in the {'current' if value is None else 'baseline'} window")
-    elif base == 0:
+    elif base == 0 and kpi != "roi":
         short.append("baseline is 0")
+    elif kpi == "roi" and base <= -1:
+        short.append("baseline ROAS is 0")
     enough = not short
     bad = enough and _is_bad_move(change, KPI_BAD_DIRECTION[kpi], th)
     shown = [f"{v:.4g}" if v is not None else "n/a" for v in (value, base)]

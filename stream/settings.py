@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     dev_prometheus_port: int = Field(9090, ge=1, le=65535)
     dev_alertmanager_port: int = Field(9093, ge=1, le=65535)
     slack_webhook_url: SecretStr | None = None
+    alertmanager_url: str | None = None
+    grafana_url: str | None = None
     log_level: str = "INFO"
 
     _split_topics = field_validator("shared_topics", mode="before")(_split_csv)

@@ -258,7 +258,7 @@ def test_cost_floors_are_each_enforced() -> None:
     assert judge("cpc", totals(clicks=100, orders=9, spend=200.0), baseline, 1.0, th).bad
 
 
-def test_roi_uses_the_magnitude_of_a_negative_baseline() -> None:
+def test_roi_is_judged_as_the_relative_change_of_roas() -> None:
     th = Thresholds(min_change=0.25, min_conversions=1, min_spend=1.0)
     baseline = totals(orders=10, revenue=50.0, spend=100.0)  # roi -0.5
     worse = judge("roi", totals(orders=10, revenue=0.0, spend=100.0), baseline, 1.0, th)
@@ -266,9 +266,12 @@ def test_roi_uses_the_magnitude_of_a_negative_baseline() -> None:
     assert worse.bad
     better = judge("roi", totals(orders=10, revenue=80.0, spend=100.0), baseline, 1.0, th)
     assert better.change == pytest.approx(0.6) and not better.bad
-    break_even = totals(orders=10, revenue=100.0, spend=100.0)  # roi 0: no relative change
+    break_even = totals(orders=10, revenue=100.0, spend=100.0)  # roi 0, roas 1
     zero = judge("roi", totals(orders=10, spend=100.0), break_even, 1.0, th)
-    assert zero.baseline == 0.0 and zero.change is None and not zero.enough_data and not zero.bad
+    assert zero.baseline == 0.0 and zero.change == pytest.approx(-1.0) and zero.bad
+    nothing = totals(orders=10, revenue=0.0, spend=100.0)  # roi -1: roas 0, no relative change
+    lost = judge("roi", nothing, nothing, 1.0, th)
+    assert lost.change is None and not lost.enough_data and not lost.bad
 
 
 def test_rate_whose_numerator_exceeds_its_denominator_is_not_judged() -> None:
@@ -412,11 +415,7 @@ def test_large_count_drops_are_bad(drop: float, expected: float, windows: int, k
 def worsened(kpi: str, base: list[int], factor: float) -> list[int]:
     """``base`` with ``kpi`` made worse by ``factor`` (relative), moving the money only."""
     current = list(base)
-    if kpi == "roi":
-        spend = base[SPEND]
-        roi = (base[REVENUE] - spend) / spend
-        current[REVENUE] = round(spend * (1 + roi - factor * abs(roi)))
-    elif KPI_BAD_DIRECTION[kpi] == "up":
+    if KPI_BAD_DIRECTION[kpi] == "up":
         current[SPEND] = round(base[SPEND] * (1 + factor))
     else:
         current[REVENUE] = round(base[REVENUE] * (1 - factor))
