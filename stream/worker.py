@@ -290,8 +290,7 @@ class PipelineService(Service):
                     except KafkaError as exc:
                         self.stats.aborted += 1
                         log.warning("transaction failed (%r): rebuilding state, retrying", exc)
-                        await self._reset_producer()
-                        await self._rewind()
+                        await self._recover()
 
     @staticmethod
     async def _gather(consumer: AIOKafkaConsumer, limit: int) -> dict[TopicPartition, list[Any]]:
@@ -310,6 +309,20 @@ class PipelineService(Service):
                 batches.setdefault(tp, []).extend(records)
                 count += len(records)
         return batches
+
+    async def _recover(self) -> None:
+        """Fresh producer, committed offsets and state; retried until the broker answers
+        (nothing is processed meanwhile, so nothing can be counted on a half-built state)."""
+        delay = 1.0
+        while not self.should_stop:
+            try:
+                await self._reset_producer()
+                await self._rewind()
+                return
+            except KafkaError as exc:
+                log.warning("recovery failed (%r); retrying in %.0f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def _rewind(self) -> None:
         """After an aborted transaction: back to committed offsets and state."""
