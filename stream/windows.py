@@ -8,7 +8,7 @@ window's sums and are absent when the denominator is zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,8 +168,3 @@ class SeriesBuckets:
 
     def empty(self) -> bool:
         return not self.blocks and not self.coarse
-
-
-def add_into(total: list[int], values: Iterable[int]) -> None:
-    for i, v in enumerate(values):
-        total[i] += v
