@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     allowed_lateness_seconds: float = Field(600.0, ge=0, le=7 * 86400)
     max_campaigns: int = Field(500, ge=1, le=100_000)
     max_batch_records: int = Field(50_000, ge=1, le=1_000_000)
-    caught_up_lag: int = Field(50_000, ge=0)
+    caught_up_lag: int = Field(5_000, ge=0)
     snapshot_interval_seconds: float = Field(5.0, gt=0, le=3600)
 
     state_dir: Path = Path(".kpimon")
