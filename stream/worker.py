@@ -45,7 +45,7 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from stream import codec
-from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
+from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_evaluation
 from stream.pipeline import BatchResult, PipelineStats, RecordHandler
 from stream.settings import Settings
@@ -124,7 +124,6 @@ class PipelineService(Service):
         self.horizons = Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
         self.partitions: dict[int, PartitionState] = {}
         self.scope: ScopeStore | None = None
-        self.evaluation: Evaluation | None = None
         self.kpi_exposition = b""
         self._partials_position = 0
         self._last_report: dict[int, int] = {}
@@ -209,7 +208,6 @@ class PipelineService(Service):
                     self._last_report.pop(tp.partition, None)
                 elif tp.topic == self.topology.partials:
                     self.scope = None
-                    self.evaluation = None
                     self.kpi_exposition = b""
             if revoked:
                 log.info("partitions revoked: %s", _names(revoked))
@@ -493,8 +491,8 @@ class PipelineService(Service):
                 if self.scope is None:
                     continue
                 now_ms = int(time.time() * 1000)
-                self.evaluation = self.scope.evaluate(now_ms)
-                self.kpi_exposition = render_evaluation(self.evaluation, self.scope, now_ms)
+                evaluation = self.scope.evaluate(now_ms)
+                self.kpi_exposition = render_evaluation(evaluation, self.scope, now_ms)
 
 
 def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineService) -> faust.App:
