@@ -159,6 +159,7 @@ class AlertEngine:
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
+        now_at: dict[AlertKey, Verdict] = {}
         for key, buckets in store.series.items():
             if key[0] not in rule.scopes or key[2] == OTHER:
                 continue
@@ -169,11 +170,17 @@ class AlertEngine:
                 continue
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)
+            now_at[alert_key] = verdict
             if verdict.bad:
                 bad[alert_key] = self._details(rule, key, verdict, span, store, end)
             elif _worse_by(verdict) >= rule.resolve_change:
                 still_bad.add(alert_key)
-        return self.states[rule.name].update(now_s, bad, still_bad, evaluated)
+        notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
+        for note in notes:
+            if note.kind == "resolved":  # say where the KPI is now, not where it was worst
+                v = now_at[note.alert.key]
+                note.alert.details.update(value=v.value, baseline=v.baseline, change=v.change)
+        return notes
 
     @staticmethod
     def _judge(rule: Rule, th: Thresholds, sum_: Any, end: int) -> tuple[Verdict, Baseline]:
@@ -232,7 +239,7 @@ class AlertEngine:
         d: Mapping[str, Any] = alert.details
         status = "resolved" if note.kind == "resolved" else "firing"
         change = d.get("change")
-        summary = self.summary(rule, scope, channel, campaign, d)
+        summary = self.summary(rule, scope, channel, campaign, d, resolved=status == "resolved")
         record: dict[str, Any] = {
             "rule": rule.name,
             "status": status,
@@ -252,7 +259,8 @@ class AlertEngine:
             "starts_at": iso(alert.active_since),
             "fired_at": iso(alert.fired_at) if alert.fired_at is not None else None,
             "ends_at": iso(alert.resolved_at) if alert.resolved_at is not None else None,
-            "summary": summary if status == "firing" else f"Resolved: {summary}",
+            "notified_at": iso(note.at),
+            "summary": summary,
             "contributors": d.get("contributors", []),
             "labels": {
                 "alertname": rule.name,
@@ -278,9 +286,20 @@ class AlertEngine:
         return record
 
     @staticmethod
-    def summary(rule: Rule, scope: str, channel: str, campaign: str, d: Mapping[str, Any]) -> str:
+    def summary(
+        rule: Rule, scope: str, channel: str, campaign: str, d: Mapping[str, Any],
+        resolved: bool = False,
+    ) -> str:  # fmt: skip
         name = KPI_NAMES.get(rule.kpi, rule.kpi)
         change = d.get("change")
+        if resolved:
+            now = "n/a" if change is None else f"{change:+.0%}"
+            return (
+                f"Resolved: {name} of {where(scope, channel, campaign)} is back "
+                f"({format_value(rule.kpi, d.get('value'))} vs "
+                f"{format_value(rule.kpi, d.get('baseline'))}, {now}, "
+                f"{d.get('baseline_kind', 'baseline')})"
+            )
         moved = (
             "n/a" if change is None else f"{'rose' if change > 0 else 'dropped'} {abs(change):.0%}"
         )
@@ -307,6 +326,24 @@ class AlertEngine:
             "var-campaign": campaign or "All",
         }
         return f"{self.grafana_url}/d/{DASHBOARD_UID}?{urllib.parse.urlencode(params)}"
+
+    def firing_labels(self) -> list[tuple[str, str, str, str, str]]:
+        """(rule, severity, scope, channel, campaign) of every firing alert."""
+        by_name = {r.name: r for r in self.rules}
+        return [
+            (name, by_name[name].severity, *alert.key[1:])
+            for name, state in self.states.items()
+            for alert in state.firing()
+        ]
+
+    def firing_records(self, now_s: float) -> list[dict[str, Any]]:
+        """Alert records of everything firing, for sinks that want active alerts re-sent."""
+        by_name = {r.name: r for r in self.rules}
+        return [
+            self.record(by_name[name], Notification("repeat", alert, now_s))
+            for name, state in self.states.items()
+            for alert in state.firing()
+        ]
 
     # -- state for restarts -----------------------------------------------------------
     def to_dict(self) -> dict[str, object]:

@@ -108,12 +108,26 @@ class PartitionState:
         self._dedup = {t: self.horizons.dedup_minutes.get(t, 1440) for t in EVENT_TYPES}
 
     def apply(
-        self, events: Iterable[Routed], now_ms: int, out: BatchOutput | None = None
+        self,
+        events: Iterable[Routed],
+        now_ms: int,
+        out: BatchOutput | None = None,
+        *,
+        reached_ms: int | None = None,
     ) -> BatchOutput:
-        """Apply routed events in order; ``now_ms`` caps the lateness watermark."""
+        """Apply routed events in order.
+
+        An event is late when it is older, by more than the allowed lateness, than
+        both the newest event time of this partition and ``reached_ms``: the event
+        time the routing worker had reached in all of its sources before the batch
+        (the watermark as it saw it); ``now_ms`` caps both. Judging a replayed
+        backlog against one fast topic's progress alone would drop the slower
+        topics' events as late.
+        """
         out = out if out is not None else BatchOutput()
         seen, clicks, cells = self.seen.entries, self.clicks.entries, out.cells
         lateness = self.horizons.allowed_lateness_ms
+        reached = now_ms if reached_ms is None else reached_ms
         attribution = self.horizons.attribution_minutes
         for ev in events:
             kind = str(ev[R_TYPE])
@@ -126,7 +140,7 @@ class PartitionState:
             self.seen.put(key, minute + self._dedup[kind])
             if ts > self.max_ts:
                 self.max_ts = ts
-            if ts < min(self.max_ts, now_ms) - lateness:
+            if ts < min(self.max_ts, reached, now_ms) - lateness:
                 out.late[kind] += 1
                 continue
             campaign = ev[R_CAMPAIGN]
@@ -243,11 +257,13 @@ class ScopeStore:
         max_campaigns: int = 500,
         retention: Retention | None = None,
         worker_timeout_ms: int = 30_000,
+        replay_lag_ms: int = 120_000,
     ) -> None:
         self.settle_ms = settle_ms
         self.max_campaigns = max_campaigns
         self.retention = retention or Retention()
         self.worker_timeout_ms = worker_timeout_ms
+        self.replay_lag_ms = replay_lag_ms
         self.series: dict[SeriesKey, SeriesBuckets] = {}
         self.totals: dict[tuple[str, str], list[int]] = {}
         self.reporters: dict[int, _Reporter] = {}
@@ -284,15 +300,18 @@ class ScopeStore:
             self.latency_sum += seconds
 
     def replaying(self, now_ms: int) -> bool:
-        """True while any live worker reports that it is working through a backlog."""
-        return any(
-            not r.caught_up
-            for r in self.reporters.values()
-            if now_ms - r.seen_ms <= self.worker_timeout_ms
-        )
+        """True while the watermark lags the wall clock by more than a short hiccup:
+        the workers are working through a backlog, so alerts wait for them."""
+        return now_ms - self.watermark_ms > self.replay_lag_ms
 
-    def advance_watermark(self, now_ms: int) -> int:
-        """Wall clock when every live worker is caught up, else the event time reached."""
+    def advance_watermark(self, now_ms: int, *, hold: bool = False) -> int:
+        """Wall clock when every live worker is caught up, else the event time they reached.
+
+        ``hold``: the store's own input lags (progress reports not yet applied), so
+        neither the reports nor the wall clock say how far the sums are complete.
+        """
+        if hold:
+            return self.watermark_ms
         behind = [
             r.max_ts
             for r in self.reporters.values()
@@ -302,8 +321,8 @@ class ScopeStore:
         self.watermark_ms = max(self.watermark_ms, candidate)
         return self.watermark_ms
 
-    def evaluate(self, now_ms: int) -> Evaluation:
-        watermark = self.advance_watermark(now_ms)
+    def evaluate(self, now_ms: int, *, hold: bool = False) -> Evaluation:
+        watermark = self.advance_watermark(now_ms, hold=hold)
         end = evaluation_minute(watermark, self.settle_ms)
         for buckets in self.series.values():
             buckets.expire(minute_of(watermark))
@@ -333,7 +352,7 @@ class ScopeStore:
             target = totals.setdefault((channel, name), [0] * N_MEASURES)
             for i, v in enumerate(counts):
                 target[i] += v
-        return Evaluation(watermark, end, series, totals, self.replaying(now_ms))
+        return Evaluation(watermark, end, series, totals, hold or self.replaying(now_ms))
 
     def _campaigns_kept(self, sums: dict[SeriesKey, dict[str, Totals]]) -> set[SeriesKey]:
         campaigns = [k for k in sums if k[0] == "campaign"]

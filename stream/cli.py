@@ -20,10 +20,18 @@ def _settings() -> Settings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    """Refuses to start (exit 2) on invalid settings or an invalid rules file."""
+    from alerts.rules import RulesError, load_rules
+
     settings = _settings()
+    try:
+        rules = load_rules(settings.rules)
+    except RulesError as exc:
+        print(f"kpimon worker: invalid rules file (KPIMON_RULES)\n{exc}", file=sys.stderr)
+        return 2
     from stream.worker import run_worker  # faust is slow to import: only here
 
-    return run_worker(settings)
+    return run_worker(settings, rules)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

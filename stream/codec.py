@@ -117,3 +117,18 @@ def encode_json(value: Any) -> bytes:
 
 def decode_json(value: bytes) -> Any:
     return orjson.loads(value)
+
+
+REACHED = "reached"
+"""Header of a routed message: the event time its worker had reached (lateness reference)."""
+
+
+def reached_header(reached_ms: int) -> list[tuple[str, bytes]]:
+    return [(REACHED, str(reached_ms).encode())]
+
+
+def reached_of(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
+    for name, value in headers or ():
+        if name == REACHED:
+            return int(value)
+    return None

@@ -6,7 +6,7 @@ dicts and this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -57,6 +57,28 @@ class PipelineCollector(Collector):
         for kind, ts_ms in stats.last_event_ms.items():
             last.add_metric([kind], ts_ms / 1000)
         yield last
+        notified = CounterMetricFamily(
+            "kpimon_notifications", "Alert notification attempts, by sink channel and outcome",
+            labels=["channel", "outcome"],
+        )  # fmt: skip
+        for (channel, outcome), n in sorted(stats.notifications.items()):
+            notified.add_metric([channel, outcome], n)
+        yield notified
+        pending = GaugeMetricFamily(
+            "kpimon_outbox_pending", "Notifications waiting in the outbox for their sink",
+            labels=["channel"],
+        )  # fmt: skip
+        for channel, n in sorted(stats.outbox_pending.items()):
+            pending.add_metric([channel], n)
+        yield pending
+        lag = GaugeMetricFamily(
+            "kpimon_consumer_lag_records",
+            "Records between this worker's position and the end of each assigned partition",
+            labels=["topic", "partition"],
+        )
+        for (topic, partition), n in sorted(stats.consumer_lag.items()):
+            lag.add_metric([topic, str(partition)], n)
+        yield lag
         yield CounterMetricFamily(
             "kpimon_transactions", "Kafka transactions committed by this worker",
             value=stats.transactions,
@@ -141,4 +163,37 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
         cumulative += count
         out.append(f'{name}_bucket{{le="{bound}"}} {float(cumulative)!r}\n')
     out.append(f"{name}_count {float(cumulative)!r}\n{name}_sum {scope.latency_sum!r}\n")
+    return "".join(out).encode()
+
+
+FiringLabels = tuple[str, str, str, str, str]
+"""(rule, severity, scope, channel, campaign) of one firing alert."""
+
+
+def render_alerts(
+    firing: Iterable[FiringLabels],
+    baselines: Mapping[tuple[str, str, str, str, str], float],
+    evaluation: Evaluation,
+) -> bytes:
+    """``kpimon_alerts_firing`` and ``kpimon_kpi_baseline`` of the scope owner's alert engine.
+
+    Baselines are shown for the series ``kpimon_kpi`` shows (campaigns folded by
+    the cardinality guard have none), keyed like it: kpi, scope, channel, campaign, window.
+    """
+    out: list[str] = []
+    _family(out, "kpimon_alerts_firing", "gauge", "1 for each firing KPI alert")
+    for rule, severity, scope, channel, campaign in sorted(firing):
+        out.append(
+            f'kpimon_alerts_firing{{rule="{_escape(rule)}",severity="{_escape(severity)}",'
+            f'scope="{scope}",channel="{_escape(channel)}",campaign="{_escape(campaign)}"}} 1.0\n'
+        )
+    _family(out, "kpimon_kpi_baseline", "gauge",
+            "The baseline the alert rules compare the KPI with")  # fmt: skip
+    for (kpi, scope, channel, campaign, window), value in sorted(baselines.items()):
+        if (scope, channel, campaign) not in evaluation.series:
+            continue
+        out.append(
+            f'kpimon_kpi_baseline{{kpi="{kpi}",scope="{scope}",channel="{_escape(channel)}",'
+            f'campaign="{_escape(campaign)}",window="{window}"}} {float(value)!r}\n'
+        )
     return "".join(out).encode()

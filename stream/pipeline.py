@@ -101,6 +101,13 @@ class PipelineStats:
     last_event_ms: dict[str, int] = field(default_factory=dict)
     transactions: int = 0
     aborted: int = 0
+    notifications: dict[tuple[str, str], int] = field(default_factory=dict)
+    outbox_pending: dict[str, int] = field(default_factory=dict)
+    consumer_lag: dict[tuple[str, int], int] = field(default_factory=dict)
+
+    def notified(self, channel: str, outcome: str, n: int = 1) -> None:
+        key = (channel, outcome)
+        self.notifications[key] = self.notifications.get(key, 0) + n
 
     def apply(self, batch: BatchResult) -> None:
         events, last = self.events, self.last_event_ms

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+DEFAULT_RULES = Path(__file__).resolve().parent.parent / "alerts" / "rules.yml"
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
     allowed_lateness_seconds: float = Field(600.0, ge=0, le=7 * 86400)
     max_campaigns: int = Field(500, ge=1, le=100_000)
     max_batch_records: int = Field(50_000, ge=1, le=1_000_000)
-    caught_up_lag: int = Field(5_000, ge=0)
+    replay_lag_seconds: float = Field(120.0, gt=0, le=86400)
     snapshot_interval_seconds: float = Field(5.0, gt=0, le=3600)
 
     state_dir: Path = Path(".kpimon")
@@ -90,9 +91,14 @@ class Settings(BaseSettings):
     dev_kafka_controller_port: int = Field(9094, ge=1, le=65535)
     dev_prometheus_port: int = Field(9090, ge=1, le=65535)
     dev_alertmanager_port: int = Field(9093, ge=1, le=65535)
+    rules: Path = DEFAULT_RULES
     slack_webhook_url: SecretStr | None = None
     alertmanager_url: str | None = None
     grafana_url: str | None = None
+    console_alerts: bool = False
+    notify_min_interval_seconds: float = Field(1.0, ge=0, le=60)
+    notify_max_backoff_seconds: float = Field(60.0, gt=0, le=3600)
+    alertmanager_resend_seconds: float = Field(60.0, gt=0, le=3600)
     log_level: str = "INFO"
 
     _split_topics = field_validator("shared_topics", mode="before")(_split_csv)

@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -44,15 +45,22 @@ from aiokafka.errors import (
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from alerts.engine import AlertEngine
+from alerts.outbox import Outbox
+from alerts.rules import RulesFile
+from alerts.sinks import AlertmanagerSink, ConsoleSink, DeliveryError, Sender, Sink, SlackSink
 from stream import codec
-from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
-from stream.metrics import build_registry, render, render_evaluation
+from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
+from stream.metrics import build_registry, render, render_alerts, render_evaluation
 from stream.pipeline import BatchResult, PipelineStats, RecordHandler
 from stream.settings import Settings
 
 log = logging.getLogger("kpimon.worker")
 HEARTBEAT_MS = 1000
 COMMIT_INTERVAL_S = 0.1
+PARTIALS_HOLD_LAG = 50
+"""Unapplied partials records beyond which the scope stage holds its watermark."""
+ALERTS_STATE_KEY = codec.encode_json("alerts")
 
 
 @dataclass(frozen=True)
@@ -115,18 +123,30 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class PipelineService(Service):
     """Ingest, partition and scope stages, one Kafka transaction per iteration."""
 
-    def __init__(self, settings: Settings, stats: PipelineStats, **kwargs: Any) -> None:
+    def __init__(
+        self, settings: Settings, stats: PipelineStats, rules: RulesFile, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
+        self.rules = rules
         self.stats = stats
         self.topology = Topology.of(settings)
         self.handler = RecordHandler(settings)
         self.horizons = Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
         self.partitions: dict[int, PartitionState] = {}
         self.scope: ScopeStore | None = None
+        self.engine: AlertEngine | None = None
+        self.outbox: Outbox | None = None
+        self._engine_state = b""
+        self._session: aiohttp.ClientSession | None = None
+        self._alertmanager: AlertmanagerSink | None = None
+        self._senders: list[Sender] = []
+        self._sender_tasks: list[asyncio.Task[None]] = []
         self.kpi_exposition = b""
         self._partials_position = 0
         self._last_report: dict[int, int] = {}
+        self._source_reached: dict[TopicPartition, int] = {}
+        self._reached_before = 0  # as of the end of the previous transaction
         self._next_snapshot = 0.0
         self._routed_partitions = settings.topic_partitions
         self._lock = asyncio.Lock()
@@ -175,16 +195,52 @@ class PipelineService(Service):
             max_partition_fetch_bytes=4 << 20,
         )
         await self._producer.start()
+        self._start_senders()
         self._routed_partitions = len(await self._producer.partitions_for(topo.routed))
         await self._consumer.start()
         self._consumer.subscribe(
             topics=[*self.handler.topics, topo.routed, topo.partials], listener=_Rebalance(self)
         )
         log.info(
-            "worker %s in group %s: ingesting %s; dead letters to %s; metrics on %s:%d",
+            "worker %s in group %s: ingesting %s; dead letters to %s; metrics on %s:%d; "
+            "%d alert rules from %s; notifications to %s",
             s.worker_id, s.group_id, ", ".join(self.handler.topics), s.dlq_topic,
-            s.metrics_host, s.metrics_port,
+            s.metrics_host, s.metrics_port, len(self.rules.rules), s.rules,
+            ", ".join([s.alerts_topic, *self._channels]),
         )  # fmt: skip
+
+    def _start_senders(self) -> None:
+        """One sender per configured sink, each draining its channel of the outbox."""
+        s = self.settings
+        self._session = aiohttp.ClientSession()
+        sinks: list[Sink] = []
+        if s.slack_webhook_url is not None:
+            sinks.append(SlackSink(self._session, s.slack_webhook_url.get_secret_value()))
+        if s.alertmanager_url:
+            self._alertmanager = AlertmanagerSink(self._session, s.alertmanager_url)
+            sinks.append(self._alertmanager)
+        if s.console_alerts:
+            sinks.append(ConsoleSink())
+        self._senders = [
+            Sender(sink, lambda: self.outbox, self._count,
+                   min_interval=s.notify_min_interval_seconds,
+                   max_backoff=s.notify_max_backoff_seconds)
+            for sink in sinks
+        ]  # fmt: skip
+        for channel in ("kafka", *self._channels):
+            self.stats.notified(channel, "sent", 0)
+        self._sender_tasks = [asyncio.create_task(sender.run()) for sender in self._senders]
+
+    @property
+    def _channels(self) -> tuple[str, ...]:
+        return tuple(sender.sink.channel for sender in self._senders)
+
+    def _count(self, channel: str, outcome: str) -> None:
+        self.stats.notified(channel, outcome)
+        self._outbox_changed()
+
+    def _outbox_changed(self) -> None:
+        self.stats.outbox_pending = self.outbox.counts() if self.outbox is not None else {}
 
     async def on_stop(self) -> None:
         # Let the transaction in flight finish (or give up on it: it is then
@@ -196,6 +252,11 @@ class PipelineService(Service):
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
+        for task in self._sender_tasks:
+            task.cancel()
+        await asyncio.gather(*self._sender_tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
 
     # -- rebalance: state follows partitions ----------------------------------------
     async def revoke(self, revoked: list[TopicPartition]) -> None:
@@ -203,12 +264,15 @@ class PipelineService(Service):
             return  # on_stop holds the lock; the state goes with the process
         async with self._lock:  # waits for the transaction in flight
             for tp in revoked:
+                self.stats.consumer_lag.pop((tp.topic, tp.partition), None)
+                self._source_reached.pop(tp, None)
                 if tp.topic == self.topology.routed:
                     self.partitions.pop(tp.partition, None)
                     self._last_report.pop(tp.partition, None)
                 elif tp.topic == self.topology.partials:
-                    self.scope = None
+                    self.scope, self.engine, self.outbox = None, None, None
                     self.kpi_exposition = b""
+                    self._outbox_changed()
             if revoked:
                 log.info("partitions revoked: %s", _names(revoked))
 
@@ -235,17 +299,37 @@ class PipelineService(Service):
 
     async def _restore_scope(self, tp: TopicPartition) -> None:
         s = self.settings
-        scope = ScopeStore(settle_ms=int(s.settle_seconds * 1000), max_campaigns=s.max_campaigns)
-        position, n = 0, 0
+        scope = ScopeStore(
+            settle_ms=int(s.settle_seconds * 1000),
+            max_campaigns=s.max_campaigns,
+            replay_lag_ms=int(s.replay_lag_seconds * 1000),
+        )
+        engine = AlertEngine(self.rules, grafana_url=s.grafana_url)
+        outbox = Outbox(self._channels)
+        position, n, alerts = 0, 0, None
         async for record in self._read_log(self.topology.scope_log, 0):
             key = codec.decode_json(record.key)
             value = None if record.value is None else codec.decode_json(record.value)
             if key == "meta":
                 position = int(value["offset"]) if value else 0
+            elif key == "alerts":
+                alerts = value
+            elif key[0] == "outbox":
+                outbox.load(key, value)
             else:
                 scope.load(tuple(key), value)
             n += 1
-        self.scope = scope
+        if alerts:
+            try:
+                engine.load(alerts)
+            except ValueError as exc:  # e.g. a rule changed meaning: start its alerts afresh
+                log.error("alert state not restored (%s): alerts start inactive", exc)
+        outbox.loaded()
+        self.scope, self.engine, self.outbox = scope, engine, outbox
+        self._engine_state = codec.encode_json(engine.to_dict())
+        self._outbox_changed()
+        for sender in self._senders:
+            sender.wake()
         self._partials_position = position
         assert self._consumer is not None
         self._consumer.seek(tp, position)
@@ -331,7 +415,7 @@ class PipelineService(Service):
         assert self._consumer is not None
         assigned = list(self._consumer.assignment())
         self.partitions.clear()
-        self.scope = None
+        self.scope, self.engine, self.outbox = None, None, None
         for tp in assigned:
             if tp.topic != self.topology.partials:
                 committed = await self._consumer.committed(tp)
@@ -354,35 +438,45 @@ class PipelineService(Service):
                 state = self.partitions[tp.partition]
                 out = outputs.setdefault(tp.partition, BatchOutput())
                 for record in records:
-                    state.apply(codec.decode_rows(record.value), now_ms, out)
+                    state.apply(codec.decode_rows(record.value), now_ms, out,
+                                reached_ms=codec.reached_of(record.headers))  # fmt: skip
             elif tp.topic == topo.partials:
                 self._apply_partials(records, now_ms)
             else:
                 result = self.handler.handle(records, now_ms)
+                if result.events:
+                    newest = max(event.ts_ms for event in result.events)
+                    if newest > self._source_reached.get(tp, 0):
+                        self._source_reached[tp] = newest
                 for event, source in zip(result.events, result.event_sources, strict=True):
                     p = codec.route_partition(event, self._routed_partitions)
                     routed.setdefault(p, []).append(codec.routed_row(event, source.timestamp))
                 ingest.merge(result)
-        caught_up = await self._caught_up()
+        reached = await self._reached(now_ms)
         due = [
             p for p in self.partitions
             if p not in outputs and now_ms - self._last_report.get(p, 0) >= HEARTBEAT_MS
         ]  # fmt: skip
         snapshot = self.scope is not None and time.monotonic() >= self._next_snapshot
-        if not batches and not due and not snapshot:
+        delivered = self.outbox is not None and self.outbox.changed
+        if not batches and not due and not snapshot and not delivered:
             return
         self._sent = []
         processed = time.perf_counter()
         async with producer.transaction():
+            stamp = codec.reached_header(self._reached_before)
             for p, rows in routed.items():
                 for chunk in codec.chunks(rows):
-                    await self._send(topo.routed, codec.encode_rows(chunk), partition=p)
+                    await self._send(topo.routed, codec.encode_rows(chunk), partition=p,
+                                     headers=stamp)  # fmt: skip
             for letter in ingest.dead_letters:
                 await self._send(s.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
             for p in [*outputs, *due]:
-                await self._send_partial(p, outputs.get(p), caught_up, now_ms)
+                await self._send_partial(p, outputs.get(p), reached, now_ms)
             if snapshot and self.scope is not None:
                 await self._send_snapshot(self.scope)
+            if delivered:
+                await self._send_outbox_changes()
             # Every send must have succeeded before the commit: a failed one raises
             # here, the transaction is aborted and the batch is redone.
             await asyncio.gather(*self._sent)
@@ -390,6 +484,7 @@ class PipelineService(Service):
             if offsets:
                 await producer.send_offsets_to_transaction(offsets, s.group_id)
         self.stats.transactions += 1
+        self._reached_before = reached
         log.debug(
             "transaction: %d records in %.0f ms, committed in %.0f ms",
             sum(map(len, batches.values())), (processed - started) * 1000,
@@ -431,7 +526,7 @@ class PipelineService(Service):
         self._sent.append(future)
 
     async def _send_partial(
-        self, p: int, out: BatchOutput | None, caught_up: bool, now_ms: int
+        self, p: int, out: BatchOutput | None, reached: int, now_ms: int
     ) -> None:
         assert self._producer is not None
         state = self.partitions[p]
@@ -441,8 +536,8 @@ class PipelineService(Service):
             partial = codec.Partial(
                 partition=p,
                 worker=self.settings.worker_id,
-                max_ts=state.max_ts,
-                caught_up=caught_up,
+                max_ts=reached,
+                caught_up=reached >= now_ms,
                 cells=chunk,
                 source_ts=source_ts if i == 0 else [],
             )
@@ -465,22 +560,46 @@ class PipelineService(Service):
         await self._send(topic, meta, key=codec.META_KEY, partition=0)
         self._next_snapshot = time.monotonic() + self.settings.snapshot_interval_seconds
 
-    async def _caught_up(self) -> bool:
-        """True when every assigned source and routed partition is within a batch of its end."""
+    async def _send_outbox_changes(self) -> None:
+        assert self.outbox is not None
+        for key, value in self.outbox.drain_changes():
+            encoded = None if value is None else codec.encode_json(value)
+            await self._send(self.topology.scope_log, encoded, key=codec.encode_json(list(key)),
+                             partition=0)  # fmt: skip
+
+    async def _reached(self, now_ms: int) -> int:
+        """Event time up to which this worker has passed on everything: ``now_ms`` when
+        every assigned source and routed partition is consumed to its end, else the
+        least event time reached among those that are not.
+
+        Per partition, because topics are consumed at different speeds: counting a
+        lagging clicks partition as caught up would show its missing clicks as a CTR
+        drop. Also records every partition's lag for ``kpimon_consumer_lag_records``.
+        """
         consumer = self._consumer
         assert consumer is not None
+        reached = now_ms
         for tp in consumer.assignment():
+            highwater = consumer.highwater(tp)
+            lag = None if highwater is None else highwater - await consumer.position(tp)
+            if lag is not None:
+                self.stats.consumer_lag[(tp.topic, tp.partition)] = lag
             if tp.topic == self.topology.partials:
                 continue
-            highwater = consumer.highwater(tp)
-            if highwater is None:
-                return False
-            lag = highwater - await consumer.position(tp)
-            if tp.topic == self.topology.routed:
-                lag *= codec.ROWS_PER_MESSAGE  # a routed record packs up to that many events
-            if lag > self.settings.caught_up_lag:
-                return False
-        return True
+            # A routed partition ends with a transaction marker the position may not pass.
+            if lag is None or lag > (1 if tp.topic == self.topology.routed else 0):
+                if tp.topic == self.topology.routed:
+                    state = self.partitions.get(tp.partition)
+                    reached = min(reached, state.max_ts if state else 0)
+                else:
+                    reached = min(reached, self._source_reached.get(tp, 0))
+        return reached
+
+    def _partials_lag(self) -> int:
+        """Partials records not yet applied to the scope state (large when unknown)."""
+        assert self._consumer is not None
+        highwater = self._consumer.highwater(TopicPartition(self.topology.partials, 0))
+        return 1 << 30 if highwater is None else highwater - self._partials_position
 
     # -- evaluation ---------------------------------------------------------------
     @Service.task
@@ -488,11 +607,79 @@ class PipelineService(Service):
         while not self.should_stop:
             await self.sleep(self.settings.eval_interval_seconds)
             async with self._lock:
-                if self.scope is None:
+                if self.scope is None or self._closing:
                     continue
                 now_ms = int(time.time() * 1000)
-                evaluation = self.scope.evaluate(now_ms)
-                self.kpi_exposition = render_evaluation(evaluation, self.scope, now_ms)
+                # Until the scope stage has applied its input, progress reports are
+                # stale: windows would look partial (false drops), so hold the watermark.
+                hold = self._partials_lag() > PARTIALS_HOLD_LAG
+                if hold and self.scope.watermark_ms == 0:
+                    continue  # nothing shown yet rather than half-filled windows
+                evaluation = self.scope.evaluate(now_ms, hold=hold)
+                try:
+                    await self._alert(evaluation)
+                except KafkaError as exc:
+                    self.stats.aborted += 1
+                    log.warning("alert transaction failed (%r): rebuilding state, retrying", exc)
+                    await self._recover()
+                    continue
+                assert self.engine is not None
+                self.kpi_exposition = render_evaluation(
+                    evaluation, self.scope, now_ms
+                ) + render_alerts(self.engine.firing_labels(), self.engine.baselines, evaluation)
+
+    async def _alert(self, evaluation: Evaluation) -> None:
+        """Step the alert engine; its records, state and outbox entries in one transaction.
+
+        A crash before the commit redoes the evaluation from the previous state (no
+        notification was released yet); after it, the outbox holds what to deliver.
+        """
+        engine, outbox, scope, producer = self.engine, self.outbox, self.scope, self._producer
+        assert engine is not None and outbox is not None and scope is not None
+        assert producer is not None
+        records = engine.evaluate(scope, evaluation.end_minute, evaluation.watermark_ms / 1000,
+                                  replaying=evaluation.replaying)  # fmt: skip
+        state = codec.encode_json(engine.to_dict())
+        if not records and state == self._engine_state:
+            return
+        outbox.add(records)
+        self._sent = []
+        async with producer.transaction():
+            for record in records:
+                key = "|".join(record[k] for k in ("rule", "scope", "channel", "campaign"))
+                await self._send(self.settings.alerts_topic, codec.encode_json(record),
+                                 key=key.encode())  # fmt: skip
+            await self._send(self.topology.scope_log, state, key=ALERTS_STATE_KEY, partition=0)
+            await self._send_outbox_changes()
+            await asyncio.gather(*self._sent)
+        self._engine_state = state
+        outbox.commit()
+        self.stats.notified("kafka", "sent", len(records))
+        self._outbox_changed()
+        for record in records:
+            log.info("alert %s: %s", record["notification"], record["summary"])
+        if records:
+            for sender in self._senders:
+                sender.wake()
+
+    @Service.task
+    async def _resend_to_alertmanager(self) -> None:
+        """Alertmanager forgets an alert not re-sent within its resolve timeout."""
+        while not self.should_stop:
+            await self.sleep(self.settings.alertmanager_resend_seconds)
+            sink, engine = self._alertmanager, self.engine
+            if sink is None or engine is None:
+                continue
+            records = engine.firing_records(time.time())
+            if not records:
+                continue
+            try:
+                await sink.deliver_many(records)
+            except DeliveryError as exc:
+                self._count(sink.channel, exc.outcome)
+                log.warning("re-sending %d firing alerts failed (%s)", len(records), exc.detail)
+            else:
+                self._count(sink.channel, "sent")
 
 
 def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineService) -> faust.App:
@@ -518,7 +705,7 @@ def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineServi
     return app
 
 
-def run_worker(settings: Settings) -> int:
+def run_worker(settings: Settings, rules: RulesFile) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # Each batch allocates ~10 containers per event and the dedup state holds
@@ -528,7 +715,7 @@ def run_worker(settings: Settings) -> int:
     gc.set_threshold(200_000, 50, 1000)
     gc.freeze()
     stats = PipelineStats()
-    pipeline = PipelineService(settings, stats)
+    pipeline = PipelineService(settings, stats, rules)
     app = create_app(settings, stats, pipeline)
     worker = faust.Worker(app, pipeline, loglevel=settings.log_level.lower(), quiet=True)
     worker.execute_from_commandline()

@@ -1,0 +1,262 @@
+"""Live alerting end to end: real broker, real Alertmanager, a local Slack stand-in.
+
+The simulator backfills half an hour that ends with a CTR drop in one campaign,
+then keeps sending normal traffic in real time. Once the worker has caught up,
+the drop is in its 5-minute window: the alert fires, reaches Slack (through
+429 and 500 answers), Alertmanager and ``kpimon.alerts``; the worker is killed
+while it fires and restarted; the recovered traffic resolves it. Each
+notification arrives exactly once and no other segment alerts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.alerts.test_notify import check_limits
+from tests.helpers import REPO, WorkerProcess, consume_all, run, sample, wait_for
+
+pytestmark = pytest.mark.integration
+
+RATE, SEED, CAMPAIGNS = 150, 5, 12
+INCIDENT_CAMPAIGN = "c1"
+
+
+class SlackStandIn:
+    """An incoming-webhook receiver: answers from a script, then 200; keeps every body."""
+
+    def __init__(self, script: list[tuple[int, dict[str, str]]]) -> None:
+        self.script = list(script)
+        self.accepted: list[dict[str, Any]] = []
+        self.refused = 0
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stand_in.lock:
+                    status, headers = stand_in.script.pop(0) if stand_in.script else (200, {})
+                    if status == 200:
+                        stand_in.accepted.append(body)
+                    else:
+                        stand_in.refused += 1
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(b"ok" if status == 200 else b"rate_limited")
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        # The path stands for the webhook secret: it must never show up in a log.
+        self.url = (
+            f"http://127.0.0.1:{self.server.server_port}/services/T0/B0/s3cr3t-{uuid.uuid4().hex}"
+        )
+
+    def messages(self, status: str) -> list[dict[str, Any]]:
+        icon = ":rotating_light:" if status == "firing" else ":white_check_mark:"
+        with self.lock:
+            return [m for m in self.accepted if m["text"].startswith(icon)]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def slack() -> Iterator[SlackStandIn]:
+    # Slack's rate limit first, then two outages: the message must still arrive, once.
+    stand_in = SlackStandIn([(429, {"Retry-After": "1"}), (500, {}), (503, {})])
+    yield stand_in
+    stand_in.close()
+
+
+def rules_file(path: Path, tag: str) -> Path:
+    """CTR at every scope plus conversion, clicks and orders rules: only c1's CTR may fire."""
+    path.write_text(f"""
+rules:
+  - name: e2e_ctr_campaign
+    kpi: ctr
+    scopes: [campaign]
+    window: 5m
+    baseline: trailing
+    baseline_windows: 3
+    min_change: 0.4
+    resolve_change: 0.2
+    p_value: 0.0001
+    min_volume: 1000
+    for: 0s
+    keep_firing_for: 0s
+    severity: ticket
+    labels: {{e2e: "{tag}"}}
+    runbook_url: docs/runbooks/rate-drop.md
+  - name: e2e_ctr
+    kpi: ctr
+    scopes: [global, channel]
+    window: 5m
+    baseline: trailing
+    baseline_windows: 3
+    min_change: 0.5
+    p_value: 0.0001
+    min_volume: 2000
+    for: 30s
+    severity: ticket
+    labels: {{e2e: "{tag}"}}
+    runbook_url: docs/runbooks/rate-drop.md
+  - name: e2e_conversion
+    kpi: conversion_rate
+    scopes: [global, channel, campaign]
+    window: 15m
+    baseline: trailing
+    baseline_windows: 2
+    min_change: 0.5
+    p_value: 0.0001
+    min_volume: 200
+    for: 1m
+    severity: ticket
+    labels: {{e2e: "{tag}"}}
+    runbook_url: docs/runbooks/rate-drop.md
+  - name: e2e_clicks_global
+    kpi: clicks
+    scopes: [global]
+    window: 5m
+    baseline: trailing
+    baseline_windows: 3
+    min_change: 0.5
+    p_value: 0.0001
+    min_volume: 100
+    for: 1m
+    severity: page
+    labels: {{e2e: "{tag}"}}
+    runbook_url: docs/runbooks/volume-drop.md
+""")
+    return path
+
+
+def simulate(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", "simulate", "--rate", str(RATE), "--seed",
+         str(SEED), "--campaigns", str(CAMPAIGNS), "--late", "0", *args],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _am_alerts(url: str, tag: str) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as resp:
+        alerts: list[dict[str, Any]] = json.loads(resp.read())
+    return [a for a in alerts if a["labels"].get("e2e") == tag]
+
+
+def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
+    start_worker: Callable[..., WorkerProcess],
+    worker_env: dict[str, str],
+    alertmanager_url: str,
+    slack: SlackStandIn,
+    tmp_path: Path,
+) -> None:
+    import os
+
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "KPIMON_RULES": str(rules_file(tmp_path / "rules.yml", tag)),
+        "KPIMON_SLACK_WEBHOOK_URL": slack.url,
+        "KPIMON_ALERTMANAGER_URL": alertmanager_url,
+        "KPIMON_GRAFANA_URL": "http://grafana.example:3000",
+        "KPIMON_EVAL_INTERVAL_SECONDS": "1",
+        "KPIMON_SETTLE_SECONDS": "5",
+        "KPIMON_NOTIFY_MIN_INTERVAL_SECONDS": "0.2",
+        "KPIMON_ALERTMANAGER_RESEND_SECONDS": "5",
+    }
+    sim_env = {**os.environ, **worker_env}
+    # 30 minutes of history whose last 6 minutes have c1's CTR 80% down ...
+    backfill = simulate(
+        sim_env, "--start-ago", "30m", "--duration", "30m",
+        "--incident", f"ctr_drop:campaign={INCIDENT_CAMPAIGN}:at=24m:by=80%:for=6m",
+    )  # fmt: skip
+    assert backfill.wait(180) == 0
+    # ... then normal traffic in real time, so the drop ends now.
+    live = simulate(sim_env)
+    worker = start_worker("w1", **env)
+    try:
+        worker.wait_ready()
+        firing = wait_for(lambda: slack.messages("firing"), timeout=120,
+                          what="the firing message on Slack")  # fmt: skip
+        assert slack.refused == 3, "429, 500 and 503 were answered before it got through"
+        message = firing[0]
+        check_limits(message)
+        assert "CTR" in message["text"] and f"campaign {INCIDENT_CAMPAIGN}" in message["text"]
+        assert "grafana.example:3000/d/kpimon-campaign" in json.dumps(message)
+
+        shown = wait_for(lambda: _am_alerts(alertmanager_url, tag), timeout=30,
+                         what="the alert in Alertmanager")  # fmt: skip
+        assert [(a["labels"]["alertname"], a["labels"]["campaign"]) for a in shown] == [
+            ("e2e_ctr_campaign", INCIDENT_CAMPAIGN)
+        ]
+        assert shown[0]["status"]["state"] == "active"
+
+        # Kill while firing, once the delivery is recorded (outbox empty), and restart.
+        def delivered() -> bool:
+            samples = worker.scrape() or {}
+            return (
+                sample(samples, "kpimon_outbox_pending", channel="slack") == 0
+                and sample(samples, "kpimon_alerts_firing", rule="e2e_ctr_campaign",
+                           severity="ticket", scope="campaign", channel=_channel(message),
+                           campaign=INCIDENT_CAMPAIGN) == 1
+            )  # fmt: skip
+
+        wait_for(delivered, timeout=30, what="the delivery recorded, the alert firing")
+        worker.stop(sig=9)
+        worker = start_worker("w1", **env)
+        worker.wait_ready()
+
+        resolved = wait_for(lambda: slack.messages("resolved"), timeout=420,
+                            what="the resolve message on Slack")  # fmt: skip
+        check_limits(resolved[0])
+        assert f"campaign {INCIDENT_CAMPAIGN}" in resolved[0]["text"]
+        wait_for(
+            lambda: all(a["status"]["state"] != "active"
+                        for a in _am_alerts(alertmanager_url, tag)),
+            timeout=30, what="the alert resolved in Alertmanager",
+        )  # fmt: skip
+        # The resolve went out after the restart: the state came back with it.
+        wait_for(
+            lambda: sample(worker.scrape() or {}, "kpimon_outbox_pending", channel="slack") == 0,
+            timeout=30, what="an empty outbox",
+        )  # fmt: skip
+    finally:
+        live.terminate()
+        live.wait(30)
+    assert len(slack.messages("firing")) == 1, "no duplicate after the kill"
+    assert len(slack.messages("resolved")) == 1
+    records = [json.loads(r.value) for r in run(consume_all(
+        worker_env["KPIMON_KAFKA_BOOTSTRAP"], worker_env["KPIMON_ALERTS_TOPIC"],
+        expect=2, within=30))]  # fmt: skip
+    assert [(r["rule"], r["status"], r["campaign"]) for r in records] == [
+        ("e2e_ctr_campaign", "firing", INCIDENT_CAMPAIGN),
+        ("e2e_ctr_campaign", "resolved", INCIDENT_CAMPAIGN),
+    ]
+    assert records[0]["change"] <= -0.4 and records[0]["p_value"] < 1e-4
+    assert records[1]["ends_at"] is not None
+    for log in (tmp_path / "worker-w1.log",):
+        assert slack.url.rsplit("/", 1)[1] not in log.read_text(), "the webhook secret leaked"
+
+
+def _channel(message: dict[str, Any]) -> str:
+    """The campaign's channel, as the message names it ("campaign c1 on social")."""
+    text: str = message["text"]
+    return text.split(f"campaign {INCIDENT_CAMPAIGN} on ", 1)[1].split()[0]
