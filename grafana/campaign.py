@@ -1,0 +1,280 @@
+"""Campaign drill-down: one campaign, a channel, or everything, against its baseline.
+
+Alert messages open ``/d/kpimon-campaign?from=…&to=…&var-channel=X&var-campaign=Y``
+(``All`` for a coarser scope), so the variables are named ``channel`` and
+``campaign`` and both include All. Every KPI is a ratio of the summed campaign
+series the selection matches (see grafana.kpis): for one campaign that is its own
+series, for All of a channel it equals the channel's, for All of all the global one.
+"""
+
+from __future__ import annotations
+
+from grafana_foundation_sdk.builders import common as common_builders
+from grafana_foundation_sdk.builders import dashboard as db
+from grafana_foundation_sdk.builders import table, timeseries
+from grafana_foundation_sdk.models import dashboard as dm
+
+from grafana.kpis import KPIS, Kpi, alert_line, baseline, ratio
+from grafana.panels import (
+    CAMPAIGN_UID,
+    CURRENCY,
+    DATASOURCE,
+    TAGS,
+    TITLES,
+    Runbooks,
+    dashboard_links,
+    finish,
+    override,
+    query,
+    ref_ids,
+    timeseries_panel,
+)
+
+SELECTION = 'scope="campaign",channel=~"$channel",campaign=~"$campaign"'
+# label_values over window sums: every exported campaign has them, KPIs can be absent.
+CHANNEL_VALUES = 'label_values(kpimon_window_total{scope="campaign"}, channel)'
+CAMPAIGN_VALUES = (
+    'label_values(kpimon_window_total{scope="campaign",channel=~"$channel"}, campaign)'
+)
+# Alerts of the selection and of the scopes above it (channel and global alerts have
+# empty labels there), as annotations on every graph.
+ALERTS = 'max by (rule, severity, scope, channel, campaign) (kpimon_alerts_firing{channel=~"$channel|",campaign=~"$campaign|"})'  # noqa: E501
+WINDOW_TOTALS = f"kpimon_window_total{{{SELECTION}}}"
+FUNNEL = "clicks|leads|orders|new_customers"
+# KPI families (their runbooks) and the row each gets.
+FAMILIES = {
+    "rate-drop": "Rates (15 min windows)",
+    "cost-rise": "Costs (1 h windows)",
+    "value-drop": "Value (1 h windows)",
+}
+
+
+def _variable(name: str, label: str, values: str) -> db.QueryVariable:
+    # allValue ".*": the URL value All then means "any", also for campaigns that appear
+    # after the page loaded; Grafana's default would be a fixed (a|b|c) list.
+    return (
+        db.QueryVariable(name)
+        .label(label)
+        .datasource(DATASOURCE)
+        .query(values)
+        .definition(values)
+        .include_all(True)
+        .all_value(".*")
+        .current(dm.VariableOption(selected=True, text="All", value="$__all"))
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_CASE_INSENSITIVE_ASC)
+    )
+
+
+def _kpi_panel(kpi: Kpi, runbooks: Runbooks) -> timeseries.Panel:
+    sign = "-" if kpi.bad == "down" else "+"
+    line = f"alert line ({sign}{kpi.min_change:.0%})"
+    window = kpi.window.replace("m", " min").replace("h", " h")
+    panel = timeseries_panel(
+        f"{kpi.title} · {window}",
+        [
+            query(ratio(kpi, SELECTION), kpi.title),
+            query(baseline(kpi, SELECTION), "baseline"),
+            query(alert_line(kpi, SELECTION), line),
+            query(ratio(kpi, SELECTION, offset="7d"), "last week"),
+        ],
+        unit=kpi.unit,
+        span=8 if kpi.runbook != "cost-rise" else 6,
+        height=8,
+        min_zero=False,
+        description=(
+            f"{kpi.title} over {window} windows ({kpi.numerator} / {kpi.denominator}"
+            f"{', minus 1' if kpi.shift else ''}), the baseline its alert rules compare with, "
+            f"the band up to the campaign rule's alert line ({sign}{kpi.min_change:.0%}, "
+            f"{'lower' if kpi.bad == 'down' else 'higher'} is bad), and the same time "
+            "last week. For several campaigns the baseline is their baselines weighted "
+            f"by {kpi.denominator}."
+        ),
+    )
+    for name, props in (
+        override(kpi.title, {"custom.lineWidth": 3, "color": _fixed("blue")}),
+        override(
+            "baseline",
+            {
+                "custom.lineStyle": {"fill": "dash", "dash": [10, 10]},
+                "custom.fillBelowTo": line,
+                "custom.fillOpacity": 15,
+                "color": _fixed("orange"),
+            },
+        ),
+        override(line, {"custom.lineWidth": 1, "color": _fixed("red")}),
+        override(
+            "last week",
+            {
+                "custom.lineStyle": {"fill": "dot", "dash": [0, 10]},
+                "custom.lineWidth": 1,
+                "color": _fixed("text"),
+            },
+        ),
+    ):
+        panel = panel.override_by_name(name, props)
+    return panel.links([runbooks.link(kpi.runbook)])
+
+
+def _fixed(colour: str) -> dict[str, str]:
+    return {"mode": "fixed", "fixedColor": colour}
+
+
+def _window_sums() -> table.Panel:
+    return (
+        table.Panel()
+        .title("Window sums")
+        .description("kpimon_window_total of the selection: each measure over each window.")
+        .datasource(DATASOURCE)
+        .targets(
+            ref_ids(
+                [query(f"sum by (measure, window) ({WINDOW_TOTALS})", instant=True, table=True)]
+            )
+        )
+        .with_transformation(
+            dm.DataTransformerConfig(
+                id_val="groupingToMatrix",
+                options={"columnField": "window", "rowField": "measure", "valueField": "Value"},
+            )
+        )
+        .with_transformation(
+            dm.DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "indexByName": {"measure\\window": 0, "5m": 1, "15m": 2, "1h": 3, "24h": 4}
+                },
+            )
+        )
+        .decimals(2)
+        .span(8)
+        .height(8)
+    )
+
+
+def _campaigns() -> table.Panel:
+    """The campaigns in the selection by 24 h spend, each opening its own drill-down."""
+    by = "sum by (channel, campaign)"
+    day = 'window="24h",' + SELECTION
+    columns = {"Value #A": "Spend · 24 h", "Value #B": "Revenue · 24 h",
+               "Value #C": "Orders · 24 h", "Value #D": "ROAS · 24 h"}  # fmt: skip
+    queries = [
+        query(f'{by} (kpimon_window_total{{measure="spend",{day}}})', instant=True, table=True),
+        query(f'{by} (kpimon_window_total{{measure="revenue",{day}}})', instant=True, table=True),
+        query(f'{by} (kpimon_window_total{{measure="orders",{day}}})', instant=True, table=True),
+        query(
+            f'{by} (kpimon_window_total{{measure="revenue",{day}}}) / '
+            f'({by} (kpimon_window_total{{measure="spend",{day}}}) > 0)',
+            instant=True,
+            table=True,
+        ),
+    ]
+    panel = (
+        table.Panel()
+        .title("Campaigns in the selection")
+        .description("Click a campaign to drill into it.")
+        .datasource(DATASOURCE)
+        .targets(ref_ids(queries))
+        .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(
+            dm.DataTransformerConfig(
+                id_val="organize",
+                options={"excludeByName": {"Time": True}, "renameByName": columns},
+            )
+        )
+        .sort_by([common_builders.TableSortByFieldState().display_name("Spend · 24 h").desc(True)])
+        .span(24)
+        .height(8)
+    )
+    for name, props in (
+        override("Spend · 24 h", {"unit": CURRENCY, "decimals": 0}),
+        override("Revenue · 24 h", {"unit": CURRENCY, "decimals": 0}),
+        override("ROAS · 24 h", {"decimals": 2}),
+        override(
+            "campaign",
+            {
+                "links": [
+                    {
+                        "title": "Drill into ${__data.fields.campaign}",
+                        "url": f"/d/{CAMPAIGN_UID}?var-channel=${{__data.fields.channel}}"
+                        "&var-campaign=${__data.fields.campaign}&${__url_time_range}",
+                    }
+                ]
+            },
+        ),
+    ):
+        panel = panel.override_by_name(name, props)
+    return panel
+
+
+def build(runbooks: Runbooks) -> dm.Dashboard:
+    board = (
+        db.Dashboard(TITLES[CAMPAIGN_UID])
+        .uid(CAMPAIGN_UID)
+        .description("One campaign, a channel or everything: KPIs against baseline and last week.")
+        .tags(TAGS)
+        .readonly()
+        .time("now-6h", "now")
+        .refresh("1m")
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .with_variable(_variable("channel", "Channel", CHANNEL_VALUES))
+        .with_variable(_variable("campaign", "Campaign", CAMPAIGN_VALUES))
+        .annotation(
+            db.AnnotationQuery()
+            .name("KPI alerts")
+            .datasource(DATASOURCE)
+            .enable(True)
+            .icon_color("red")
+            .expr(ALERTS)
+            .step("1m")
+            .title_format("{{rule}} ({{severity}})")
+            .text_format("{{scope}} {{channel}} {{campaign}}")
+            .tag_keys("severity,scope")
+        )
+        .links(dashboard_links(CAMPAIGN_UID))
+    )
+    for family, title in FAMILIES.items():
+        board = board.with_row(db.Row(title))
+        for kpi in KPIS:
+            if kpi.runbook == family:
+                board = board.with_panel(_kpi_panel(kpi, runbooks))
+    funnel = timeseries_panel(
+        "Funnel · 15 min windows",
+        [
+            query(
+                f'sum by (measure) (kpimon_window_total{{measure=~"{FUNNEL}",window="15m",'
+                f"{SELECTION}}})",
+                "{{measure}}",
+            ),
+            query(
+                f'sum(kpimon_window_total{{measure="impressions",window="15m",{SELECTION}}})',
+                "impressions",
+            ),
+        ],
+        unit="short",
+        span=8,
+        height=8,
+        description="Counts over 15 min windows; impressions on the right axis.",
+    ).override_by_name(*override("impressions", {"custom.axisPlacement": "right"}))
+    money = timeseries_panel(
+        "Spend and revenue · 1 h windows",
+        [
+            query(
+                f'sum by (measure) (kpimon_window_total{{measure=~"spend|revenue",window="1h",'
+                f"{SELECTION}}})",
+                "{{measure}}",
+            )
+        ],
+        unit=CURRENCY,
+        span=8,
+        height=8,
+        description="Spend and order revenue over 1 h windows.",
+    )
+    board = (
+        board.with_row(db.Row("Volumes"))
+        .with_panel(_window_sums())
+        .with_panel(funnel)
+        .with_panel(money)
+        .with_row(db.Row("Campaigns"))
+        .with_panel(_campaigns())
+    )
+    return finish(board)

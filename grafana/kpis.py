@@ -1,0 +1,90 @@
+"""The KPI table (SPEC) and the PromQL that recomputes KPIs from window sums.
+
+A KPI over a selection of series (a campaign, every campaign of a channel, all of
+them) is a ratio of the summed window totals, never a mean of ratios: that is
+exact whichever series the selection spans and however many workers export them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from grafana.panels import CURRENCY
+
+
+@dataclass(frozen=True)
+class Kpi:
+    """One KPI: its ratio, display, and what its campaign-scope alert rule judges."""
+
+    name: str  # the `kpi` label value
+    title: str
+    numerator: str  # `measure` label values of kpimon_window_total
+    denominator: str
+    unit: str
+    bad: Literal["down", "up"]
+    window: str  # the window its alert rules judge (alerts/rules.yml)
+    min_change: float  # min_change of its campaign-scope rule (alerts/rules.yml)
+    runbook: str
+    shift: float = 0.0  # added to the ratio: ROI = revenue / spend - 1
+
+
+KPIS: tuple[Kpi, ...] = (
+    Kpi("ctr", "CTR", "clicks", "impressions", "percentunit", "down", "15m", 0.3, "rate-drop"),
+    Kpi("conversion_rate", "Conversion rate", "orders", "clicks", "percentunit", "down", "15m",
+        0.3, "rate-drop"),
+    Kpi("lead_rate", "Lead rate", "leads", "clicks", "percentunit", "down", "15m", 0.3,
+        "rate-drop"),
+    Kpi("cpc", "CPC", "spend", "clicks", CURRENCY, "up", "1h", 0.35, "cost-rise"),
+    Kpi("cpl", "CPL", "spend", "leads", CURRENCY, "up", "1h", 0.5, "cost-rise"),
+    Kpi("cpa", "CPA", "spend", "orders", CURRENCY, "up", "1h", 0.5, "cost-rise"),
+    Kpi("cac", "CAC", "spend", "new_customers", CURRENCY, "up", "1h", 0.5, "cost-rise"),
+    Kpi("roas", "ROAS", "revenue", "spend", "none", "down", "1h", 0.4, "value-drop"),
+    Kpi("roi", "ROI", "revenue", "spend", "percentunit", "down", "1h", 0.6, "value-drop",
+        shift=-1.0),
+    Kpi("aov", "AOV", "revenue", "orders", CURRENCY, "down", "1h", 0.35, "value-drop"),
+)  # fmt: skip
+KPI = {kpi.name: kpi for kpi in KPIS}
+
+# Labels that identify one exported series of a window metric, whatever the metric.
+_SERIES = "on(scope, channel, campaign, window)"
+
+
+def _shifted(expr: str, shift: float) -> str:
+    if not shift:
+        return expr
+    return f"({expr}) {'+' if shift > 0 else '-'} {abs(shift):g}"
+
+
+def window_sum(measure: str, window: str, selector: str, offset: str = "") -> str:
+    """Sum of one measure over the window, across every series the selector matches."""
+    at = f" offset {offset}" if offset else ""
+    return f'sum(kpimon_window_total{{measure="{measure}",window="{window}",{selector}}}{at})'
+
+
+def ratio(kpi: Kpi, selector: str, *, window: str | None = None, offset: str = "") -> str:
+    """The KPI over the selection; absent (not Inf/NaN) when its denominator is 0."""
+    w = window or kpi.window
+    num = window_sum(kpi.numerator, w, selector, offset)
+    den = window_sum(kpi.denominator, w, selector, offset)
+    return _shifted(f"{num} / ({den} > 0)", kpi.shift)
+
+
+def baseline(kpi: Kpi, selector: str) -> str:
+    """The alert baseline over the selection: series baselines weighted by denominator.
+
+    For one series this is its ``kpimon_kpi_baseline``; for several it is the KPI
+    expected if each series ran at its own baseline with today's volume mix.
+    """
+    b = f'kpimon_kpi_baseline{{kpi="{kpi.name}",window="{kpi.window}",{selector}}}'
+    d = f'kpimon_window_total{{measure="{kpi.denominator}",window="{kpi.window}",{selector}}}'
+    return f"sum({b} * {_SERIES} {d}) / (sum({d} and {_SERIES} {b}) > 0)"
+
+
+def alert_line(kpi: Kpi, selector: str) -> str:
+    """Where the campaign rule's ``min_change`` in the bad direction starts (ROI via ROAS)."""
+    factor = 1 - kpi.min_change if kpi.bad == "down" else 1 + kpi.min_change
+    base = baseline(kpi, selector)
+    if kpi.shift:
+        return _shifted(f"({_shifted(base, -kpi.shift)}) * {factor:g}", kpi.shift)
+    return f"({base}) * {factor:g}"
