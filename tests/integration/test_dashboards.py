@@ -33,6 +33,7 @@ import pytest
 
 from alerts.rules import parse_rules
 from stream.devstack import free_port, prometheus_process
+from stream.settings import DEFAULT_RULES
 from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
 from tests.conftest import require_binary
 from tests.grafana.walk import Query, by_uid, load_dashboards, queries, variables
@@ -51,18 +52,20 @@ class Scenario:
 
     seed: int = 11
     campaigns: int = 8
-    rate: float = 40.0  # events/s
-    history: str = "40m"  # produced before the worker starts
+    rate: float = 60.0  # events/s
+    history: str = "90m"  # produced before the worker starts: 1h windows plus a baseline
     # Counted from the start of the history: c0's CTR drops 8 min before live traffic
     # starts and stays down, so a KPI alert can fire while the test runs.
-    incidents: tuple[str, ...] = ("ctr_drop:campaign=c0:at=+32m:by=70%",)
+    incidents: tuple[str, ...] = ("ctr_drop:campaign=c0:at=+82m:by=70%",)
     bad_input: tuple[bytes, ...] = (b"{oops", b"\xff\xfe", b"[]")
     worker_env: dict[str, str] = field(
         default_factory=lambda: {"KPIMON_EVAL_INTERVAL_SECONDS": "1"}
     )
-    # A quick rule (KPIMON_RULES) so the incident fires within the test, not after 10 min.
-    rules: str = """\
-rules:
+    # The default rules (every KPI's baseline is exported) plus a quick one, so the
+    # incident fires within the test, not after 10 min.
+    rules: str = (
+        DEFAULT_RULES.read_text()
+        + """
   - name: ctr_drop_fast
     kpi: ctr
     scopes: [global, channel, campaign]
@@ -76,6 +79,7 @@ rules:
     severity: ticket
     runbook_url: docs/runbooks/rate-drop.md
 """
+    )
 
 
 SCENARIO = Scenario()
