@@ -1,0 +1,126 @@
+"""Senders deliver in order, retry with backoff or Retry-After, drop only refused payloads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from alerts.outbox import Outbox
+from alerts.sinks import DeliveryError, Sender, SlackSink, readable
+from tests.alerts.test_outbox import note
+
+
+class ScriptedSink:
+    channel = "slack"
+
+    def __init__(self, failures: list[DeliveryError]) -> None:
+        self.failures = failures
+        self.delivered: list[str] = []
+
+    async def deliver(self, record: Mapping[str, Any]) -> None:
+        if self.failures:
+            raise self.failures.pop(0)
+        self.delivered.append(str(record["campaign"]))
+
+
+async def drain(sink: ScriptedSink, box: Outbox, want: int) -> list[tuple[str, str]]:
+    """Run a sender until ``want`` notifications were sent; the outcomes it counted."""
+    counted: list[tuple[str, str]] = []
+    done = asyncio.Event()
+
+    def count(channel: str, outcome: str) -> None:
+        counted.append((channel, outcome))
+        if sum(o == "sent" for _, o in counted) == want:
+            done.set()
+
+    sender = Sender(sink, lambda: box, count, min_interval=0, max_backoff=0.05)
+    task = asyncio.create_task(sender.run())
+    try:
+        await asyncio.wait_for(done.wait(), timeout=10)
+    finally:
+        task.cancel()
+    return counted
+
+
+def test_failures_are_retried_until_delivered_once_in_order() -> None:
+    box = Outbox(("slack",))
+    box.add([note("c1"), note("c2")])
+    box.commit()
+    sink = ScriptedSink([
+        DeliveryError("rate_limited", "429", retry_after=0.01),
+        DeliveryError("error", "500"),
+        DeliveryError("error", "connection refused"),
+    ])  # fmt: skip
+    counted = asyncio.run(drain(sink, box, 2))
+    assert sink.delivered == ["c1", "c2"]
+    assert counted == [("slack", "rate_limited"), ("slack", "error"), ("slack", "error"),
+                       ("slack", "sent"), ("slack", "sent")]  # fmt: skip
+
+
+def test_a_refused_payload_is_dropped_and_counted_not_retried_forever() -> None:
+    box = Outbox(("slack",))
+    box.add([note("c1"), note("c2")])
+    box.commit()
+    sink = ScriptedSink([DeliveryError("error", "400 invalid_payload", permanent=True)])
+    counted = asyncio.run(drain(sink, box, 1))
+    assert sink.delivered == ["c2"]
+    assert counted == [("slack", "error"), ("slack", "sent")]
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome", "retry_after", "permanent"),
+    [(429, "rate_limited", 7.0, False), (500, "error", None, False),
+     (400, "error", None, True), (404, "error", None, False)],
+)  # fmt: skip
+def test_slack_answers_map_to_delivery_errors_without_the_secret(
+    status: int, outcome: str, retry_after: float | None, permanent: bool
+) -> None:
+    async def scenario() -> DeliveryError:
+        async def hook(request: web.Request) -> web.Response:
+            return web.Response(status=status, text="no", headers={"Retry-After": "7"})
+
+        app = web.Application()
+        app.router.add_post("/services/secret-token", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as session:
+                sink = SlackSink(session, f"http://127.0.0.1:{port}/services/secret-token")
+                assert "secret" not in repr(sink)
+                with pytest.raises(DeliveryError) as caught:
+                    await sink.deliver(note("c1"))
+                return caught.value
+        finally:
+            await runner.cleanup()
+
+    error = asyncio.run(scenario())
+    assert (error.outcome, error.permanent) == (outcome, permanent)
+    assert error.retry_after == retry_after
+    assert "secret" not in str(error)
+
+
+def test_an_unreachable_webhook_is_a_retryable_error_without_the_url() -> None:
+    async def scenario() -> DeliveryError:
+        async with aiohttp.ClientSession() as session:
+            sink = SlackSink(session, "http://127.0.0.1:9/services/secret-token")
+            with pytest.raises(DeliveryError) as caught:
+                await sink.deliver(note("c1"))
+            return caught.value
+
+    error = asyncio.run(scenario())
+    assert error.outcome == "error" and not error.permanent
+    assert "secret" not in str(error) and "127.0.0.1" not in str(error)
+
+
+def test_readable_line_names_what_where_and_links() -> None:
+    line = readable(note("c7"))
+    assert line.startswith("[kpimon] FIRING") and "c7" in line and "kpimon-campaign" in line
+    assert readable(note("c7", "resolved")).startswith("[kpimon] RESOLVED")
