@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,7 @@ from stream.devstack import (
     ensure_kafka_jars,
     free_port,
     kafka_process,
+    prometheus_process,
 )
 from tests.helpers import REPO, WorkerProcess, delete_topics, run
 
@@ -127,4 +128,34 @@ def alertmanager_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
+        proc.stop()
+
+
+@pytest.fixture
+def start_prometheus(tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start Debian's Prometheus with the repo's config and rules; returns its base URL.
+
+    ``start(targets, alertmanager=None, interval="1s")`` scrapes ``targets`` as job
+    ``kpimon`` and evaluates the rules every ``interval``; all are stopped at teardown.
+    """
+    require_binary("prometheus")
+    started: list[ManagedProcess] = []
+
+    def start(
+        targets: Sequence[str], *, alertmanager: str | None = None, interval: str = "1s"
+    ) -> str:
+        port = free_port()
+        proc = prometheus_process(
+            tmp_path / f"prometheus-{len(started)}",
+            port=port,
+            scrape_targets=list(targets),
+            alertmanager=alertmanager,
+            interval=interval,
+        )
+        started.append(proc)
+        proc.start()
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for proc in started:
         proc.stop()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +36,20 @@ def wait_for(
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def prom_query(base_url: str, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+    """Result vector of an instant PromQL query (``at``: evaluation time, epoch seconds)."""
+    params = {"query": expr} if at is None else {"query": expr, "time": repr(at)}
+    body = get_json(f"{base_url}/api/v1/query?{urllib.parse.urlencode(params)}")
+    assert body["status"] == "success", body
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
