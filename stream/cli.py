@@ -134,54 +134,80 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Worker plus simulated traffic with a CTR drop a few minutes in, on the local stack."""
+    """Worker plus simulated traffic with a CTR drop a few minutes in, on the local stack.
+
+    Each run gets its own topics and consumer group, so a second run starts clean.
+    """
     import asyncio
     import os
     import subprocess
     import time
+    import urllib.request
 
     from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
 
+    base = _settings()
+    run_id = time.strftime("%Y%m%d-%H%M%S")
+    env = {"KPIMON_GROUP_ID": f"kpimon-demo-{run_id}"}
+    for name in ("impressions", "clicks", "leads", "orders", "spend"):
+        env[f"KPIMON_TOPIC_{name.upper()}"] = f"demo-{run_id}.{name}"
+    if base.slack_webhook_url is None:
+        env["KPIMON_CONSOLE_ALERTS"] = "true"  # printed readably below instead
+    alertmanager = base.alertmanager_url or f"http://127.0.0.1:{base.dev_alertmanager_port}"
+    try:
+        urllib.request.urlopen(f"{alertmanager}/-/ready", timeout=2).close()
+        env["KPIMON_ALERTMANAGER_URL"] = alertmanager
+    except OSError:
+        alertmanager = ""
+    os.environ.update(env)
     settings = _settings()
-    history = 30 * 60  # half an hour of history first, so the windows are full
+    history = 30 * 60  # half an hour of history first, so the windows and baselines are full
     after = parse_duration(args.incident_after)
-    incident = Incident.parse(f"ctr_drop:campaign=c1:at={history + after}s:by=50%:for=20m")
-    worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=os.environ)
-    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
-    print(f"kpimon demo: worker pid {worker.pid}; metrics on {metrics}")
-    print(f'  KPIs:   curl -s {metrics} | grep \'^kpimon_kpi{{kpi="ctr",scope="global"\'')
-    print(f"  an incident: CTR of campaign c1 drops 50% {args.incident_after} from now")
-    print("  Ctrl-C stops the worker and the simulator; `kpimon dev down` stops the stack")
+    config = SimConfig(seed=args.seed, rate=args.rate)
+    biggest = max(Simulator(config).campaigns, key=lambda c: c.weight)
+    incident = Incident.parse(
+        f"ctr_drop:campaign={biggest.id}:at={history + after}s:by=60%:for=30m"
+    )
     sim = Simulator(SimConfig(seed=args.seed, rate=args.rate, incidents=[incident]))
     topics = settings.type_topics
+    print(f"kpimon demo: producing {history // 60} minutes of history to demo-{run_id}.*")
+    asyncio.run(_create_topics(settings))
+    now = time.time()
+    backfill = produce_to_kafka(sim, bootstrap=settings.kafka_bootstrap, topics=topics,
+                                start_s=now - history, seconds=history, realtime=False)  # fmt: skip
+    asyncio.run(backfill)
+    worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=os.environ)
+    metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    print(f"""
+kpimon demo: worker pid {worker.pid}, live traffic at {args.rate:g} events/s
+  KPIs:          curl -s {metrics} | grep '^kpimon_kpi{{kpi="ctr",scope="global"'
+  alerts firing: curl -s {metrics} | grep '^kpimon_alerts_firing'
+  Prometheus:    http://127.0.0.1:{settings.dev_prometheus_port} (e.g. scope:kpimon_kpi:ratio)
+  Alertmanager:  {alertmanager or "not running (kpimon dev up starts it when installed)"}
+  alerts topic:  .venv/bin/python -m stream.ops tail {settings.alerts_topic}
+  Slack:         {"KPIMON_SLACK_WEBHOOK_URL" if settings.slack_webhook_url else
+                  "not configured: alerts are printed here as [kpimon] lines"}
+  the incident:  CTR of campaign {biggest.id} ({biggest.channel}) drops 60% {args.incident_after}
+                 from now; the default rules alert within minutes, then resolve after it ends
+  Ctrl-C stops the worker and the simulator; `kpimon dev down` stops the stack
+""", flush=True)  # fmt: skip
     try:
-        now = time.time()
-        asyncio.run(
-            produce_to_kafka(
-                sim,
-                bootstrap=settings.kafka_bootstrap,
-                topics=topics,
-                start_s=now - history,
-                seconds=history,
-                realtime=False,
-            )
-        )
-        asyncio.run(
-            produce_to_kafka(
-                sim,
-                bootstrap=settings.kafka_bootstrap,
-                topics=topics,
-                start_s=now,
-                seconds=None,
-                realtime=True,
-            )
-        )
+        asyncio.run(produce_to_kafka(sim, bootstrap=settings.kafka_bootstrap, topics=topics,
+                                     start_s=now, seconds=None, realtime=True))  # fmt: skip
     except KeyboardInterrupt:
         pass
     finally:
         worker.terminate()
         worker.wait(60)
     return 0
+
+
+async def _create_topics(settings: Settings) -> None:
+    """The worker's topic layout, before the history is produced (auto-created topics
+    would have one partition)."""
+    from stream.worker import Topology, ensure_topics
+
+    await ensure_topics(settings, Topology.of(settings), list(settings.type_topics.values()))
 
 
 def build_parser() -> argparse.ArgumentParser:

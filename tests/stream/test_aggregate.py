@@ -270,3 +270,25 @@ def test_latency_histogram(seconds: float) -> None:
     store.observe_latency([T0], T0 + int(seconds * 1000))
     assert sum(store.latency_counts) == 1
     assert store.latency_sum == pytest.approx(seconds)
+
+
+def test_lateness_also_waits_for_the_slowest_source_the_router_reads() -> None:
+    """Impressions replayed ahead of clicks must not make the clicks late: the router's
+    event time reached (its slowest source) is the reference, not this partition's newest."""
+    now = T0 + 5 * 60 * MIN
+    state = PartitionState(Horizons(allowed_lateness_ms=10 * MIN))
+    state.apply([routed("impression", "i", T0 + 60 * MIN)], now, reached_ms=T0)
+    clicks = state.apply([routed("click", "k", T0 + MIN)], now, reached_ms=T0)
+    assert clicks.applied["click"] == 1 and not clicks.late
+    stale = state.apply([routed("click", "old", T0 + MIN)], now, reached_ms=T0 + 60 * MIN)
+    assert stale.late["click"] == 1, "late against both references"
+
+
+def test_replaying_means_the_watermark_lags_beyond_the_replay_lag() -> None:
+    store = ScopeStore(replay_lag_ms=120_000)
+    now = T0 + 60 * MIN
+    store.report(0, now - 60_000, "w1", caught_up=False, now_ms=now)
+    assert not store.evaluate(now).replaying, "a minute behind is a hiccup, not a replay"
+    assert store.evaluate(now, hold=True).replaying, "held: the store's own input lags"
+    store.report(0, now - 60_000, "w1", caught_up=False, now_ms=now + 10 * MIN)
+    assert store.evaluate(now + 10 * MIN).replaying

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream.aggregate import ScopeStore
-from stream.metrics import render_evaluation
+from stream.metrics import render_alerts, render_evaluation
 
 T0 = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000
 MIN = 60_000
@@ -53,3 +53,26 @@ def test_absent_kpis_are_not_exported() -> None:
     got = samples(render_evaluation(store.evaluate(now), store, now).decode())
     kpis = {dict(labels)["kpi"] for name, labels in got if name == "kpimon_kpi"}
     assert kpis == {"ctr"}
+
+
+def test_alerts_and_baselines_are_exported_for_shown_series_only() -> None:
+    store = ScopeStore(settle_ms=MIN, max_campaigns=1)
+    minute = T0 // MIN
+    store.apply_cells([("search", "big", minute, [1000, 30, 0, 0, 0, 0, 9_000_000]),
+                       ("search", "small", minute, [10, 1, 0, 0, 0, 0, 1])])  # fmt: skip
+    evaluation = store.evaluate(T0 + 3 * MIN)
+    text = render_alerts(
+        [("ctr_drop_campaign", "ticket", "campaign", "search", "big")],
+        {
+            ("ctr", "campaign", "search", "big", "15m"): 0.05,
+            ("ctr", "campaign", "search", "small", "15m"): 0.1,  # folded into __other__
+        },
+        evaluation,
+    ).decode()
+    got = samples(text)
+    firing = {"rule": "ctr_drop_campaign", "severity": "ticket", "scope": "campaign",
+              "channel": "search", "campaign": "big"}  # fmt: skip
+    assert got[("kpimon_alerts_firing", frozenset(firing.items()))] == 1
+    base = {"kpi": "ctr", "scope": "campaign", "channel": "search", "window": "15m"}
+    assert got[("kpimon_kpi_baseline", frozenset({**base, "campaign": "big"}.items()))] == 0.05
+    assert ("kpimon_kpi_baseline", frozenset({**base, "campaign": "small"}.items())) not in got

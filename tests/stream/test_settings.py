@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -78,4 +79,22 @@ def test_worker_refuses_invalid_config() -> None:
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr
     assert "KPIMON_METRICS_PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_worker_refuses_an_invalid_rules_file(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yml"
+    rules.write_text("rules:\n  - name: x\n    kpi: ctrr\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.cli", "worker"],
+        cwd=REPO,
+        env={"KPIMON_RULES": str(rules), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "invalid rules file" in proc.stderr
+    assert f"{rules}:3:" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
