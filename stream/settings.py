@@ -102,6 +102,21 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     _split_topics = field_validator("shared_topics", mode="before")(_split_csv)
+
+    @field_validator("slack_webhook_url", "alertmanager_url", "grafana_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        """``KPIMON_SLACK_WEBHOOK_URL=`` (e.g. compose's ``${VAR:-}``) means no webhook."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("slack_webhook_url", "alertmanager_url", "grafana_url")
+    @classmethod
+    def _http_url(cls, value: Any) -> Any:
+        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if raw is not None and not str(raw).startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     _rates = field_validator("currency_rates", mode="before")(_parse_rates)
 
     @field_validator("reporting_currency")

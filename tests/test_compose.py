@@ -376,11 +376,21 @@ def test_worker_urls_name_compose_services(services: dict[str, dict[str, Any]]) 
 
 
 def test_simulator_command(services: dict[str, dict[str, Any]]) -> None:
+    """History first, then live traffic with an incident; each step is a valid CLI call."""
+    import shlex
+
+    from stream.cli import build_parser
+    from stream.simulate import Incident
+
     command = services["simulator"]["command"]
-    argv = command if isinstance(command, list) else str(command).split()
-    assert argv[:2] == ["kpimon", "simulate"]
-    assert argv[argv.index("--rate") + 1] == "200"
-    assert argv[argv.index("--incident") + 1] == "ctr_drop:campaign=c7:at=+10m:by=40%"
+    assert command[:2] == ["sh", "-c"]
+    steps = [shlex.split(step) for step in command[2].split("&&")]
+    assert [step[:2] for step in steps] == [["kpimon", "simulate"]] * 2
+    history, live = (build_parser().parse_args(step[1:]) for step in steps)
+    assert history.start_ago == history.duration == "30m" and not history.incident
+    assert live.start_ago is None and (live.seed, live.rate) == (history.seed, history.rate)
+    (incident,) = live.incident
+    assert Incident.parse(incident).kind == "ctr_drop"
 
 
 # --------------------------------------------------------------------------- kafka

@@ -66,16 +66,21 @@ def test_secret_never_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.slack_webhook_url.get_secret_value().endswith("SECRET123")
 
 
-def test_worker_refuses_invalid_config() -> None:
-    proc = subprocess.run(
+def _worker(**env: str) -> subprocess.CompletedProcess[str]:
+    """``kpimon worker`` with only ``env`` set; expected to refuse to start."""
+    return subprocess.run(
         [sys.executable, "-m", "stream.cli", "worker"],
         cwd=REPO,
-        env={"KPIMON_METRICS_PORT": "70000", "PATH": "/usr/bin:/bin"},
+        env={**env, "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_worker_refuses_invalid_config() -> None:
+    proc = _worker(KPIMON_METRICS_PORT="70000")
     assert proc.returncode == 2
     assert "invalid configuration" in proc.stderr
     assert "KPIMON_METRICS_PORT" in proc.stderr
@@ -85,15 +90,7 @@ def test_worker_refuses_invalid_config() -> None:
 def test_worker_refuses_an_invalid_rules_file(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yml"
     rules.write_text("rules:\n  - name: x\n    kpi: ctrr\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "stream.cli", "worker"],
-        cwd=REPO,
-        env={"KPIMON_RULES": str(rules), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    proc = _worker(KPIMON_RULES=str(rules))
     assert proc.returncode == 2
     assert "invalid rules file" in proc.stderr
     assert f"{rules}:3:" in proc.stderr, proc.stderr
