@@ -54,7 +54,9 @@ def run_backtest(
     store = ScopeStore(
         settle_ms=int(settings.settle_seconds * 1000), max_campaigns=settings.max_campaigns
     )
-    engine = AlertEngine(rules, grafana_url=settings.grafana_url)
+    engine = AlertEngine(
+        rules, grafana_url=settings.grafana_url, runbook_base_url=settings.runbook_base_url
+    )
     step_ms = int(eval_every_s * 1000)
     settle_ms = int(settings.settle_seconds * 1000)
     next_eval: int | None = None

@@ -121,9 +121,17 @@ def _children(key: SeriesKey, series: Iterable[SeriesKey]) -> list[SeriesKey]:
 class AlertEngine:
     """Evaluates a rules file over a ScopeStore; holds every rule's alert state."""
 
-    def __init__(self, rules: RulesFile, *, grafana_url: str | None = None, top: int = 3) -> None:
+    def __init__(
+        self,
+        rules: RulesFile,
+        *,
+        grafana_url: str | None = None,
+        runbook_base_url: str | None = None,
+        top: int = 3,
+    ) -> None:
         self.rules = list(rules.rules)
         self.grafana_url = grafana_url.rstrip("/") if grafana_url else None
+        self.runbook_base_url = runbook_base_url
         self.top = top
         self.states = {
             r.name: RuleAlerts(
@@ -277,7 +285,7 @@ class AlertEngine:
             "annotations": {
                 "summary": summary,
                 "description": str(d.get("reason", "")),
-                "runbook_url": rule.runbook_url,
+                "runbook_url": self.runbook(rule.runbook_url),
                 "dashboard_url": self.dashboard_url(
                     scope, channel, campaign, alert.active_since, note.at
                 ),
@@ -313,6 +321,12 @@ class AlertEngine:
             f"{name} of {where(scope, channel, campaign)} {moved} in the last {span} "
             f"({value} vs {base}, {d.get('baseline_kind', 'baseline')})"
         )
+
+    def runbook(self, url: str) -> str:
+        """A repository path (``docs/runbooks/x.md``) made a link under the base URL."""
+        if self.runbook_base_url is None or url.startswith(("http://", "https://")):
+            return url
+        return urllib.parse.urljoin(self.runbook_base_url.rstrip("/") + "/", url.rsplit("/", 1)[-1])
 
     def dashboard_url(
         self, scope: str, channel: str, campaign: str, since: float, now: float

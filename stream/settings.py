@@ -95,6 +95,7 @@ class Settings(BaseSettings):
     slack_webhook_url: SecretStr | None = None
     alertmanager_url: str | None = None
     grafana_url: str | None = None
+    runbook_base_url: str | None = None
     console_alerts: bool = False
     notify_min_interval_seconds: float = Field(1.0, ge=0, le=60)
     notify_max_backoff_seconds: float = Field(60.0, gt=0, le=3600)
@@ -103,13 +104,15 @@ class Settings(BaseSettings):
 
     _split_topics = field_validator("shared_topics", mode="before")(_split_csv)
 
-    @field_validator("slack_webhook_url", "alertmanager_url", "grafana_url", mode="before")
+    @field_validator(
+        "slack_webhook_url", "alertmanager_url", "grafana_url", "runbook_base_url", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         """``KPIMON_SLACK_WEBHOOK_URL=`` (e.g. compose's ``${VAR:-}``) means no webhook."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("slack_webhook_url", "alertmanager_url", "grafana_url")
+    @field_validator("slack_webhook_url", "alertmanager_url", "grafana_url", "runbook_base_url")
     @classmethod
     def _http_url(cls, value: Any) -> Any:
         raw = value.get_secret_value() if isinstance(value, SecretStr) else value

@@ -304,7 +304,9 @@ class PipelineService(Service):
             max_campaigns=s.max_campaigns,
             replay_lag_ms=int(s.replay_lag_seconds * 1000),
         )
-        engine = AlertEngine(self.rules, grafana_url=s.grafana_url)
+        engine = AlertEngine(
+            self.rules, grafana_url=s.grafana_url, runbook_base_url=s.runbook_base_url
+        )
         outbox = Outbox(self._channels)
         position, n, alerts = 0, 0, None
         async for record in self._read_log(self.topology.scope_log, 0):

@@ -148,3 +148,17 @@ def test_backtest_finds_a_simulated_ctr_drop(tmp_path: Path) -> None:
     printed = [json.loads(line) for line in cli.stdout.splitlines()]
     assert [r["rule"] for r in printed] == [r["rule"] for r in records]
     assert "events/s" in cli.stderr
+
+
+def test_runbook_paths_become_links_under_the_base_url() -> None:
+    from alerts.engine import AlertEngine
+    from alerts.rules import load_rules
+    from stream.settings import DEFAULT_RULES
+
+    rules = load_rules(DEFAULT_RULES)
+    base = AlertEngine(rules, runbook_base_url="https://git.example/kpimon/blob/main/docs/runbooks")
+    assert base.runbook("docs/runbooks/rate-drop.md") == (
+        "https://git.example/kpimon/blob/main/docs/runbooks/rate-drop.md"
+    )
+    assert base.runbook("https://wiki.example/x") == "https://wiki.example/x"
+    assert AlertEngine(rules).runbook("docs/runbooks/rate-drop.md") == "docs/runbooks/rate-drop.md"
