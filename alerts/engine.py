@@ -141,6 +141,7 @@ class AlertEngine:
             for r in self.rules
         }
         self.baselines: dict[tuple[str, str, str, str, str], float] = {}
+        self._sums: dict[tuple[SeriesKey, int, int], Totals] = {}
 
     def evaluate(
         self, store: ScopeStore, end_minute: int, now_s: float, *, replaying: bool = False
@@ -148,6 +149,7 @@ class AlertEngine:
         """One tick: returns alert records (firing, repeat, resolved) to send."""
         records: list[dict[str, Any]] = []
         baselines: dict[tuple[str, str, str, str, str], float] = {}
+        self._sums.clear()  # the store changed since the last tick
         for rule in self.rules:
             notes = self._evaluate_rule(rule, store, end_minute, now_s, replaying, baselines)
             records += [self.record(rule, note) for note in notes]
@@ -171,7 +173,7 @@ class AlertEngine:
         for key, buckets in store.series.items():
             if key[0] not in rule.scopes or key[2] == OTHER:
                 continue
-            verdict, span = self._judge(rule, th, buckets.sum, end)
+            verdict, span = self._judge(rule, th, self._sum_of(key, buckets), end)
             if verdict.baseline is not None:
                 baselines[(rule.kpi, *key, rule.window)] = verdict.baseline
             if not verdict.enough_data or replaying:
@@ -189,6 +191,18 @@ class AlertEngine:
                 v = now_at[note.alert.key]
                 note.alert.details.update(value=v.value, baseline=v.baseline, change=v.change)
         return notes
+
+    def _sum_of(self, key: SeriesKey, buckets: Any) -> Any:
+        """``buckets.sum`` memoised for this tick: rules share windows and baselines."""
+        cache = self._sums
+
+        def sum_(start: int, end: int) -> Totals:
+            totals = cache.get((key, start, end))
+            if totals is None:
+                totals = cache[(key, start, end)] = buckets.sum(start, end)
+            return totals
+
+        return sum_
 
     @staticmethod
     def _judge(rule: Rule, th: Thresholds, sum_: Any, end: int) -> tuple[Verdict, Baseline]:
@@ -209,7 +223,7 @@ class AlertEngine:
         th = _thresholds(rule)
         contributors = []
         for child in _children(key, store.series):
-            v, _ = self._judge(rule, th, store.series[child].sum, end)
+            v, _ = self._judge(rule, th, self._sum_of(child, store.series[child]), end)
             if v.change is None or v.value is None:
                 continue
             weight = store.series[child].sum(end - rule.window_minutes, end)
