@@ -124,7 +124,7 @@ rules:
     window: 15m
     baseline: trailing
     baseline_windows: 2
-    min_change: 0.5
+    min_change: 0.6
     p_value: 0.0001
     min_volume: 200
     for: 1m
