@@ -3,7 +3,8 @@
 No variables (kiosk hides them, and a wall must not depend on someone's
 selection). Big numbers are the worker's own KPI series (`kpimon_kpi`), the
 values the alert rules judge; the arrows compare with the same time yesterday
-(the start of the 24 h range), which cancels the daily traffic curve.
+(the start of the 24 h range), which cancels the daily traffic curve, and the
+row below them with the alert rules' own baselines.
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def _kpi_stat(name: str) -> PanelBuilder:
             else common.PercentChangeColorMode.STANDARD
         ),
     ).links([link("Campaign drill-down", f"/d/{CAMPAIGN_UID}?var-channel=All&var-campaign=All")])
+
+
+def _vs_baseline(name: str) -> PanelBuilder:
+    """How far the KPI is from what the alert rules expect now (their baseline)."""
+    kpi = KPI[name]
+    sel = f'kpi="{name}",scope="global",window="{kpi.window}"'
+    expr = f"max(kpimon_kpi{{{sel}}}) / max(kpimon_kpi_baseline{{{sel}}}) - 1"
+    steps: list[tuple[float | None, str]] = (
+        [(None, "green"), (0.1, "orange"), (0.2, "red")]
+        if kpi.bad == "up"
+        else [(None, "red"), (-0.2, "orange"), (-0.1, "green")]
+    )
+    return stat_panel(
+        f"{kpi.title} vs baseline · {kpi.window}",
+        [query(expr, "vs baseline")],
+        unit="percentunit",
+        steps=steps,
+        decimals=0,
+        span=6,
+        height=3,
+        description=(
+            f"{kpi.title} over the last {kpi.window} against the baseline its alert rules "
+            f"compare with (red: {'up' if kpi.bad == 'up' else 'down'} is bad)."
+        ),
+    )
 
 
 def _total_stat(title: str, expr: str, unit: str, description: str) -> PanelBuilder:
@@ -198,6 +224,8 @@ def build() -> dm.Dashboard:
     )
     for name in ("ctr", "conversion_rate", "cac", "roas"):
         board = board.with_panel(_kpi_stat(name))
+    for name in ("ctr", "conversion_rate", "cac", "roas"):
+        board = board.with_panel(_vs_baseline(name))
     board = (
         board.with_panel(_total_stat(
             "Spend · 24 h", day.format(m="spend"), CURRENCY,

@@ -293,18 +293,16 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
     assert len(channels) >= 2, channels
     # The campaign with most new customers (so every KPI has a denominator) among those
     # with ad traffic (not the "unattributed" orders, which have no impressions).
-    busiest = _api(
-        prom,
-        "/api/v1/query",
-        {
-            "query": (
-                'topk(1, kpimon_window_total{scope="campaign",measure="new_customers",window="1h"} '
-                "and on(channel, campaign) "
-                'kpimon_window_total{scope="campaign",measure="impressions",window="15m"} > 0)'
-            )
-        },
+    busiest_query = (
+        'topk(1, kpimon_window_total{scope="campaign",measure="new_customers",window="1h"} > 0 '
+        "and on(channel, campaign) "
+        'kpimon_window_total{scope="campaign",measure="impressions",window="15m"} > 0)'
     )
-    channel, campaign = (busiest["result"][0]["metric"][k] for k in ("channel", "campaign"))
+    busiest = wait_for(
+        lambda: _api(prom, "/api/v1/query", {"query": busiest_query})["result"],
+        timeout=60, what="a campaign with new customers and impressions",
+    )  # fmt: skip
+    channel, campaign = (busiest[0]["metric"][k] for k in ("channel", "campaign"))
     assert channel in channels
     of_channel = _label_values(prom, drill["campaign"]["query"], {"channel": channel})
     of_all = _label_values(prom, drill["campaign"]["query"], {"channel": ".*"})
