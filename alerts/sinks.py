@@ -175,7 +175,9 @@ class Sender:
                 if exc.permanent:
                     log.error("%s refused a notification for good (%s); dropped: %s",
                               channel, exc.detail, entry.record.get("summary"))  # fmt: skip
-                    box.done(entry)
+                    current = self._outbox()
+                    if current is not None:
+                        current.done(entry)
                     continue
                 delay = exc.retry_after if exc.retry_after is not None else backoff
                 backoff = min(backoff * 2, self.max_backoff)
@@ -185,5 +187,7 @@ class Sender:
                 continue
             backoff = 1.0
             self._count(channel, "sent")
-            box.done(entry)
+            current = self._outbox()  # the outbox may have been rebuilt meanwhile
+            if current is not None:
+                current.done(entry)
             await asyncio.sleep(self.min_interval)

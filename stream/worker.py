@@ -620,6 +620,11 @@ class PipelineService(Service):
                 evaluation = self.scope.evaluate(now_ms, hold=hold)
                 try:
                     await self._alert(evaluation)
+                except ProducerFenced:
+                    log.critical("worker id %r is in use by another worker: stopping",
+                                 self.settings.worker_id)  # fmt: skip
+                    await self.crash(RuntimeError("producer fenced"))
+                    return
                 except KafkaError as exc:
                     self.stats.aborted += 1
                     log.warning("alert transaction failed (%r): rebuilding state, retrying", exc)
