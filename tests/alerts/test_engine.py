@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alerts.backtest import BacktestStats, run_backtest
+from alerts.backtest import BacktestStats, Replay, run_backtest
 from alerts.engine import AlertEngine, baseline_span
 from alerts.rules import parse_rules
 from stream.aggregate import ScopeStore
 from stream.settings import Settings
 from stream.simulate import SimConfig, Simulator, encode
+from stream.windows import MEASURES
 from tests.helpers import REPO
 
 T0_MIN = 29_916_000  # a minute index (2026-11-18)
@@ -148,3 +149,36 @@ def test_backtest_finds_a_simulated_ctr_drop(tmp_path: Path) -> None:
     printed = [json.loads(line) for line in cli.stdout.splitlines()]
     assert [r["rule"] for r in printed] == [r["rule"] for r in records]
     assert "events/s" in cli.stderr
+
+
+def test_a_forked_replay_continues_exactly_like_the_original() -> None:
+    """Forks branch one history (the detection benchmark's what-if runs): same input, same
+    alerts, and feeding one branch leaves the other untouched."""
+    sim = Simulator(SimConfig(seed=4, rate=10, campaigns=3))
+    lines = [
+        encode(kind, event, with_type=True)
+        for tick in range(0, 40 * 60, 60)
+        for kind, event in sim.events(1_795_000_000 + tick, 60)
+    ]
+    rules = parse_rules((REPO / "alerts" / "rules.yml").read_text())
+    settings = Settings(currency_rates={"EUR": 1.1})
+    full = Replay(rules, settings)
+    whole = list(full.feed(lines)) + list(full.finish())
+    replay = Replay(rules, settings)
+    half = len(lines) // 2
+    head = list(replay.feed(lines[:half]))
+    fork = replay.fork()
+    silent = [line for line in lines[half:] if b'"order"' not in line]
+    list(fork.feed(silent))  # a different continuation of the fork ...
+    tail = list(replay.feed(lines[half:])) + list(replay.finish())
+    assert head + tail == whole  # ... leaves the original as it was
+    everything, orders = ("global", "", ""), MEASURES.index("orders")
+
+    def totals(r: Replay) -> list[int]:
+        start = 1_795_000_000 // 60 - 60
+        return [int(v) for v in r.store.series[everything].sum(start, start + 200)]
+
+    assert totals(replay) == totals(full)
+    assert totals(fork)[orders] < totals(full)[orders]
+    assert fork.engine.rules is replay.engine.rules
+    assert fork.stats is not replay.stats and fork.stats.events < replay.stats.events
