@@ -106,6 +106,7 @@ class Replay:
             out = self.state.apply(self.rows, NO_FUTURE, BatchOutput())
             self.store.apply_cells((ch, camp, m, v) for (ch, camp, m), v in out.cells.items())
             self.rows.clear()
+            self.state.drain_changes()  # no changelog offline: the log would grow forever
 
     def _tick(self, watermark: int) -> Iterator[dict[str, Any]]:
         yield from _tick(self.engine, self.store, watermark, self.settle_ms, self.stats)
