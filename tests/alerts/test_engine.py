@@ -111,6 +111,16 @@ def test_state_survives_a_restart_without_duplicates() -> None:
     assert len(firing) == 1 and len(resolved) == 1
 
 
+def test_segments_are_judged_only_once_their_history_covers_the_baseline() -> None:
+    """30 minutes in, c1's CTR drops: against 30 minutes of a 60-minute baseline that
+    would fire; it is held until the series' history covers the baseline."""
+    drop = range(T0_MIN + 30, T0_MIN + 70)
+    fresh = run(range(T0_MIN, T0_MIN + 70), drop, AlertEngine(RULES), ScopeStore())
+    assert fresh == []
+    known = run(range(T0_MIN - 120, T0_MIN + 70), drop, AlertEngine(RULES), ScopeStore())
+    assert any(r["campaign"] == "c1" and r["notification"] == "firing" for r in known)
+
+
 def test_baselines_fall_back_to_trailing_while_history_is_short() -> None:
     rule = parse_rules(
         "rules:\n  - {name: r, kpi: ctr, scopes: [global], window: 1h, baseline: last_week,"
