@@ -9,6 +9,7 @@ come out as the same JSON objects the worker writes to ``kpimon.alerts``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,87 @@ class BacktestStats:
     alerts: int = 0
 
 
+class Replay:
+    """A backtest in progress: feed it lines in event-time order, get alert records.
+
+    Its whole state (dedup, buckets, alert lifecycles) is plain Python, so
+    :meth:`fork` can branch a replay to play "what if" continuations of the same
+    history, e.g. the same traffic with and without an incident.
+    """
+
+    def __init__(
+        self,
+        rules: RulesFile,
+        settings: Settings,
+        *,
+        eval_every_s: float = 60.0,
+        stats: BacktestStats | None = None,
+    ) -> None:
+        self.stats = stats if stats is not None else BacktestStats()
+        self.parser = EventParser(
+            rates=settings.rates,
+            reporting_currency=settings.reporting_currency,
+            max_bytes=settings.max_message_bytes,
+            max_future_skew_ms=0,
+        )
+        self.state = PartitionState(
+            Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
+        )
+        self.store = ScopeStore(
+            settle_ms=int(settings.settle_seconds * 1000), max_campaigns=settings.max_campaigns
+        )
+        self.engine = AlertEngine(
+            rules, grafana_url=settings.grafana_url, runbook_base_url=settings.runbook_base_url
+        )
+        self.step_ms = int(eval_every_s * 1000)
+        self.settle_ms = int(settings.settle_seconds * 1000)
+        self.next_eval: int | None = None
+        self.rows: list[list[Any]] = []
+
+    def feed(self, lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+        """Apply events; yields the records of every evaluation their event time passes."""
+        stats = self.stats
+        for line in lines:
+            stats.lines += 1
+            line = line.strip()
+            if not line:
+                continue
+            event = self.parser.parse(line, topic_type=None, now_ms=NO_FUTURE)
+            if not isinstance(event, Event):
+                stats.rejected += 1
+                continue
+            stats.events += 1
+            if self.next_eval is None:
+                self.next_eval = event.ts_ms - event.ts_ms % self.step_ms + self.step_ms
+            while event.ts_ms >= self.next_eval:
+                self._flush()
+                yield from self._tick(max(self.state.max_ts, self.next_eval))
+                self.next_eval += self.step_ms
+            self.rows.append(codec.routed_row(event, event.ts_ms))
+
+    def finish(self) -> Iterator[dict[str, Any]]:
+        """The last evaluation, at the event time reached."""
+        self._flush()
+        if self.next_eval is not None:
+            yield from self._tick(max(self.state.max_ts, self.next_eval))
+
+    def fork(self) -> Replay:
+        """An independent copy of this replay (rules and parser are shared: immutable)."""
+        shared = {id(self.parser): self.parser, id(self.engine.rules): self.engine.rules}
+        shared.update({id(rule): rule for rule in self.engine.rules})
+        return copy.deepcopy(self, shared)
+
+    def _flush(self) -> None:
+        if self.rows:
+            out = self.state.apply(self.rows, NO_FUTURE, BatchOutput())
+            self.store.apply_cells((ch, camp, m, v) for (ch, camp, m), v in out.cells.items())
+            self.rows.clear()
+            self.state.drain_changes()  # no changelog offline: the log would grow forever
+
+    def _tick(self, watermark: int) -> Iterator[dict[str, Any]]:
+        yield from _tick(self.engine, self.store, watermark, self.settle_ms, self.stats)
+
+
 def run_backtest(
     rules: RulesFile,
     lines: Iterable[bytes],
@@ -41,54 +123,9 @@ def run_backtest(
     stats: BacktestStats | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield alert records in event-time order."""
-    stats = stats if stats is not None else BacktestStats()
-    parser = EventParser(
-        rates=settings.rates,
-        reporting_currency=settings.reporting_currency,
-        max_bytes=settings.max_message_bytes,
-        max_future_skew_ms=0,
-    )
-    state = PartitionState(
-        Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
-    )
-    store = ScopeStore(
-        settle_ms=int(settings.settle_seconds * 1000), max_campaigns=settings.max_campaigns
-    )
-    engine = AlertEngine(
-        rules, grafana_url=settings.grafana_url, runbook_base_url=settings.runbook_base_url
-    )
-    step_ms = int(eval_every_s * 1000)
-    settle_ms = int(settings.settle_seconds * 1000)
-    next_eval: int | None = None
-    rows: list[list[Any]] = []
-
-    def flush() -> None:
-        if rows:
-            out = state.apply(rows, NO_FUTURE, BatchOutput())
-            store.apply_cells((ch, camp, m, v) for (ch, camp, m), v in out.cells.items())
-            rows.clear()
-
-    for line in lines:
-        stats.lines += 1
-        line = line.strip()
-        if not line:
-            continue
-        event = parser.parse(line, topic_type=None, now_ms=NO_FUTURE)
-        if not isinstance(event, Event):
-            stats.rejected += 1
-            continue
-        stats.events += 1
-        if next_eval is None:
-            next_eval = event.ts_ms - event.ts_ms % step_ms + step_ms
-        while event.ts_ms >= next_eval:
-            flush()
-            watermark = max(state.max_ts, next_eval)
-            yield from _tick(engine, store, watermark, settle_ms, stats)
-            next_eval += step_ms
-        rows.append(codec.routed_row(event, event.ts_ms))
-    flush()
-    if next_eval is not None:
-        yield from _tick(engine, store, max(state.max_ts, next_eval), settle_ms, stats)
+    replay = Replay(rules, settings, eval_every_s=eval_every_s, stats=stats)
+    yield from replay.feed(lines)
+    yield from replay.finish()
 
 
 def _tick(

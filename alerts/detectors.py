@@ -8,13 +8,25 @@ live rule engine and the offline backtest reach the same verdicts. Three kinds:
 - counts (impressions, clicks, leads, orders): one-sided Poisson test of the
   current count against the baseline scaled to the current window, which also
   catches a stream going silent;
-- cost ratios (cpc … aov): heavy-tailed, so no p-value; minimum spend and
-  conversions instead, plus the minimum relative change.
+- cost ratios (cpc … aov): minimum spend and conversions (the ratios are
+  heavy-tailed: a few conversions more or less swing them), plus a z-test of
+  the conversions behind them: conversions per unit spend are Poisson, so a
+  cost per conversion (cpc, cpl, cpa, cac) compares two Poisson rates with
+  spend as exposure (the conditional binomial test); revenue (roas, roi, aov)
+  is a compound Poisson sum whose order values are assumed to vary with a
+  coefficient of variation of ``ORDER_VALUE_CV``.
 
-Every verdict needs both a material move (``min_change``) and, where a test
-exists, significance: with large volumes anything is significant, with small
-ones any move is plausible noise. Tail probabilities are computed here (no
-scipy) and stay accurate far into the tails and for counts in the billions.
+Every verdict needs both a material move (``min_change``) and significance:
+with large volumes anything is significant, with small ones any move is
+plausible noise. Floors alone are not enough for cost ratios: with 30 orders a
+window (floor 20) against a baseline of six windows, chance alone raises CPA by
+40% in one window out of twenty, so fixed floors with a fixed ``min_change``
+fired many times a day at low volume and were needlessly deaf at high volume.
+What the tests cannot see is noise in spend itself (platforms report it in
+lumps): ``min_change`` and the rule's ``for`` cover that.
+
+Tail probabilities are computed here (no scipy) and stay accurate far into the
+tails and for counts in the billions.
 
 The count test takes the expected count as exact. A baseline that is itself
 noisy (one window of the same length, ``baseline_scale`` 1) doubles the
@@ -39,6 +51,7 @@ from stream.windows import (
     MEASURES,
     N_MEASURES,
     ORDERS,
+    REVENUE,
     SPEND,
     kpis,
     measure_value,
@@ -53,6 +66,11 @@ COST_KPIS: frozenset[str] = frozenset(KPI_RATIOS) - RATE_KPIS
 CONVERSION_MEASURE: dict[str, int] = {
     kpi: ORDERS if kpi in {"roas", "roi"} else KPI_RATIOS[kpi][1] for kpi in sorted(COST_KPIS)
 }
+# Coefficient of variation of one order's revenue, assumed by the revenue tests (window sums
+# carry no sum of squares). Baskets are right-skewed: 1.0 is a lognormal with sigma 0.83, more
+# spread than most shops (the simulator draws sigma 0.6, i.e. 0.66); heavier tails need larger
+# floors or min_change rather than a different test.
+ORDER_VALUE_CV = 1.0
 MIN_EXPECTED_COUNT = 5  # below this a Poisson test cannot reach any useful significance
 TEXTBOOK_FLOOR = 10  # n·p and n·(1-p) for the normal approximation of a proportion
 
@@ -71,7 +89,7 @@ class Thresholds:
     """What counts as a bad move, and how much data is needed to say so."""
 
     min_change: float  # relative change in the bad direction needed (e.g. 0.25)
-    p_value: float = 0.001  # significance for rate and count tests
+    p_value: float = 0.001  # one-sided significance of every test (rates, counts, cost ratios)
     min_volume: int = 200  # rates: min denominator in both windows; counts: min expected count
     min_conversions: int = 10  # cost ratios: min count of the conversion measure in both
     min_spend: float = 50.0  # cost ratios: min spend (reporting currency) in both windows
@@ -97,8 +115,8 @@ class Verdict:
     baseline: float | None  # baseline KPI value (or expected count, scaled to the current window)
     change: float | None  # relative change (value - baseline) / |baseline|, signed
     bad: bool  # moved in the bad direction by >= min_change, significant, with enough volume
-    statistic: float | None  # z for rates, None otherwise
-    p_value: float | None  # one-sided p in the bad direction (rates, counts)
+    statistic: float | None  # z for rates and cost ratios (signed like the change), else None
+    p_value: float | None  # one-sided p in the bad direction
     enough_data: bool  # volume floors met (when False, bad is False: "cannot tell")
     reason: str  # short human explanation
 
@@ -357,9 +375,65 @@ def _judge_cost(
     elif kpi == "roi" and base <= -1:
         short.append("baseline ROAS is 0")
     enough = not short
-    bad = enough and _is_bad_move(change, KPI_BAD_DIRECTION[kpi], th)
+    direction = KPI_BAD_DIRECTION[kpi]
+    z = cost_z(kpi, current, baseline) if value is not None and base is not None else None
+    p = None if z is None else normal_sf(z) if direction == "up" else normal_sf(-z)
+    bad = enough and _is_bad_move(change, direction, th) and p is not None and p < th.p_value
     shown = [f"{v:.4g}" if v is not None else "n/a" for v in (value, base)]
     reason = f"{kpi} {shown[0]} vs {shown[1]}{_moved(change)}"
+    if z is not None and p is not None:
+        reason += f", z={z:.1f}, p={p:.2g}"
     if short:
         reason += "; not enough data (" + ", ".join(short) + ")"
-    return Verdict(kpi, "cost", value, base, change, bad, None, None, enough, reason)
+    return Verdict(kpi, "cost", value, base, change, bad, z, p, enough, reason)
+
+
+def _conditional_z(x1: float, x2: float, exposure1: float, exposure2: float) -> float:
+    """z of x1 given x1 + x2, for two Poisson counts with rates proportional to their exposures.
+
+    Under "same rate per unit exposure" x1 | x1 + x2 is binomial with p =
+    e1 / (e1 + e2): the exact way to compare two Poisson rates, here by its
+    normal approximation (the volume floors keep the counts large enough).
+    Positive when x1 is above what its exposure predicts; 0.0 without variance.
+    """
+    total, exposure = x1 + x2, exposure1 + exposure2
+    if total <= 0 or exposure <= 0:
+        return 0.0
+    share = exposure1 / exposure
+    variance = total * share * (1.0 - share)
+    if variance <= 0.0:
+        return 0.0
+    return (x1 - total * share) / math.sqrt(variance)
+
+
+def cost_z(kpi: str, current: Sequence[int], baseline: Sequence[int]) -> float:
+    """z of a cost ratio's change, signed like the change (positive: the KPI rose).
+
+    - cpc, cpl, cpa, cac (spend per conversion): the conversions are Poisson
+      with the window's spend as exposure; fewer per unit spend is a higher cost.
+    - roas, roi (revenue per spend): revenue is a compound Poisson sum of order
+      values, whose variance is its mean times ``aov * (1 + cv^2)``; counted in
+      units of that size it is Poisson-like, then compared as above.
+    - aov (revenue per order): given the orders, each window's revenue has mean
+      ``orders * aov`` and variance ``orders * (cv * aov)^2``.
+    0.0 when the windows carry no evidence either way.
+    """
+    spend1, spend2 = float(current[SPEND]), float(baseline[SPEND])
+    revenue1, revenue2 = float(current[REVENUE]), float(baseline[REVENUE])
+    orders1, orders2 = float(current[ORDERS]), float(baseline[ORDERS])
+    cv2 = ORDER_VALUE_CV**2
+    if kpi in ("roas", "roi", "aov"):
+        if orders1 + orders2 <= 0 or revenue1 + revenue2 <= 0:
+            return 0.0
+        aov = (revenue1 + revenue2) / (orders1 + orders2)
+        if kpi == "aov":
+            if orders1 <= 0 or orders2 <= 0:
+                return 0.0
+            sd = math.sqrt(cv2) * aov * math.sqrt(1.0 / orders1 + 1.0 / orders2)
+            return (revenue1 / orders1 - revenue2 / orders2) / sd
+        unit = aov * (1.0 + cv2)
+        return _conditional_z(revenue1 / unit, revenue2 / unit, spend1, spend2)
+    conversions = CONVERSION_MEASURE[kpi]
+    return -_conditional_z(
+        float(current[conversions]), float(baseline[conversions]), spend1, spend2
+    )

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from alerts.detectors import Thresholds, Verdict, judge
+from alerts.detectors import Thresholds, Verdict, bonferroni, judge
 from alerts.lifecycle import AlertKey, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
 from stream.aggregate import OTHER, ScopeStore, SeriesKey
-from stream.windows import KPI_BAD_DIRECTION, MEASURES, Totals
+from stream.windows import KPI_BAD_DIRECTION, MEASURES, SeriesBuckets, Totals
 
 DAY, WEEK = 1440, 7 * 1440
 KPI_NAMES = {
@@ -90,14 +90,29 @@ def baseline_span(rule: Rule, end: int, has_data: bool = True) -> Baseline:
     return Baseline(end - w - k * w, end - w, 1.0 / k, f"previous {k * w} min")
 
 
-def _thresholds(rule: Rule) -> Thresholds:
+def _thresholds(rule: Rule, segments: int = 1) -> Thresholds:
+    """The rule's thresholds for one of ``segments`` tests (Bonferroni).
+
+    A rule's ``p_value`` is its false-alarm budget per evaluation across all its
+    segments: 500 campaigns tested at 0.001 each would alarm somewhere every other
+    evaluation, so each is tested at p_value / segments.
+    """
     return Thresholds(
         min_change=rule.min_change,
-        p_value=rule.p_value,
+        p_value=bonferroni(rule.p_value, segments),
         min_volume=rule.min_volume,
         min_conversions=rule.min_conversions,
         min_spend=rule.min_spend,
     )
+
+
+def _history_start(buckets: SeriesBuckets) -> int:
+    """First minute of the first hour with data: a segment is judged only once its history
+    covers its baseline. A baseline that mostly predates the series is not a baseline: with
+    spend reported in lumps, its first minutes hold clicks whose cost has not been reported
+    yet, and CPC would "rise" on every fresh start and every new campaign."""
+    hours = [*buckets.blocks, *buckets.coarse]
+    return min(hours) * 60 if hours else 2**62
 
 
 def _worse_by(verdict: Verdict) -> float:
@@ -165,7 +180,8 @@ class AlertEngine:
         replaying: bool,
         baselines: dict[tuple[str, str, str, str, str], float],
     ) -> list[Notification]:
-        th = _thresholds(rule)
+        segments = sum(1 for k in store.series if k[0] in rule.scopes and k[2] != OTHER)
+        th = _thresholds(rule, segments)
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
@@ -176,7 +192,7 @@ class AlertEngine:
             verdict, span = self._judge(rule, th, self._sum_of(key, buckets), end)
             if verdict.baseline is not None:
                 baselines[(rule.kpi, *key, rule.window)] = verdict.baseline
-            if not verdict.enough_data or replaying:
+            if not verdict.enough_data or replaying or _history_start(buckets) > span.start:
                 continue
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)

@@ -121,11 +121,14 @@ Count = Annotated[int, BeforeValidator(_number_hint), Field(ge=0)]
 class Rule(BaseModel):
     """One alert rule: alert when ``kpi`` moves ``min_change`` in its bad direction.
 
-    Changes are relative to the baseline (0.3 = 30%). ``p_value`` applies to rates
-    (two-proportion test) and counts (Poisson); cost ratios are too heavy-tailed
-    for a test and are gated by ``min_conversions`` (of ``volume_measure``) and
-    ``min_spend`` instead. ``min_volume`` is the floor on ``volume_measure`` in the
-    window: the denominator for rates, the expected (baseline) count for counts.
+    Changes are relative to the baseline (0.3 = 30%). ``p_value`` is the rule's
+    false-alarm budget per evaluation, shared by all its segments (each is tested
+    at p_value / segments, Bonferroni), for the test of its kind: two-proportion
+    for rates, Poisson for counts, conversions (or revenue) per unit spend for cost
+    ratios, which are heavy-tailed and so also need ``min_conversions`` (of
+    ``volume_measure``) and ``min_spend``. ``min_volume`` is the floor on
+    ``volume_measure`` in the window: the denominator for rates, the expected
+    (baseline) count for counts.
     """
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)

@@ -5,6 +5,10 @@ and order values; traffic follows a diurnal curve; a funnel turns impressions
 into clicks and, minutes later, into leads and orders (most orders carry only
 the click id, so they must be attributed). A small share of events is sent
 twice, arrives a few minutes late, or arrives beyond the allowed lateness.
+Spend comes as ad platforms report it: the cost of each impression and click,
+plus per-campaign spend reports (fees, flat placements) that sum the traffic
+served over a reporting period and arrive in lumps a few minutes after it ends,
+so window sums of spend are lumpy the way real ones are.
 Incidents (``ctr_drop``, ``conversion_drop``, ``spend_spike``,
 ``tracking_outage``) change those rates for a segment over a time range.
 """
@@ -122,6 +126,8 @@ class Campaign:
     cpm: float
     cpc: float
     aov: float
+    fee_cpm: float  # reported in bulk by spend events, per 1000 impressions served
+    accrued: float = 0.0  # fees since the last spend report
 
 
 @dataclass
@@ -138,6 +144,8 @@ class SimConfig:
     currency_mix: bool = True
     incidents: list[Incident] = field(default_factory=list)
     diurnal: bool = True
+    spend_report_s: int = 600  # spend reports cover clock-aligned periods of this length
+    spend_report_delay_s: float = 180.0  # ... and arrive up to this long after the period
 
 
 def diurnal_factor(ts_s: float) -> float:
@@ -164,6 +172,7 @@ class Simulator:
                 cpm=rng.uniform(1, 8),
                 cpc=rng.uniform(0.2, 2.0),
                 aov=rng.uniform(30, 120),
+                fee_cpm=rng.uniform(5, 20),
             )
             for i in range(config.campaigns)
         ]
@@ -224,16 +233,28 @@ class Simulator:
                         cost=round(c.cpm / 1000 * spend_factor, 6)))  # fmt: skip
                     if rng.random() < ctr:
                         self._click(c, ts, offset, spend_factor)
-                if tick % 600 == 0:
-                    self._push(now_s, "spend", self._event(
-                        "spend", int(now_s * 1000), c, campaign_id=c.id,
-                        amount=round(5 * spend_factor, 2)))  # fmt: skip
+                c.accrued += n * c.fee_cpm / 1000 * spend_factor
+                if int(now_s) % cfg.spend_report_s == 0:
+                    self._report_spend(c, now_s)
             while self._pending and self._pending[0][0] <= now_s + 1:
                 _, _, kind, event = heapq.heappop(self._pending)
                 owner = self._campaign_of(event)
                 if owner is not None and self._silenced(kind, offset, owner):
                     continue
                 yield from self._deliver(kind, event)
+
+    def _report_spend(self, c: Campaign, period_end_s: float) -> None:
+        """The period's fees as one lump, stamped when the (delayed) report arrives.
+
+        Periods are aligned to the clock, not to the calls of ``events``: a stream
+        produced second by second or minute by minute gets the same reports.
+        """
+        amount, c.accrued = round(c.accrued, 2), 0.0
+        if amount <= 0:
+            return
+        due = period_end_s + self.rng.uniform(0, self.config.spend_report_delay_s)
+        event = self._event("spend", int(due * 1000), c, campaign_id=c.id, amount=amount)
+        self._push(due, "spend", event)
 
     def _click(self, c: Campaign, ts: int, offset: float, spend_factor: float) -> None:
         rng = self.rng

@@ -8,6 +8,7 @@ rarely alerts, large drops always do, good moves and thin data never do.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from alerts.detectors import (
     COST_KPIS,
     COUNT_KPIS,
+    ORDER_VALUE_CV,
     RATE_KPIS,
     Thresholds,
     Verdict,
@@ -238,13 +240,14 @@ def test_count_verdict_scales_the_baseline_and_catches_silence() -> None:
 
 
 def test_cost_floors_are_each_enforced() -> None:
-    th = Thresholds(min_change=0.25, min_conversions=10, min_spend=50.0)
+    # p 1: only the floors (and min_change) can stop these verdicts
+    th = Thresholds(min_change=0.25, p_value=1.0, min_conversions=10, min_spend=50.0)
     baseline = totals(clicks=100, orders=20, spend=100.0, revenue=400.0)
     worse = totals(clicks=100, orders=20, spend=200.0, revenue=400.0)  # cpa, cpc x2; roas /2
     for kpi in ("cpa", "cpc", "roas", "roi"):
         verdict = judge(kpi, worse, baseline, 1.0, th)
         assert verdict.enough_data and verdict.bad, verdict
-        assert verdict.statistic is None and verdict.p_value is None
+        assert verdict.statistic is not None and verdict.p_value is not None
     thin = [
         totals(clicks=100, orders=20, spend=49.0, revenue=98.0),  # spend under the floor
         totals(clicks=100, orders=9, spend=200.0, revenue=400.0),  # orders under the floor
@@ -376,6 +379,69 @@ def test_count_test_is_calibrated_not_just_silent() -> None:
     assert 60 <= bad <= 140
 
 
+def cost_false_alarms(
+    kpi: str, orders: float, windows: int, seed: int, th: Thresholds, cv: float = ORDER_VALUE_CV
+) -> tuple[int, int]:
+    """(bad, enough_data) over DRAWS stationary comparisons of a cost ratio.
+
+    Same funnel in both windows: orders are Poisson around ``orders`` (new customers a
+    third of them, clicks 20x, leads 3x), spend is proportional to the window length,
+    and each order's revenue is lognormal with coefficient of variation ``cv``.
+    """
+    rng = np.random.default_rng(seed)
+    sigma = math.sqrt(math.log(1 + cv * cv))
+    rows: list[tuple[list[int], list[int]]] = []
+    for _ in range(DRAWS):
+        pair = []
+        for k in (1, windows):
+            n = int(rng.poisson(orders * k))
+            revenue = float(rng.lognormal(math.log(50) - sigma * sigma / 2, sigma, n).sum())
+            pair.append(totals(
+                clicks=int(rng.poisson(20 * orders * k)), leads=int(rng.poisson(3 * orders * k)),
+                orders=n, new_customers=int(rng.binomial(n, 1 / 3)), revenue=revenue,
+                spend=25.0 * orders * k,
+            ))  # fmt: skip
+        rows.append((pair[0], pair[1]))
+    verdicts = [judge(kpi, current, base, 1 / windows, th) for current, base in rows]
+    return sum(v.bad for v in verdicts), sum(v.enough_data for v in verdicts)
+
+
+@statistical
+@given(
+    kpi=st.sampled_from(sorted(COST_KPIS)),
+    orders=st.floats(30.0, 2000.0),
+    windows=st.sampled_from([1, 4, 6]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_stationary_cost_ratios_rarely_alert(
+    kpi: str, orders: float, windows: int, seed: int
+) -> None:
+    # min_change 0 and floors at 10: only the test stands between noise and an alert
+    th = Thresholds(0.0, p_value=0.001, min_volume=0, min_conversions=10, min_spend=0.0)
+    bad, enough = cost_false_alarms(kpi, orders, windows, seed, th)
+    assert enough >= 0.5 * DRAWS  # the test really ran (cac's new customers are a third)
+    assert bad <= 8
+
+
+@pytest.mark.parametrize("kpi", ["cpa", "cac", "roas", "aov"])
+def test_cost_test_is_calibrated_not_just_silent(kpi: str) -> None:
+    """At p 0.05 about 5% of stationary comparisons fire when order values vary as assumed."""
+    lax = Thresholds(0.0, p_value=0.05, min_volume=0, min_conversions=0, min_spend=0.0)
+    bad, _ = cost_false_alarms(kpi, 200.0, 6, 5, lax)
+    assert 60 <= bad <= 140
+
+
+def test_fixed_floors_alone_would_not_do() -> None:
+    """The old gate (20 orders, +40%, no test) fires on noise; the test stops it.
+
+    30 orders a window against six windows: chance alone raises CPA by 40% in one
+    window out of twenty (the old rules' false alerts at low volume)."""
+    floors = Thresholds(0.4, p_value=1.0, min_conversions=20, min_spend=0.0)
+    noisy, _ = cost_false_alarms("cpa", 30.0, 6, 3, floors)
+    tested, _ = cost_false_alarms("cpa", 30.0, 6, 3, replace(floors, p_value=0.001))
+    assert noisy >= 0.03 * DRAWS and tested == 0
+
+
 # --- (2) large drops at typical volume always alert ------------------------------------------
 
 
@@ -426,7 +492,7 @@ def worsened(kpi: str, base: list[int], factor: float) -> list[int]:
 @given(
     kpi=st.sampled_from(sorted(COST_KPIS)),
     factor=st.floats(0.4, 0.95),
-    conversions=st.integers(10, 100_000),
+    conversions=st.integers(1000, 100_000),
     spend=st.floats(50.0, 1e6),
     roas=st.floats(0.5, 8.0).filter(lambda r: abs(r - 1) > 0.05),  # revenue stays >= 0
 )
@@ -442,7 +508,9 @@ def test_large_cost_moves_are_bad(
         revenue=spend * roas,
         spend=spend,
     )
-    verdict = judge(kpi, worsened(kpi, base, factor), base, 1.0, Thresholds(min_change=0.25))
+    # even at a Bonferroni threshold for 500 campaigns
+    th = Thresholds(min_change=0.25, p_value=bonferroni(1e-5, 500))
+    verdict = judge(kpi, worsened(kpi, base, factor), base, 1.0, th)
     assert verdict.enough_data and verdict.bad, verdict
     assert verdict.change is not None
     sign = 1 if KPI_BAD_DIRECTION[kpi] == "up" else -1

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from alerts.backtest import BacktestStats, run_backtest
+from alerts.backtest import BacktestStats, Replay, run_backtest
 from alerts.engine import AlertEngine, baseline_span
 from alerts.rules import parse_rules
 from stream.aggregate import ScopeStore
 from stream.settings import Settings
 from stream.simulate import SimConfig, Simulator, encode
+from stream.windows import MEASURES
 from tests.helpers import REPO
 
 T0_MIN = 29_916_000  # a minute index (2026-11-18)
@@ -110,6 +111,16 @@ def test_state_survives_a_restart_without_duplicates() -> None:
     assert len(firing) == 1 and len(resolved) == 1
 
 
+def test_segments_are_judged_only_once_their_history_covers_the_baseline() -> None:
+    """30 minutes in, c1's CTR drops: against 30 minutes of a 60-minute baseline that
+    would fire; it is held until the series' history covers the baseline."""
+    drop = range(T0_MIN + 30, T0_MIN + 70)
+    fresh = run(range(T0_MIN, T0_MIN + 70), drop, AlertEngine(RULES), ScopeStore())
+    assert fresh == []
+    known = run(range(T0_MIN - 120, T0_MIN + 70), drop, AlertEngine(RULES), ScopeStore())
+    assert any(r["campaign"] == "c1" and r["notification"] == "firing" for r in known)
+
+
 def test_baselines_fall_back_to_trailing_while_history_is_short() -> None:
     rule = parse_rules(
         "rules:\n  - {name: r, kpi: ctr, scopes: [global], window: 1h, baseline: last_week,"
@@ -162,3 +173,36 @@ def test_runbook_paths_become_links_under_the_base_url() -> None:
     )
     assert base.runbook("https://wiki.example/x") == "https://wiki.example/x"
     assert AlertEngine(rules).runbook("docs/runbooks/rate-drop.md") == "docs/runbooks/rate-drop.md"
+
+
+def test_a_forked_replay_continues_exactly_like_the_original() -> None:
+    """Forks branch one history (the detection benchmark's what-if runs): same input, same
+    alerts, and feeding one branch leaves the other untouched."""
+    sim = Simulator(SimConfig(seed=4, rate=10, campaigns=3))
+    lines = [
+        encode(kind, event, with_type=True)
+        for tick in range(0, 40 * 60, 60)
+        for kind, event in sim.events(1_795_000_000 + tick, 60)
+    ]
+    rules = parse_rules((REPO / "alerts" / "rules.yml").read_text())
+    settings = Settings(currency_rates={"EUR": 1.1})
+    full = Replay(rules, settings)
+    whole = list(full.feed(lines)) + list(full.finish())
+    replay = Replay(rules, settings)
+    half = len(lines) // 2
+    head = list(replay.feed(lines[:half]))
+    fork = replay.fork()
+    silent = [line for line in lines[half:] if b'"order"' not in line]
+    list(fork.feed(silent))  # a different continuation of the fork ...
+    tail = list(replay.feed(lines[half:])) + list(replay.finish())
+    assert head + tail == whole  # ... leaves the original as it was
+    everything, orders = ("global", "", ""), MEASURES.index("orders")
+
+    def totals(r: Replay) -> list[int]:
+        start = 1_795_000_000 // 60 - 60
+        return [int(v) for v in r.store.series[everything].sum(start, start + 200)]
+
+    assert totals(replay) == totals(full)
+    assert totals(fork)[orders] < totals(full)[orders]
+    assert fork.engine.rules is replay.engine.rules
+    assert fork.stats is not replay.stats and fork.stats.events < replay.stats.events

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -140,3 +141,40 @@ def test_incident_offsets_count_from_the_first_call() -> None:
     chunked = [e for tick in range(0, 1200, 60) for e in sim.events(START + tick, 60)]
     assert clicks_of(chunked, "c1", 0, 590) > 0
     assert clicks_of(chunked, "c1", 610, 1190) == 0
+
+
+def spend_reports(events: list[tuple[str, dict[str, object]]]) -> list[dict[str, object]]:
+    return [body for kind, body in events if kind == "spend"]
+
+
+def test_spend_reports_follow_the_clock_not_the_chunking() -> None:
+    """Realtime (1 s chunks) and files (60 s chunks) must see the same spend lumps."""
+    config = SimConfig(seed=8, rate=50, campaigns=4)
+    by_second, by_minute = Simulator(config), Simulator(config)
+    seconds = [e for t in range(1800) for e in by_second.events(START + t, 1)]
+    minutes = [e for t in range(0, 1800, 60) for e in by_minute.events(START + t, 60)]
+    assert seconds == minutes
+    reports = spend_reports(minutes)
+    # 4 campaigns x one report per 10-minute period (the last one may still be in flight)
+    assert 4 * 2 <= len(reports) <= 4 * 3 * 1.1
+
+
+def test_spend_reports_are_lumps_that_scale_with_traffic_and_spikes() -> None:
+    quiet = SimConfig(seed=9, rate=10, campaigns=3, duplicate_rate=0.0, late_rate=0.0,
+                      slightly_late_rate=0.0, diurnal=False)  # fmt: skip
+    normal = run_sim(quiet, 3600)
+    busy = run_sim(dataclasses.replace(quiet, rate=40), 3600)
+    spike = Incident.parse("spend_spike:at=0s:by=100%:for=2h")
+    spiked = run_sim(dataclasses.replace(quiet, incidents=[spike]), 3600)
+
+    def reported(events: list[tuple[str, dict[str, object]]]) -> float:
+        return sum(float(str(body["amount"])) for body in spend_reports(events))
+
+    def per_event(events: list[tuple[str, dict[str, object]]]) -> float:
+        return sum(float(str(body.get("cost", 0))) for _, body in events)
+
+    assert len(spend_reports(normal)) >= 3 * 5  # lumps, not a trickle
+    share = reported(normal) / (reported(normal) + per_event(normal))
+    assert 0.1 < share < 0.7  # a real part of spend arrives in lumps
+    assert 3.5 < reported(busy) / reported(normal) < 4.5  # proportional to traffic served
+    assert 1.8 < reported(spiked) / reported(normal) < 2.2
