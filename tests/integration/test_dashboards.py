@@ -53,10 +53,11 @@ class Scenario:
     seed: int = 11
     campaigns: int = 8
     rate: float = 60.0  # events/s
-    history: str = "90m"  # produced before the worker starts: 1h windows plus a baseline
+    history: str = "150m"  # produced before the worker starts: 1h windows and their baselines
     # Counted from the start of the history: c0's CTR drops 8 min before live traffic
     # starts and stays down, so a KPI alert can fire while the test runs.
-    incidents: tuple[str, ...] = ("ctr_drop:campaign=c0:at=+82m:by=70%",)
+    focus: str = "c0"  # the biggest campaign; the incident's, so its drill-down has alerts
+    incidents: tuple[str, ...] = ("ctr_drop:campaign=c0:at=+142m:by=70%",)
     bad_input: tuple[bytes, ...] = (b"{oops", b"\xff\xfe", b"[]")
     worker_env: dict[str, str] = field(
         default_factory=lambda: {"KPIMON_EVAL_INTERVAL_SECONDS": "1"}
@@ -276,6 +277,7 @@ def _metrics_without_series(base: str, failures: list[str]) -> list[str]:
 
 def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
     prom = dashboard_stack.prometheus
+    scenario = SCENARIO
 
     def ready() -> bool:
         now = time.time()
@@ -291,18 +293,16 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
     drill = variables(by_uid()["kpimon-campaign"])
     channels = _label_values(prom, drill["channel"]["query"], {})
     assert len(channels) >= 2, channels
-    # The campaign with most new customers (so every KPI has a denominator) among those
-    # with ad traffic (not the "unattributed" orders, which have no impressions).
-    busiest_query = (
-        'topk(1, kpimon_window_total{scope="campaign",measure="new_customers",window="1h"} > 0 '
-        "and on(channel, campaign) "
-        'kpimon_window_total{scope="campaign",measure="impressions",window="15m"} > 0)'
+    # The drill-down opens on the incident's campaign, as its alert's link would.
+    focus_query = (
+        f'kpimon_window_total{{scope="campaign",campaign="{scenario.focus}",'
+        'measure="new_customers",window="1h"} > 0'
     )
-    busiest = wait_for(
-        lambda: _api(prom, "/api/v1/query", {"query": busiest_query})["result"],
-        timeout=60, what="a campaign with new customers and impressions",
+    focus = wait_for(
+        lambda: _api(prom, "/api/v1/query", {"query": focus_query})["result"],
+        timeout=60, what=f"campaign {scenario.focus} with new customers",
     )  # fmt: skip
-    channel, campaign = (busiest[0]["metric"][k] for k in ("channel", "campaign"))
+    channel, campaign = (focus[0]["metric"][k] for k in ("channel", "campaign"))
     assert channel in channels
     of_channel = _label_values(prom, drill["campaign"]["query"], {"channel": channel})
     of_all = _label_values(prom, drill["campaign"]["query"], {"channel": ".*"})
