@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from alerts.rules import load_rules
 from grafana.panels import CURRENCY
+from stream.settings import DEFAULT_RULES
 
 
 @dataclass(frozen=True)
@@ -29,21 +31,31 @@ class Kpi:
     shift: float = 0.0  # added to the ratio: ROI = revenue / spend - 1
 
 
-KPIS: tuple[Kpi, ...] = (
-    Kpi("ctr", "CTR", "clicks", "impressions", "percentunit", "down", "15m", 0.3, "rate-drop"),
-    Kpi("conversion_rate", "Conversion rate", "orders", "clicks", "percentunit", "down", "15m",
-        0.3, "rate-drop"),
-    Kpi("lead_rate", "Lead rate", "leads", "clicks", "percentunit", "down", "15m", 0.3,
-        "rate-drop"),
-    Kpi("cpc", "CPC", "spend", "clicks", CURRENCY, "up", "1h", 0.35, "cost-rise"),
-    Kpi("cpl", "CPL", "spend", "leads", CURRENCY, "up", "1h", 0.5, "cost-rise"),
-    Kpi("cpa", "CPA", "spend", "orders", CURRENCY, "up", "1h", 0.5, "cost-rise"),
-    Kpi("cac", "CAC", "spend", "new_customers", CURRENCY, "up", "1h", 0.5, "cost-rise"),
-    Kpi("roas", "ROAS", "revenue", "spend", "none", "down", "1h", 0.4, "value-drop"),
-    Kpi("roi", "ROI", "revenue", "spend", "percentunit", "down", "1h", 0.6, "value-drop",
-        shift=-1.0),
-    Kpi("aov", "AOV", "revenue", "orders", CURRENCY, "down", "1h", 0.35, "value-drop"),
+def _campaign_rule(kpi: str) -> tuple[str, float]:
+    """Window and min_change of the KPI's campaign-scope default rule: the dashboards
+    show what the alerts judge, so they are read from the rules, not repeated here."""
+    (rule,) = [r for r in _RULES if r.kpi == kpi and "campaign" in r.scopes]
+    return rule.window, rule.min_change
+
+
+_RULES = load_rules(DEFAULT_RULES).rules
+_TABLE = (
+    ("ctr", "CTR", "clicks", "impressions", "percentunit", "down", "rate-drop", 0.0),
+    ("conversion_rate", "Conversion rate", "orders", "clicks", "percentunit", "down",
+     "rate-drop", 0.0),
+    ("lead_rate", "Lead rate", "leads", "clicks", "percentunit", "down", "rate-drop", 0.0),
+    ("cpc", "CPC", "spend", "clicks", CURRENCY, "up", "cost-rise", 0.0),
+    ("cpl", "CPL", "spend", "leads", CURRENCY, "up", "cost-rise", 0.0),
+    ("cpa", "CPA", "spend", "orders", CURRENCY, "up", "cost-rise", 0.0),
+    ("cac", "CAC", "spend", "new_customers", CURRENCY, "up", "cost-rise", 0.0),
+    ("roas", "ROAS", "revenue", "spend", "none", "down", "value-drop", 0.0),
+    ("roi", "ROI", "revenue", "spend", "percentunit", "down", "value-drop", -1.0),
+    ("aov", "AOV", "revenue", "orders", CURRENCY, "down", "value-drop", 0.0),
 )  # fmt: skip
+KPIS: tuple[Kpi, ...] = tuple(
+    Kpi(name, title, num, den, unit, bad, *_campaign_rule(name), runbook, shift)  # type: ignore[arg-type]
+    for name, title, num, den, unit, bad, runbook, shift in _TABLE
+)
 KPI = {kpi.name: kpi for kpi in KPIS}
 
 # Labels that identify one exported series of a window metric, whatever the metric.
