@@ -240,9 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--shared-topic", help="send every type to this topic with a type field")
     sim.set_defaults(func=cmd_simulate)
     demo = sub.add_parser("demo", help="run the worker with simulated traffic and an incident")
-    demo.add_argument("--rate", type=float, default=100.0)
+    demo.add_argument("--rate", type=float, default=300.0)
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--incident-after", default="2m", help="when the CTR drop starts")
+    demo.add_argument("--incident-after", default="1m", help="when the CTR drop starts")
     demo.set_defaults(func=cmd_demo)
     from alerts.cli import add_backtest_parser, add_rules_parser
 
