@@ -90,7 +90,7 @@ def baseline_span(rule: Rule, end: int, has_data: bool = True) -> Baseline:
     return Baseline(end - w - k * w, end - w, 1.0 / k, f"previous {k * w} min")
 
 
-def _thresholds(rule: Rule, segments: int = 1) -> Thresholds:
+def thresholds(rule: Rule, segments: int = 1) -> Thresholds:
     """The rule's thresholds for one of ``segments`` tests (Bonferroni).
 
     A rule's ``p_value`` is its false-alarm budget per evaluation across all its
@@ -181,7 +181,7 @@ class AlertEngine:
         baselines: dict[tuple[str, str, str, str, str], float],
     ) -> list[Notification]:
         segments = sum(1 for k in store.series if k[0] in rule.scopes and k[2] != OTHER)
-        th = _thresholds(rule, segments)
+        th = thresholds(rule, segments)
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
@@ -236,7 +236,7 @@ class AlertEngine:
         self, rule: Rule, key: SeriesKey, verdict: Verdict, span: Baseline, store: ScopeStore,
         end: int,
     ) -> dict[str, object]:  # fmt: skip
-        th = _thresholds(rule)
+        th = thresholds(rule)
         contributors = []
         for child in _children(key, store.series):
             v, _ = self._judge(rule, th, self._sum_of(child, store.series[child]), end)

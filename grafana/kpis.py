@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from alerts.rules import load_rules
+from alerts.rules import DEFAULT_RULES, load_rules
 from grafana.panels import CURRENCY
-from stream.settings import DEFAULT_RULES
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_RULES = Path(__file__).resolve().parent.parent / "alerts" / "rules.yml"
+from alerts.rules import DEFAULT_RULES
+
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 

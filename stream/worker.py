@@ -29,6 +29,7 @@ import gc
 import logging
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,17 +369,26 @@ class PipelineService(Service):
             while not self.should_stop:
                 batches = await self._gather(consumer, self.settings.max_batch_records)
                 async with self._lock:
-                    try:
-                        await self._transact(batches)
-                    except ProducerFenced:
-                        log.critical("worker id %r is in use by another worker: stopping",
-                                     self.settings.worker_id)  # fmt: skip
-                        await self.crash(RuntimeError("producer fenced"))
+                    if await self._failed(self._transact(batches)) == "fenced":
                         return
-                    except KafkaError as exc:
-                        self.stats.aborted += 1
-                        log.warning("transaction failed (%r): rebuilding state, retrying", exc)
-                        await self._recover()
+
+    async def _failed(self, transaction: Coroutine[Any, Any, None]) -> str | None:
+        """Run one transaction: None when it committed; "aborted" after a Kafka error
+        (state rebuilt from the committed changelogs, the work is redone); "fenced"
+        when another process took this worker id (the worker then stops)."""
+        try:
+            await transaction
+        except ProducerFenced:
+            log.critical("worker id %r is in use by another worker: stopping",
+                         self.settings.worker_id)  # fmt: skip
+            await self.crash(RuntimeError("producer fenced"))
+            return "fenced"
+        except KafkaError as exc:
+            self.stats.aborted += 1
+            log.warning("transaction failed (%r): rebuilding state, retrying", exc)
+            await self._recover()
+            return "aborted"
+        return None
 
     @staticmethod
     async def _gather(consumer: AIOKafkaConsumer, limit: int) -> dict[TopicPartition, list[Any]]:
@@ -618,17 +628,10 @@ class PipelineService(Service):
                 if hold and self.scope.watermark_ms == 0:
                     continue  # nothing shown yet rather than half-filled windows
                 evaluation = self.scope.evaluate(now_ms, hold=hold)
-                try:
-                    await self._alert(evaluation)
-                except ProducerFenced:
-                    log.critical("worker id %r is in use by another worker: stopping",
-                                 self.settings.worker_id)  # fmt: skip
-                    await self.crash(RuntimeError("producer fenced"))
+                failed = await self._failed(self._alert(evaluation))
+                if failed == "fenced":
                     return
-                except KafkaError as exc:
-                    self.stats.aborted += 1
-                    log.warning("alert transaction failed (%r): rebuilding state, retrying", exc)
-                    await self._recover()
+                if failed:
                     continue
                 assert self.engine is not None
                 self.kpi_exposition = render_evaluation(

@@ -163,8 +163,7 @@ def test_backtest_finds_a_simulated_ctr_drop(tmp_path: Path) -> None:
 
 def test_runbook_paths_become_links_under_the_base_url() -> None:
     from alerts.engine import AlertEngine
-    from alerts.rules import load_rules
-    from stream.settings import DEFAULT_RULES
+    from alerts.rules import DEFAULT_RULES, load_rules
 
     rules = load_rules(DEFAULT_RULES)
     base = AlertEngine(rules, runbook_base_url="https://git.example/kpimon/blob/main/docs/runbooks")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from alerts.detectors import ORDER_VALUE_CV, Thresholds, bonferroni, judge
-from alerts.engine import AlertEngine
+from alerts.detectors import ORDER_VALUE_CV, judge
+from alerts.engine import AlertEngine, thresholds
 from alerts.rules import DEFAULT_RULES, Rule, load_rules
 from stream.aggregate import ScopeStore
 from stream.windows import MICROS
@@ -65,16 +65,6 @@ class Funnel:
         if silent:
             sums[:, ["impressions", "clicks", "leads", "orders"].index(silent)] = 0
         return sums
-
-
-def thresholds(rule: Rule, segments: int) -> Thresholds:
-    return Thresholds(
-        min_change=rule.min_change,
-        p_value=bonferroni(rule.p_value, segments),
-        min_volume=rule.min_volume,
-        min_conversions=rule.min_conversions,
-        min_spend=rule.min_spend,
-    )
 
 
 def verdicts(rule: Rule, funnel: Funnel, seed: int, segments: int, n: int = DRAWS,

@@ -31,9 +31,8 @@ from typing import Any
 
 import pytest
 
-from alerts.rules import parse_rules
+from alerts.rules import DEFAULT_RULES, parse_rules
 from stream.devstack import free_port, prometheus_process
-from stream.settings import DEFAULT_RULES
 from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
 from tests.conftest import require_binary
 from tests.grafana.walk import Query, by_uid, load_dashboards, queries, variables
