@@ -135,7 +135,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
 
     settings = _settings()
-    history = 30 * 60  # half an hour of history first, so the windows are full
+    history = 70 * 60  # history first: CTR rules judge a series once it covers 5m + 12 x 5m
     after = parse_duration(args.incident_after)
     incident = Incident.parse(f"ctr_drop:campaign=c1:at={history + after}s:by=50%:for=20m")
     worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=os.environ)
