@@ -161,7 +161,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         alertmanager = ""
     os.environ.update(env)
     settings = _settings()
-    history = 30 * 60  # half an hour of history first, so the windows and baselines are full
+    history = 70 * 60  # history first: CTR rules judge a series once it covers 5m + 12 x 5m
     after = parse_duration(args.incident_after)
     config = SimConfig(seed=args.seed, rate=args.rate)
     biggest = max(Simulator(config).campaigns, key=lambda c: c.weight)

@@ -387,7 +387,7 @@ def test_simulator_command(services: dict[str, dict[str, Any]]) -> None:
     steps = [shlex.split(step) for step in command[2].split("&&")]
     assert [step[:2] for step in steps] == [["kpimon", "simulate"]] * 2
     history, live = (build_parser().parse_args(step[1:]) for step in steps)
-    assert history.start_ago == history.duration == "30m" and not history.incident
+    assert history.start_ago == history.duration == "70m" and not history.incident
     assert live.start_ago is None and (live.seed, live.rate) == (history.seed, history.rate)
     (incident,) = live.incident
     assert Incident.parse(incident).kind == "ctr_drop"

@@ -29,7 +29,7 @@ SEGMENTS = {"global": 1, "channel": 5, "campaign": 20}
 
 @dataclass(frozen=True)
 class Funnel:
-    """One segment's traffic, per minute; ``worse`` multiplies what an incident changes."""
+    """One segment's traffic per minute and its funnel, costs and order values."""
 
     impressions: float  # per minute
     ctr: float = 0.03
@@ -56,7 +56,7 @@ class Funnel:
         cv2 = ORDER_VALUE_CV**2  # gamma sums: the mean and spread the detectors assume
         mean = self.aov * aov
         revenue = np.where(orders > 0, rng.gamma(np.maximum(orders, 1) / cv2, mean * cv2), 0.0)
-        per_click = clicks * self.cpc * rng.uniform(0.95, 1.05, n)  # mean of U(0.8, 1.2) costs
+        per_click = clicks * self.cpc * rng.uniform(0.95, 1.05, n)  # many U(0.8, 1.2) costs
         lumps = minutes / 10 + rng.choice([-1, 0, 0, 0, 0, 1], n) * (minutes >= 10)
         fees = lumps * self.impressions * 10 * self.fee_cpm / 1000
         spend_ = (per_click + impressions * self.cpm / 1000 + fees) * spend
