@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import aiohttp
@@ -146,8 +147,13 @@ class Sender:
         *,
         min_interval: float = 1.0,
         max_backoff: float = 60.0,
+        resend: Callable[[], Awaitable[int]] | None = None,
+        resend_every: float = 60.0,
     ) -> None:
         self.sink = sink
+        self.resend = resend
+        self.resend_every = resend_every
+        self._resent_at = time.monotonic()
         self._outbox = outbox
         self._count = count
         self.min_interval = min_interval
@@ -158,12 +164,29 @@ class Sender:
         """New entries were committed."""
         self._wake.set()
 
+    async def _resend_if_due(self) -> None:
+        """Re-send what is active, in this sender's order: only with nothing queued, so a
+        snapshot of firing alerts can never overtake the resolve that followed it."""
+        if self.resend is None or time.monotonic() - self._resent_at < self.resend_every:
+            return
+        self._resent_at = time.monotonic()
+        try:
+            sent = await self.resend()
+        except DeliveryError as exc:
+            self._count(self.sink.channel, exc.outcome)
+            log.warning("re-sending firing alerts to %s failed (%s)", self.sink.channel,
+                        exc.detail)  # fmt: skip
+        else:
+            if sent:
+                self._count(self.sink.channel, "sent")
+
     async def run(self) -> None:
         channel, backoff = self.sink.channel, 1.0
         while True:
             box = self._outbox()
             entry = box.head(channel) if box is not None else None
             if box is None or entry is None:
+                await self._resend_if_due()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)

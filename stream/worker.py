@@ -49,7 +49,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from alerts.engine import AlertEngine
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
-from alerts.sinks import AlertmanagerSink, ConsoleSink, DeliveryError, Sender, Sink, SlackSink
+from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
 from stream import codec
 from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_alerts, render_evaluation
@@ -225,7 +225,9 @@ class PipelineService(Service):
         self._senders = [
             Sender(sink, lambda: self.outbox, self._count,
                    min_interval=s.notify_min_interval_seconds,
-                   max_backoff=s.notify_max_backoff_seconds)
+                   max_backoff=s.notify_max_backoff_seconds,
+                   resend=self._resend_firing if sink is self._alertmanager else None,
+                   resend_every=s.alertmanager_resend_seconds)
             for sink in sinks
         ]  # fmt: skip
         for channel in ("kafka", *self._channels):
@@ -672,24 +674,14 @@ class PipelineService(Service):
             for sender in self._senders:
                 sender.wake()
 
-    @Service.task
-    async def _resend_to_alertmanager(self) -> None:
+    async def _resend_firing(self) -> int:
         """Alertmanager forgets an alert not re-sent within its resolve timeout."""
-        while not self.should_stop:
-            await self.sleep(self.settings.alertmanager_resend_seconds)
-            sink, engine = self._alertmanager, self.engine
-            if sink is None or engine is None:
-                continue
-            records = engine.firing_records(time.time())
-            if not records:
-                continue
-            try:
-                await sink.deliver_many(records)
-            except DeliveryError as exc:
-                self._count(sink.channel, exc.outcome)
-                log.warning("re-sending %d firing alerts failed (%s)", len(records), exc.detail)
-            else:
-                self._count(sink.channel, "sent")
+        sink, engine = self._alertmanager, self.engine
+        if sink is None or engine is None:
+            return 0
+        records = engine.firing_records(time.time())
+        await sink.deliver_many(records)
+        return len(records)
 
 
 def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineService) -> faust.App:

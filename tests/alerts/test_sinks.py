@@ -124,3 +124,31 @@ def test_readable_line_names_what_where_and_links() -> None:
     line = readable(note("c7"))
     assert line.startswith("[kpimon] FIRING") and "c7" in line and "kpimon-campaign" in line
     assert readable(note("c7", "resolved")).startswith("[kpimon] RESOLVED")
+
+
+def test_active_alerts_are_resent_only_when_nothing_is_queued() -> None:
+    """A re-send is a snapshot of what fires: it must never overtake a queued resolve."""
+    box = Outbox(("slack",))
+    box.add([note("c1", "resolved")])
+    box.commit()
+    sink = ScriptedSink([])
+    resent_with_queue: list[int] = []
+
+    async def resend() -> int:
+        resent_with_queue.append(box.counts()["slack"])
+        return 1
+
+    async def scenario() -> None:
+        sender = Sender(sink, lambda: box, lambda c, o: None, min_interval=0,
+                        resend=resend, resend_every=0)  # fmt: skip
+        task = asyncio.create_task(sender.run())
+        try:
+            async with asyncio.timeout(10):
+                while not resent_with_queue:  # noqa: ASYNC110 (polls the sender's effect)
+                    await asyncio.sleep(0.01)
+        finally:
+            task.cancel()
+
+    asyncio.run(scenario())
+    assert sink.delivered == ["c1"]
+    assert resent_with_queue and all(n == 0 for n in resent_with_queue)
