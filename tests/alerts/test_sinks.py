@@ -133,9 +133,11 @@ def test_active_alerts_are_resent_only_when_nothing_is_queued() -> None:
     box.commit()
     sink = ScriptedSink([])
     resent_with_queue: list[int] = []
+    resent = asyncio.Event()
 
     async def resend() -> int:
         resent_with_queue.append(box.counts()["slack"])
+        resent.set()
         return 1
 
     async def scenario() -> None:
@@ -143,9 +145,7 @@ def test_active_alerts_are_resent_only_when_nothing_is_queued() -> None:
                         resend=resend, resend_every=0)  # fmt: skip
         task = asyncio.create_task(sender.run())
         try:
-            async with asyncio.timeout(10):
-                while not resent_with_queue:  # noqa: ASYNC110 (polls the sender's effect)
-                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(resent.wait(), timeout=10)
         finally:
             task.cancel()
 
