@@ -57,7 +57,10 @@ class Replay:
             max_future_skew_ms=0,
         )
         self.state = PartitionState(
-            Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
+            Horizons(
+                dedup_minutes=settings.horizon_minutes,
+                settle_ms=int(settings.settle_seconds * 1000),
+            )
         )
         self.store = ScopeStore(
             settle_ms=int(settings.settle_seconds * 1000), max_campaigns=settings.max_campaigns

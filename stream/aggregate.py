@@ -1,8 +1,9 @@
 """The two stateful stages of the pipeline, as pure code (no Kafka).
 
 ``PartitionState`` (one per partition of the routed-events topic) deduplicates,
-attributes leads and orders to the clicked campaign, drops late events, and
-turns events into per-minute cell deltas keyed by (channel, campaign).
+attributes leads and orders to the clicked campaign, sets aside events older
+than their dedup horizon, and turns events into per-minute cell deltas keyed by
+(channel, campaign).
 ``ScopeStore`` (one for the whole deployment) sums those deltas into the
 global, channel and campaign series, tracks the watermark, and evaluates the
 windows and KPIs. Both are deterministic functions of their input, so a
@@ -42,9 +43,8 @@ UNATTRIBUTED = "unattributed"
 OTHER = "__other__"
 
 # A routed event, as a tuple for speed (see stream.codec): these are its fields.
-R_TYPE, R_KEY, R_TS, R_CAMPAIGN, R_CHANNEL, R_CLICK, R_SPEND, R_REVENUE, R_NEW, R_SOURCE_TS = range(
-    10
-)
+(R_TYPE, R_KEY, R_TS, R_CAMPAIGN, R_CHANNEL, R_CLICK, R_SPEND, R_REVENUE, R_NEW, R_SOURCE_TS,
+ R_ORIGIN) = range(11)  # fmt: skip
 Routed = Sequence[object]
 Cell = tuple[str, str, int]  # (channel, campaign, minute)
 
@@ -54,22 +54,35 @@ DEDUP_MINUTES = {"impression": 60, "click": 60, "lead": 1440, "order": 1440, "sp
 
 @dataclass(frozen=True)
 class Horizons:
-    """Event-time horizons, in minutes (dedup per type, attribution) and lateness."""
+    """Event-time horizons in minutes: dedup per type (also how late an event of that type
+    may be and still be counted), click attribution; and the settle delay, which says
+    which minutes the windows have already shown."""
 
     dedup_minutes: dict[str, int] = field(default_factory=lambda: dict(DEDUP_MINUTES))
     attribution_minutes: int = 1440
-    allowed_lateness_ms: int = 10 * 60_000
+    settle_ms: int = 60_000
 
 
 @dataclass
 class BatchOutput:
-    """What a batch of routed events changed: cell deltas and counters."""
+    """What a batch of routed events changed: cell deltas, counters, and the events too
+    late to count (for the dead-letter topic)."""
 
     cells: dict[Cell, list[int]] = field(default_factory=dict)
     applied: Counter[str] = field(default_factory=Counter)
     duplicates: Counter[str] = field(default_factory=Counter)
     late: Counter[str] = field(default_factory=Counter)
+    out_of_order: Counter[str] = field(default_factory=Counter)
+    too_late: list[TooLate] = field(default_factory=list)
     source_ts: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class TooLate:
+    """An event older than its type's dedup horizon, and the horizon clock it missed."""
+
+    event: Routed
+    clock_ms: int
 
 
 class _ExpiringMap:
@@ -97,13 +110,23 @@ class _ExpiringMap:
 
 
 class PartitionState:
-    """Dedup, attribution and lateness for one partition of routed events."""
+    """Dedup, attribution and the lateness horizon for one partition of routed events.
+
+    One clock decides both what the dedup state may forget and what is too late:
+    the *horizon clock*, the least of this partition's newest event time, the event
+    time its router had reached (``reached_ms``) and the wall clock, never moving
+    back. An event's dedup key is kept until the clock passes its minute plus its
+    type's horizon; an event whose key would already be forgotten cannot be told
+    from a copy that was counted, so it is set aside as too late instead of counted.
+    Every other event is counted exactly once, however late or out of order.
+    """
 
     def __init__(self, horizons: Horizons | None = None) -> None:
         self.horizons = horizons or Horizons()
         self.seen = _ExpiringMap()
         self.clicks = _ExpiringMap()
         self.max_ts = 0
+        self.clock_ms = 0
         self._expired_at = 0
         self._dedup = {t: self.horizons.dedup_minutes.get(t, 1440) for t in EVENT_TYPES}
 
@@ -115,20 +138,23 @@ class PartitionState:
         *,
         reached_ms: int | None = None,
     ) -> BatchOutput:
-        """Apply routed events in order.
+        """Apply one message of routed events.
 
-        An event is late when it is older, by more than the allowed lateness, than
-        both the newest event time of this partition and ``reached_ms``: the event
-        time the routing worker had reached in all of its sources before the batch
-        (the watermark as it saw it); ``now_ms`` caps both. Judging a replayed
-        backlog against one fast topic's progress alone would drop the slower
-        topics' events as late.
+        The horizon clock moves once, before the message, so the outcome does not
+        depend on the order of events within it (a shuffled batch counts the same).
+        ``reached_ms`` is the event time the routing worker had reached in all of its
+        sources before the batch (the watermark as it saw it): a replayed backlog is
+        judged in its own event time, and one fast topic cannot make a slow one late.
         """
         out = out if out is not None else BatchOutput()
-        seen, clicks, cells = self.seen.entries, self.clicks.entries, out.cells
-        lateness = self.horizons.allowed_lateness_ms
         reached = now_ms if reached_ms is None else reached_ms
-        attribution = self.horizons.attribution_minutes
+        self.clock_ms = max(self.clock_ms, min(self.max_ts, reached, now_ms))
+        self._expire()
+        clock_minute = self.clock_ms // 60_000
+        shown_before = evaluation_minute(self.clock_ms, self.horizons.settle_ms)
+        seen, clicks, cells = self.seen.entries, self.clicks.entries, out.cells
+        attribution, dedup = self.horizons.attribution_minutes, self._dedup
+        max_ts = self.max_ts
         for ev in events:
             kind = str(ev[R_TYPE])
             ts = int(ev[R_TS])  # type: ignore[call-overload]
@@ -137,12 +163,16 @@ class PartitionState:
                 out.duplicates[kind] += 1
                 continue
             minute = ts // 60_000
-            self.seen.put(key, minute + self._dedup[kind])
-            if ts > self.max_ts:
-                self.max_ts = ts
-            if ts < min(self.max_ts, reached, now_ms) - lateness:
+            expires = minute + dedup[kind]
+            if expires < clock_minute:
                 out.late[kind] += 1
+                out.too_late.append(TooLate(ev, self.clock_ms))
                 continue
+            self.seen.put(key, expires)
+            if ts > max_ts:
+                max_ts = ts
+            if minute < shown_before:
+                out.out_of_order[kind] += 1
             campaign = ev[R_CAMPAIGN]
             channel = str(ev[R_CHANNEL])
             click_id = ev[R_CLICK]
@@ -177,11 +207,11 @@ class PartitionState:
                 values[SPEND] += ev[R_SPEND]  # type: ignore[operator]
             out.applied[kind] += 1
             out.source_ts.append(int(ev[R_SOURCE_TS]))  # type: ignore[call-overload]
-        self._expire()
+        self.max_ts = max_ts
         return out
 
     def _expire(self) -> None:
-        minute = self.max_ts // 60_000
+        minute = self.clock_ms // 60_000
         if minute > self._expired_at:
             self._expired_at = minute
             self.seen.expire(minute)
@@ -192,6 +222,7 @@ class PartitionState:
         """State added since the last drain, for the changelog (then forgotten)."""
         change = {
             "max_ts": self.max_ts,
+            "clock": self.clock_ms,
             "seen": [[k, e] for k, e, _ in self.seen.log],
             "clicks": [[k, e, v] for k, e, v in self.clicks.log],
         }
@@ -202,11 +233,16 @@ class PartitionState:
     def load_changes(self, change: dict[str, object]) -> None:
         """Re-apply one changelog entry (restore)."""
         self.max_ts = max(self.max_ts, int(change["max_ts"]))  # type: ignore[call-overload]
-        for key, expires in change["seen"]:  # type: ignore[attr-defined]
-            self.seen.put(key, expires, record=False)
-        for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
-            self.clicks.put(key, expires, tuple(value), record=False)
+        clock = change.get("clock", 0)  # absent in entries written before the horizon clock
+        self.clock_ms = max(self.clock_ms, int(clock))  # type: ignore[call-overload]
         self._expire()
+        forgotten = self.clock_ms // 60_000  # keys the live state had expired by then
+        for key, expires in change["seen"]:  # type: ignore[attr-defined]
+            if expires >= forgotten:
+                self.seen.put(key, expires, record=False)
+        for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
+            if expires >= forgotten:
+                self.clicks.put(key, expires, tuple(value), record=False)
 
 
 SeriesKey = tuple[str, str, str]  # (scope, channel, campaign)
@@ -234,8 +270,18 @@ class Evaluation:
     series: dict[SeriesKey, SeriesResult]
     measure_totals: dict[tuple[str, str], list[int]]
     replaying: bool
+    restating: bool = False
+    """A worker is applying a backlog of late events to minutes already shown: until it
+    is through, some topics' share of those minutes may be in and others' not yet."""
+
+    @property
+    def hold_alerts(self) -> bool:
+        """Windows may be incomplete or half-restated: no alert decision now."""
+        return self.replaying or self.restating
 
 
+RESTATING_HOLD_MS = 10 * 60_000
+"""Longest hold of alert decisions while a backlog of late events is applied."""
 LATENCY_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 
@@ -271,9 +317,15 @@ class ScopeStore:
         self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.dirty_totals: set[tuple[str, str]] = set()
+        self.shown_end = 0  # the end minute of the last evaluation
+        self.restated = 0  # cells applied to shown minutes since the last evaluation
+        self._restating_since: int | None = None
 
     def apply_cells(self, cells: Iterable[tuple[str, str, int, Sequence[int]]]) -> None:
+        shown_end = self.shown_end
         for channel, campaign, minute, values in cells:
+            if minute < shown_end:
+                self.restated += 1
             for key in series_of(channel, campaign):
                 buckets = self.series.get(key)
                 if buckets is None:
@@ -321,9 +373,27 @@ class ScopeStore:
         self.watermark_ms = max(self.watermark_ms, candidate)
         return self.watermark_ms
 
+    def restating(self, now_ms: int) -> bool:
+        """True from when late events restate shown minutes while a worker still has a
+        backlog, until every worker is through it: at most ``RESTATING_HOLD_MS``, so late
+        events trickling into a worker that always lags a little never hold alerts for good."""
+        lagging = any(
+            not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
+            for r in self.reporters.values()
+        )
+        if not lagging:
+            self._restating_since = None
+        elif self.restated and self._restating_since is None:
+            self._restating_since = now_ms
+        self.restated = 0
+        since = self._restating_since
+        return since is not None and now_ms - since <= RESTATING_HOLD_MS
+
     def evaluate(self, now_ms: int, *, hold: bool = False) -> Evaluation:
         watermark = self.advance_watermark(now_ms, hold=hold)
         end = evaluation_minute(watermark, self.settle_ms)
+        restating = self.restating(now_ms)
+        self.shown_end = max(self.shown_end, end)
         for buckets in self.series.values():
             buckets.expire(minute_of(watermark))
         sums: dict[SeriesKey, dict[str, Totals]] = {
@@ -352,7 +422,7 @@ class ScopeStore:
             target = totals.setdefault((channel, name), [0] * N_MEASURES)
             for i, v in enumerate(counts):
                 target[i] += v
-        return Evaluation(watermark, end, series, totals, hold or self.replaying(now_ms))
+        return Evaluation(watermark, end, series, totals, hold or self.replaying(now_ms), restating)
 
     def _campaigns_kept(self, sums: dict[SeriesKey, dict[str, Totals]]) -> set[SeriesKey]:
         campaigns = [k for k in sums if k[0] == "campaign"]
@@ -388,4 +458,4 @@ class ScopeStore:
             buckets.load_block(hour, np.asarray(value, dtype=np.int64))
 
 
-__all__ = ["MEASURES", "BatchOutput", "Horizons", "PartitionState", "ScopeStore"]
+__all__ = ["MEASURES", "BatchOutput", "Horizons", "PartitionState", "ScopeStore", "TooLate"]

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     sim.add_argument("--scenario", help="YAML list of incidents")
     sim.add_argument("--duplicates", type=float, default=0.01, help="share sent twice")
-    sim.add_argument("--late", type=float, default=0.002, help="share beyond allowed lateness")
+    sim.add_argument("--late", type=float, default=0.002, help="share too late to count")
     sim.add_argument("--out", help="write JSON lines (with type) instead of producing to Kafka")
     sim.add_argument("--shared-topic", help="send every type to this topic with a type field")
     sim.set_defaults(func=cmd_simulate)

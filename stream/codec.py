@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,12 +26,37 @@ def route_partition(event: Event, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
-def routed_row(event: Event, source_ts_ms: int) -> list[Any]:
+Origin = list[Any]
+"""Where a routed event came from: ``[topic, partition, offset]``, plus ``[key, value]``
+(key base64, value text) when the router thought it might be too late: a too-late event
+goes to the dead-letter topic as its original bytes, which the routed hop does not
+otherwise carry."""
+
+
+def origin(
+    topic: str, partition: int, offset: int, key: bytes | None = None, value: bytes | None = None
+) -> Origin:
+    if value is None:
+        return [topic, partition, offset]
+    # A parsed event's value is valid UTF-8 (JSON); its key may be any bytes.
+    encoded_key = None if key is None else base64.b64encode(key).decode()
+    return [topic, partition, offset, encoded_key, value.decode()]
+
+
+def original_of(where: Origin) -> tuple[bytes | None, bytes] | None:
+    """The (key, value) an :func:`origin` carries, if it carries them."""
+    if len(where) < 5:
+        return None
+    key = None if where[3] is None else base64.b64decode(where[3])
+    return key, str(where[4]).encode()
+
+
+def routed_row(event: Event, source_ts_ms: int, where: Origin | None = None) -> list[Any]:
     """Field order is ``stream.aggregate.R_*``."""
     return [
         event.type, event.dedup_key, event.ts_ms, event.campaign_id, event.channel,
         event.click_id, event.spend_micros, event.revenue_micros, event.new_customer,
-        source_ts_ms,
+        source_ts_ms, where,
     ]  # fmt: skip
 
 
@@ -52,7 +78,7 @@ def split_changes(
     yielded = False
     for name, items in (("seen", seen), ("clicks", clicks)):
         for part in chunks(items, size):
-            yield {"max_ts": change["max_ts"], "seen": [], "clicks": [], name: part}
+            yield {**change, "seen": [], "clicks": [], name: part}
             yielded = True
     if not yielded:
         yield change

@@ -42,8 +42,10 @@ class PipelineCollector(Collector):
              "reason", stats.rejected),
             ("kpimon_events_duplicate", "Duplicate events dropped, by type", "type",
              stats.duplicates),
-            ("kpimon_events_late", "Events beyond the allowed lateness, by type", "type",
-             stats.late),
+            ("kpimon_events_late", "Events older than their type's dedup horizon, not counted "
+             "but dead-lettered as too_late, by type", "type", stats.late),
+            ("kpimon_events_out_of_order", "Events counted into a minute the windows had "
+             "already shown (the windows were restated), by type", "type", stats.out_of_order),
         ):  # fmt: skip
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, count in counts.items():
@@ -150,6 +152,8 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
          "End (exclusive) of the complete minutes the windows cover", ev.end_minute * 60.0),
         ("kpimon_replaying", "1 while a worker is working through a backlog",
          1.0 if ev.replaying else 0.0),
+        ("kpimon_restating", "1 while late events restate shown minutes and a worker is "
+         "still working through a backlog of them (alerts wait)", 1.0 if ev.restating else 0.0),
     )  # fmt: skip
     for name, doc, value in gauges:
         _family(out, name, "gauge", doc)

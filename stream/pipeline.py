@@ -10,8 +10,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol
 
+import orjson
+
+from stream import codec
+from stream.aggregate import (
+    R_CAMPAIGN,
+    R_CHANNEL,
+    R_CLICK,
+    R_KEY,
+    R_NEW,
+    R_ORIGIN,
+    R_REVENUE,
+    R_SOURCE_TS,
+    R_SPEND,
+    R_TS,
+    R_TYPE,
+    TooLate,
+)
 from stream.events import EVENT_TYPES, Event, EventParser, Rejection, RejectReason
 from stream.settings import Settings
 
@@ -21,6 +39,13 @@ DLQ_HEADER_TOPIC = "kpimon.source.topic"
 DLQ_HEADER_PARTITION = "kpimon.source.partition"
 DLQ_HEADER_OFFSET = "kpimon.source.offset"
 DLQ_HEADER_TIMESTAMP = "kpimon.source.timestamp"
+DLQ_HEADER_ORIGINAL = "kpimon.original"
+"""Absent when the value is the original bytes; else ``reconstructed`` (a too-late event
+whose bytes the routed hop did not carry) or ``truncated`` (a marker: see fit_for_dlq)."""
+DLQ_HEADER_SIZE = "kpimon.original.size"
+TOO_LATE = "too_late"
+"""Dead-letter reason of an event older than its type's dedup horizon."""
+MARKER_EDGE_BYTES = 1024
 
 
 class Record(Protocol):
@@ -73,6 +98,87 @@ def dead_letter(record: Record, rejection: Rejection) -> DeadLetter:
     return DeadLetter(key=record.key, value=record.value, headers=headers)
 
 
+def too_late_letter(late: TooLate, horizon_minutes: Mapping[str, int], currency: str) -> DeadLetter:
+    """The dead letter of an event beyond its dedup horizon: its original bytes and source
+    coordinates when the routed row carries them, else the event as parsed."""
+    ev = late.event
+    kind = str(ev[R_TYPE])
+    where: list[Any] = list(ev[R_ORIGIN] or ["", -1, -1])  # type: ignore[call-overload]
+    original = codec.original_of(where)
+    headers = [
+        (DLQ_HEADER_REASON, TOO_LATE.encode()),
+        (DLQ_HEADER_ERROR, (
+            f"{kind} at {_iso(int(ev[R_TS]))} is older than its {horizon_minutes[kind]} min "  # type: ignore[call-overload]
+            f"dedup horizon (horizon clock {_iso(late.clock_ms)}): it could not be told "
+            "from a copy already counted"
+        ).encode()),
+        (DLQ_HEADER_TOPIC, str(where[0]).encode()),
+        (DLQ_HEADER_PARTITION, str(where[1]).encode()),
+        (DLQ_HEADER_OFFSET, str(where[2]).encode()),
+        (DLQ_HEADER_TIMESTAMP, str(ev[R_SOURCE_TS]).encode()),
+    ]  # fmt: skip
+    if original is not None:
+        key, value = original
+        return DeadLetter(key=key, value=value, headers=headers)
+    headers.append((DLQ_HEADER_ORIGINAL, b"reconstructed"))
+    return DeadLetter(key=None, value=_reconstruct(ev, currency), headers=headers)
+
+
+_MONEY_FIELD = {"impression": "cost", "click": "cost", "spend": "amount"}
+
+
+def _reconstruct(ev: Any, currency: str) -> bytes:
+    kind = ev[R_TYPE]
+    event: dict[str, Any] = {
+        "type": kind,
+        "order_id" if kind == "order" else "event_id": ev[R_KEY],
+        "ts": ev[R_TS],
+        "campaign_id": ev[R_CAMPAIGN],
+        "channel": ev[R_CHANNEL],
+        "click_id": ev[R_CLICK],
+        "currency": currency,
+    }
+    if kind == "order":
+        event.update(revenue=ev[R_REVENUE] / 1e6, new_customer=ev[R_NEW])
+    elif kind in _MONEY_FIELD:
+        event[_MONEY_FIELD[kind]] = ev[R_SPEND] / 1e6
+    return orjson.dumps({k: v for k, v in event.items() if v is not None})
+
+
+def _iso(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def fit_for_dlq(letter: DeadLetter, limit: int) -> DeadLetter:
+    """``letter``, or when it cannot fit a dead-letter record of ``limit`` bytes, a marker:
+    its headers, the original's size, and its first and last KiB, so an operator can find
+    the original at its source offset. One oversized message must not stall the worker."""
+    size = len(letter.value or b"") + len(letter.key or b"")
+    size += sum(len(name) + len(value) for name, value in letter.headers)
+    if size <= limit:
+        return letter
+    value = letter.value or b""
+    key = letter.key if letter.key is None or len(letter.key) <= MARKER_EDGE_BYTES else None
+    marker = {
+        "kpimon_marker": "too large for the dead-letter topic",
+        "size": len(value),
+        "key_size": None if letter.key is None else len(letter.key),
+        "head": _text(value[:MARKER_EDGE_BYTES]),
+        "tail": _text(value[-MARKER_EDGE_BYTES:]) if len(value) > MARKER_EDGE_BYTES else "",
+    }
+    headers = [
+        *letter.headers,
+        (DLQ_HEADER_ORIGINAL, b"truncated"),
+        (DLQ_HEADER_SIZE, str(len(value)).encode()),
+    ]
+    return DeadLetter(key=key, value=orjson.dumps(marker), headers=headers)
+
+
+def _text(raw: bytes) -> str:
+    """Readable and lossless for text; other bytes as backslash escapes."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
 @dataclass(slots=True)
 class BatchResult:
     """What one batch produced; applied to the stats once the batch is committed."""
@@ -98,6 +204,7 @@ class PipelineStats:
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RejectReason, 0))
     duplicates: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     late: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
+    out_of_order: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     last_event_ms: dict[str, int] = field(default_factory=dict)
     transactions: int = 0
     aborted: int = 0
@@ -119,11 +226,17 @@ class PipelineStats:
         for reason, count in batch.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
 
-    def apply_stateful(self, duplicates: Mapping[str, int], late: Mapping[str, int]) -> None:
-        for kind, n in duplicates.items():
-            self.duplicates[kind] += n
-        for kind, n in late.items():
-            self.late[kind] += n
+    def apply_stateful(
+        self,
+        duplicates: Mapping[str, int],
+        late: Mapping[str, int],
+        out_of_order: Mapping[str, int],
+    ) -> None:
+        for target, counts in (
+            (self.duplicates, duplicates), (self.late, late), (self.out_of_order, out_of_order)
+        ):  # fmt: skip
+            for kind, n in counts.items():
+                target[kind] += n
 
 
 class RecordHandler:

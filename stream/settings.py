@@ -8,6 +8,7 @@ error messages or logs.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -81,7 +82,13 @@ class Settings(BaseSettings):
 
     eval_interval_seconds: float = Field(10.0, gt=0, le=3600)
     settle_seconds: float = Field(60.0, ge=0, le=3600)
-    allowed_lateness_seconds: float = Field(600.0, ge=0, le=7 * 86400)
+    # How late an event of each type may be and still be counted: its dedup horizon.
+    horizon_impression_seconds: float = Field(3600.0, ge=60, le=7 * 86400)
+    horizon_click_seconds: float = Field(3600.0, ge=60, le=7 * 86400)
+    horizon_lead_seconds: float = Field(86400.0, ge=60, le=7 * 86400)
+    horizon_order_seconds: float = Field(86400.0, ge=60, le=7 * 86400)
+    horizon_spend_seconds: float = Field(86400.0, ge=60, le=7 * 86400)
+    allowed_lateness_seconds: str | None = Field(None, description="removed; see _removed")
     max_campaigns: int = Field(500, ge=1, le=100_000)
     max_batch_records: int = Field(50_000, ge=1, le=1_000_000)
     replay_lag_seconds: float = Field(120.0, gt=0, le=86400)
@@ -141,6 +148,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"rate for {code} must be a positive number")
         return rates
 
+    @field_validator("allowed_lateness_seconds")
+    @classmethod
+    def _removed(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError(
+                "was removed: an event is counted as long as its type's dedup horizon covers "
+                "it (KPIMON_HORIZON_<TYPE>_SECONDS, e.g. KPIMON_HORIZON_CLICK_SECONDS)"
+            )
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -168,6 +184,18 @@ class Settings(BaseSettings):
             "order": self.topic_orders,
             "spend": self.topic_spend,
         }
+
+    @property
+    def horizon_minutes(self) -> dict[str, int]:
+        """Event type -> its dedup (and lateness) horizon in whole minutes, rounded up."""
+        seconds = {
+            "impression": self.horizon_impression_seconds,
+            "click": self.horizon_click_seconds,
+            "lead": self.horizon_lead_seconds,
+            "order": self.horizon_order_seconds,
+            "spend": self.horizon_spend_seconds,
+        }
+        return {kind: math.ceil(s / 60) for kind, s in seconds.items()}
 
     @property
     def rates(self) -> dict[str, float]:

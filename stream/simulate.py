@@ -4,7 +4,8 @@ Campaigns across channels have their own CTR, lead and conversion rates, costs
 and order values; traffic follows a diurnal curve; a funnel turns impressions
 into clicks and, minutes later, into leads and orders (most orders carry only
 the click id, so they must be attributed). A small share of events is sent
-twice, arrives a few minutes late, or arrives beyond the allowed lateness.
+twice, arrives a few minutes late, out of order by up to 50 minutes (an SDK
+flushing offline events), or beyond its type's dedup horizon (too late to count).
 Spend comes as ad platforms report it: the cost of each impression and click,
 plus per-campaign spend reports (fees, flat placements) that sum the traffic
 served over a reporting period and arrive in lumps a few minutes after it ends,
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from stream.aggregate import DEDUP_MINUTES
 
 CHANNELS = ("search", "social", "display", "email", "video")
 INCIDENT_KINDS = ("ctr_drop", "conversion_drop", "spend_spike", "tracking_outage")
@@ -139,6 +142,7 @@ class SimConfig:
     rate: float = 200.0
     duplicate_rate: float = 0.01
     slightly_late_rate: float = 0.01
+    out_of_order_rate: float = 0.005
     late_rate: float = 0.002
     orders_by_click_only: float = 0.7
     currency_mix: bool = True
@@ -299,10 +303,13 @@ class Simulator:
         rng, cfg = self.rng, self.config
         event.pop("_campaign", None)
         roll = rng.random()
-        if roll < cfg.late_rate:
-            event["ts"] = int(event["ts"]) - rng.randint(15, 30) * 60_000
+        if roll < cfg.late_rate:  # beyond the default dedup horizon of its type
+            horizon = DEDUP_MINUTES[kind]
+            event["ts"] = int(event["ts"]) - rng.randint(horizon + 2, horizon + 30) * 60_000
         elif roll < cfg.late_rate + cfg.slightly_late_rate:
             event["ts"] = int(event["ts"]) - rng.randint(60, 300) * 1000
+        elif roll < cfg.late_rate + cfg.slightly_late_rate + cfg.out_of_order_rate:
+            event["ts"] = int(event["ts"]) - rng.randint(5, 50) * 60_000
         if rng.random() < 0.5:
             event["ts"] = iso(int(event["ts"]))
         yield kind, event

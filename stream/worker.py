@@ -29,7 +29,7 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ import aiohttp
 import faust
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import (
     ConsumerStoppedError,
     KafkaError,
@@ -53,7 +54,14 @@ from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
 from stream import codec
 from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_alerts, render_evaluation
-from stream.pipeline import BatchResult, PipelineStats, RecordHandler
+from stream.pipeline import (
+    BatchResult,
+    DeadLetter,
+    PipelineStats,
+    RecordHandler,
+    fit_for_dlq,
+    too_late_letter,
+)
 from stream.settings import Settings
 
 log = logging.getLogger("kpimon.worker")
@@ -62,6 +70,11 @@ COMMIT_INTERVAL_S = 0.1
 PARTIALS_HOLD_LAG = 50
 """Unapplied partials records beyond which the scope stage holds its watermark."""
 ALERTS_STATE_KEY = codec.encode_json("alerts")
+CARRY_MARGIN_MS = 5 * 60_000
+DLQ_FALLBACK_LIMIT = 1 << 20
+"""Kafka's default max.message.bytes, assumed when the DLQ topic's own cannot be read."""
+DLQ_RECORD_OVERHEAD = 1024
+"""Room for the record batch and record framing around a dead letter's key, value, headers."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +96,9 @@ def _names(partitions: Any) -> str:
     return ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)) or "none"
 
 
-async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> None:
-    """Create missing topics with the layout the pipeline relies on."""
+async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> int:
+    """Create missing topics with the layout the pipeline relies on; returns the largest
+    record the dead-letter topic takes (it may predate us, with a smaller limit)."""
     n, rf = settings.topic_partitions, settings.topic_replication_factor
     wanted = [NewTopic(t, n, rf) for t in dict.fromkeys(sources)]
     big = {"max.message.bytes": str(4 << 20)}  # room for a DLQ'd message plus headers
@@ -106,8 +120,29 @@ async def ensure_topics(settings: Settings, topology: Topology, sources: list[st
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
                 await admin.create_topics(missing)
             log.info("created topics %s", ", ".join(t.name for t in missing))
+        return await _max_message_bytes(admin, settings.dlq_topic)
     finally:
         await admin.close()
+
+
+async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+        for response in await admin.describe_configs([resource]):
+            for _code, _msg, _type, _name, entries, *_ in response.resources:
+                for name, value, *_ in entries:
+                    if name == "max.message.bytes":
+                        return int(value)
+    except (KafkaError, ValueError, TypeError) as exc:
+        log.warning("could not read the max.message.bytes of %s (%r): assuming %d",
+                    topic, exc, DLQ_FALLBACK_LIMIT)  # fmt: skip
+    return DLQ_FALLBACK_LIMIT
+
+
+def _request_size(settings: Settings) -> int:
+    """The producer's request limit: room for a batch of internal messages, or an input
+    of the largest accepted size re-sent as a dead letter with its headers."""
+    return max(4 << 20, 2 * settings.max_message_bytes)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -133,7 +168,17 @@ class PipelineService(Service):
         self.stats = stats
         self.topology = Topology.of(settings)
         self.handler = RecordHandler(settings)
-        self.horizons = Horizons(allowed_lateness_ms=int(settings.allowed_lateness_seconds * 1000))
+        self.horizons = Horizons(
+            dedup_minutes=settings.horizon_minutes, settle_ms=int(settings.settle_seconds * 1000)
+        )
+        # Events this much younger than their horizon can't be too late when they reach
+        # their routed partition (its horizon clock trails this worker's wall clock by
+        # less than a transaction), so only older ones carry their original bytes.
+        self._carry_before = {
+            kind: minutes * 60_000 - CARRY_MARGIN_MS
+            for kind, minutes in settings.horizon_minutes.items()
+        }
+        self._dlq_limit = DLQ_FALLBACK_LIMIT
         self.partitions: dict[int, PartitionState] = {}
         self.scope: ScopeStore | None = None
         self.engine: AlertEngine | None = None
@@ -169,7 +214,7 @@ class PipelineService(Service):
             # Several internal messages per produce request: with the default 16 kB
             # every ~100 kB message was its own batch, each awaiting the previous ack.
             max_batch_size=900_000,
-            max_request_size=max(4 << 20, 2 * s.max_message_bytes),
+            max_request_size=_request_size(s),
             transaction_timeout_ms=30_000,
         )
 
@@ -184,8 +229,9 @@ class PipelineService(Service):
 
     async def on_start(self) -> None:
         s, topo = self.settings, self.topology
-        await ensure_topics(s, topo, self.handler.topics)
+        topic_limit = await ensure_topics(s, topo, self.handler.topics)
         self._producer = self._new_producer()
+        self._dlq_limit = min(topic_limit, _request_size(s)) - DLQ_RECORD_OVERHEAD
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             client_id=f"kpimon-{s.worker_id}",
@@ -462,9 +508,17 @@ class PipelineService(Service):
                     newest = max(event.ts_ms for event in result.events)
                     if newest > self._source_reached.get(tp, 0):
                         self._source_reached[tp] = newest
+                carry = self._carry_before
                 for event, source in zip(result.events, result.event_sources, strict=True):
                     p = codec.route_partition(event, self._routed_partitions)
-                    routed.setdefault(p, []).append(codec.routed_row(event, source.timestamp))
+                    if event.ts_ms < now_ms - carry[event.type]:
+                        where = codec.origin(tp.topic, tp.partition, source.offset,
+                                             source.key, source.value)  # fmt: skip
+                    else:
+                        where = codec.origin(tp.topic, tp.partition, source.offset)
+                    routed.setdefault(p, []).append(
+                        codec.routed_row(event, source.timestamp, where)
+                    )
                 ingest.merge(result)
         reached = await self._reached(now_ms)
         due = [
@@ -483,7 +537,7 @@ class PipelineService(Service):
                 for chunk in codec.chunks(rows):
                     await self._send(topo.routed, codec.encode_rows(chunk), partition=p,
                                      headers=stamp)  # fmt: skip
-            for letter in ingest.dead_letters:
+            for letter in self._dead_letters(ingest, outputs.values()):
                 await self._send(s.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
             for p in [*outputs, *due]:
                 await self._send_partial(p, outputs.get(p), reached, now_ms)
@@ -507,10 +561,24 @@ class PipelineService(Service):
         self.stats.apply(ingest)
         dups: Counter[str] = Counter()
         late: Counter[str] = Counter()
+        out_of_order: Counter[str] = Counter()
         for out in outputs.values():
             dups.update(out.duplicates)
             late.update(out.late)
-        self.stats.apply_stateful(dups, late)
+            out_of_order.update(out.out_of_order)
+        self.stats.apply_stateful(dups, late, out_of_order)
+
+    def _dead_letters(
+        self, ingest: BatchResult, outputs: Iterable[BatchOutput]
+    ) -> Iterator[DeadLetter]:
+        """Rejected inputs and too-late events, each cut to a marker if it cannot fit."""
+        s, limit = self.settings, self._dlq_limit
+        for letter in ingest.dead_letters:
+            yield fit_for_dlq(letter, limit)
+        for out in outputs:
+            for late in out.too_late:
+                letter = too_late_letter(late, s.horizon_minutes, s.reporting_currency)
+                yield fit_for_dlq(letter, limit)
 
     def _apply_partials(self, records: list[Any], now_ms: int) -> None:
         scope = self.scope
@@ -650,7 +718,7 @@ class PipelineService(Service):
         assert engine is not None and outbox is not None and scope is not None
         assert producer is not None
         records = engine.evaluate(scope, evaluation.end_minute, evaluation.watermark_ms / 1000,
-                                  replaying=evaluation.replaying)  # fmt: skip
+                                  replaying=evaluation.hold_alerts)  # fmt: skip
         state = codec.encode_json(engine.to_dict())
         if not records and state == self._engine_state:
             return

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -205,3 +206,53 @@ def test_a_forked_replay_continues_exactly_like_the_original() -> None:
     assert totals(fork)[orders] < totals(full)[orders]
     assert fork.engine.rules is replay.engine.rules
     assert fork.stats is not replay.stats and fork.stats.events < replay.stats.events
+
+
+def _backlog_run(*, hold: bool, real_drop: bool) -> list[dict[str, Any]]:
+    """c1's events of minutes 90-117 arrive late, at minutes 118-125, impressions first
+    (topics are consumed at different speeds), while the worker reports a backlog.
+
+    ``real_drop``: in those late minutes, and live afterwards, c1's CTR really is 60% down.
+    """
+    store, engine = ScopeStore(), AlertEngine(RULES)
+    late = range(T0_MIN + 90, T0_MIN + 118)
+    chunks = [late[i::4] for i in range(4)]
+    records: list[dict[str, Any]] = []
+    for minute in range(T0_MIN, T0_MIN + 160):
+        dropped = real_drop and minute >= T0_MIN + 90
+        for channel, campaign in (("social", "c1"), ("social", "c2"), ("search", "c3")):
+            if campaign == "c1" and minute in late:
+                continue  # an SDK offline: sent later
+            clicks = 16 if dropped and campaign == "c1" else 40
+            store.apply_cells([(channel, campaign, minute, [2000, clicks, 0, 0, 0, 0, 0])])
+        step = minute - (T0_MIN + 118)
+        if 0 <= step < 8:  # the backlog: 4 ticks of impressions, then 4 of clicks
+            for m in chunks[step % 4]:
+                cell = [2000, 0, 0, 0, 0, 0, 0] if step < 4 else [0, 16 if real_drop else 40]
+                store.apply_cells([("social", "c1", m, cell + [0] * (7 - len(cell)))])
+        now_ms = (minute + 1) * 60_000 + 30_000
+        store.report(0, now_ms, "w1", caught_up=not 0 <= step < 8, now_ms=now_ms)
+        evaluation = store.evaluate(now_ms)
+        wait = evaluation.hold_alerts if hold else evaluation.replaying
+        records += engine.evaluate(store, evaluation.end_minute, now_ms / 1000, replaying=wait)
+    return [r for r in records if r["notification"] == "firing"]
+
+
+def test_a_backlog_of_late_events_raises_no_false_alert() -> None:
+    """Half-applied restatements (impressions in, clicks not yet) look like a CTR drop;
+    alerts wait until the backlog is through, and then the data is whole again."""
+    assert _backlog_run(hold=True, real_drop=False) == []
+    unheld = _backlog_run(hold=False, real_drop=False)
+    assert {(r["campaign"], r["rule"]) for r in unheld} >= {("c1", "ctr_drop")}, (
+        "the scenario must show the trap it guards against"
+    )
+
+
+def test_a_backlog_of_late_events_hides_no_real_alert() -> None:
+    """A real CTR drop inside the late data fires once the backlog is through."""
+    firing = _backlog_run(hold=True, real_drop=True)
+    c1 = [r for r in firing if r["scope"] == "campaign" and r["campaign"] == "c1"]
+    assert len(c1) == 1
+    through = datetime.fromtimestamp((T0_MIN + 127) * 60, UTC)
+    fired = datetime.fromisoformat(c1[0]["fired_at"])
+    assert through <= fired <= through + timedelta(minutes=6), "held, then fired after `for`"

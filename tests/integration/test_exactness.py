@@ -10,6 +10,7 @@ last, so "too late" is unambiguous). Variants: one worker, two workers, a
 from __future__ import annotations
 
 import json
+import random
 import signal
 import time
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from typing import Any
 
 import pytest
 
+from stream.aggregate import DEDUP_MINUTES
 from stream.devstack import ManagedProcess
 from stream.simulate import SimConfig, Simulator
-from tests.helpers import WorkerProcess, produce, run, wait_for
+from tests.helpers import WorkerProcess, consume_all, produce, run, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -60,35 +62,45 @@ class Dataset:
         return out
 
 
-def build_dataset(env: dict[str, str], now_s: float, seed: int) -> Dataset:
-    sim = Simulator(SimConfig(seed=seed, campaigns=12, rate=60, duplicate_rate=0.02,
-                              slightly_late_rate=0.02, late_rate=0.01))  # fmt: skip
-    start = now_s - 6 * 60
+def build_dataset(
+    env: dict[str, str], now_s: float, seed: int, *, minutes: int = 4, rate: float = 60,
+    shuffle: bool = False,
+) -> Dataset:  # fmt: skip
+    """``minutes`` of simulated traffic ending 2 minutes ago; ``shuffle``: each phase in
+    random order (a batch re-sent by an offline SDK or an uploader)."""
+    # Out-of-order events of a 50-minute re-send are the shuffle itself.
+    sim = Simulator(SimConfig(seed=seed, campaigns=12, rate=rate, duplicate_rate=0.02,
+                              slightly_late_rate=0.02, out_of_order_rate=0 if shuffle else 0.02,
+                              late_rate=0.01))  # fmt: skip
+    start = now_s - (minutes + 2) * 60
     data = Dataset()
-    events = list(sim.events(start, 4 * 60))
-    # The simulator moves a too-late event >= 15 min back, a slightly late one <= 5 min.
-    too_late_before = int(start * 1000) - 630_000
+    events = list(sim.events(start, minutes * 60))
+    # The simulator moves a too-late event 2-30 min beyond its type's dedup horizon, an
+    # out-of-order one 5-50 min back, a slightly late one <= 5 min. Measured from the newest
+    # event time (which the horizon clock reaches by the last phase), that is unambiguous.
+    end_ms = int((start + minutes * 60) * 1000)
+
+    def too_late(kind: str, ev: dict[str, Any]) -> bool:
+        return ts_ms(ev["ts"]) < end_ms - DEDUP_MINUTES[kind] * 60_000
+
     seen: set[tuple[str, str]] = set()
     clicks: dict[str, tuple[Any, Any]] = {}
-    ordered = sorted(
-        events, key=lambda e: (ts_ms(e[1]["ts"]) < too_late_before, e[0] in ("lead", "order"))
-    )
+    ordered = sorted(events, key=lambda e: (too_late(*e), e[0] in ("lead", "order")))
     for kind, ev in ordered:
         raw = json.dumps(ev).encode()
         key = ev.get("campaign_id")
         topic = env[TOPIC_ENV[kind]]
-        too_late = ts_ms(ev["ts"]) < too_late_before
-        phase = 2 if too_late else (1 if kind in ("lead", "order") else 0)
+        phase = 2 if too_late(kind, ev) else (1 if kind in ("lead", "order") else 0)
         data.phases[phase].append((topic, key.encode() if key else None, raw))
         data.valid += 1
         dedup = ev.get("order_id") or ev["event_id"] if kind == "order" else ev["event_id"]
         if (kind, dedup) in seen:
             data.duplicates += 1
             continue
-        seen.add((kind, dedup))
-        if too_late:
+        if too_late(kind, ev):  # cannot be deduplicated any more: never "seen"
             data.late += 1
             continue
+        seen.add((kind, dedup))
         channel = ev.get("channel", "unknown")
         campaign = ev.get("campaign_id")
         if kind == "click":
@@ -111,6 +123,9 @@ def build_dataset(env: dict[str, str], now_s: float, seed: int) -> Dataset:
     bad = [b"{oops", b"\xff\xfe", json.dumps({"event_id": "x", "ts": 5}).encode()]
     data.phases[2] += [(env["KPIMON_TOPIC_CLICKS"], None, raw) for raw in bad]
     data.rejected = len(bad)
+    if shuffle:
+        for messages in data.phases:
+            random.Random(seed).shuffle(messages)
     return data
 
 
@@ -240,6 +255,44 @@ def test_one_worker_exact(
     check_exact([worker], data)
     assert pipeline_counter([worker], "kpimon_events_duplicate_total") == data.duplicates
     assert pipeline_counter([worker], "kpimon_events_late_total") == data.late
+
+
+def test_shuffled_50_minute_backlog_exact(
+    start_worker: Callable[..., WorkerProcess], exact_env: dict[str, str], kafka_bootstrap: str
+) -> None:
+    """A producer re-sends the last 50 minutes in shuffled order (an offline SDK flushing,
+    an uploader): every window sum is exact, events beyond their horizon are dead-lettered
+    as ``too_late`` with their original bytes, and the restatements are counted."""
+    now = time.time()
+    data = build_dataset(exact_env, now, seed=15, minutes=50, rate=7, shuffle=True)
+    assert data.valid > 8_000 and data.late > 50  # ~13k at the daily mean
+    worker = start_worker("w1")
+    worker.wait_ready()
+    # Live traffic first: the worker has shown every minute the re-send then restates.
+    live = {"event_id": "live-1", "ts": int(now * 1000), "campaign_id": "live"}
+    data.cells[("unknown", "live", int(now) // 60)] = [1, 0, 0, 0, 0, 0, 0]
+    data.valid += 1
+    _produce_phase(kafka_bootstrap,
+                   [(exact_env["KPIMON_TOPIC_IMPRESSIONS"], None, json.dumps(live).encode())],
+                   [worker], 1)  # fmt: skip
+    consumed = 1
+    for phase in data.phases:
+        consumed += len(phase)
+        _produce_phase(exact_env["KPIMON_KAFKA_BOOTSTRAP"], phase, [worker], consumed)
+    check_exact([worker], data)
+    assert pipeline_counter([worker], "kpimon_events_duplicate_total") == data.duplicates
+    assert pipeline_counter([worker], "kpimon_events_late_total") == data.late
+    counted = data.valid - data.duplicates - data.late
+    out_of_order = pipeline_counter([worker], "kpimon_events_out_of_order_total")
+    assert 0.9 * counted < out_of_order <= counted, "nearly all minutes were shown already"
+    letters = run(consume_all(kafka_bootstrap, exact_env["KPIMON_DLQ_TOPIC"],
+                              expect=data.late + data.rejected, within=30))  # fmt: skip
+    too_late = [m for m in letters if dict(m.headers)["kpimon.reason"] == b"too_late"]
+    sent_late = {raw for _, _, raw in data.phases[2]}
+    assert len(letters) == data.late + data.rejected
+    assert len(too_late) == data.late
+    assert all(m.value in sent_late for m in too_late), "the original bytes"
+    assert all(b"kpimon.original" not in dict(m.headers) for m in too_late)
 
 
 def test_two_workers_exact(

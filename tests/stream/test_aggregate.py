@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from typing import Any
 
@@ -9,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream.aggregate import OTHER, UNATTRIBUTED, BatchOutput, Horizons, PartitionState, ScopeStore
+from stream import codec
+from stream.aggregate import OTHER, UNATTRIBUTED, BatchOutput, PartitionState, ScopeStore
 from stream.windows import MEASURES, SPEND, WINDOWS, kpis
 
 N = len(MEASURES)
@@ -21,46 +23,52 @@ def routed(
     kind: str, key: str, ts: int, campaign: str | None = "c1", channel: str = "search",
     click: str | None = None, spend: int = 0, revenue: int = 0, new: bool = False,
 ) -> list[Any]:  # fmt: skip
-    return [kind, key, ts, campaign, channel, click, spend, revenue, new, ts]
+    return [kind, key, ts, campaign, channel, click, spend, revenue, new, ts, None]
 
 
 Model = tuple[dict[Any, list[int]], Counter[str], Counter[str]]
+HORIZON = {"impression": 60, "click": 60, "lead": 1440, "order": 1440, "spend": 1440}
 
 
-def reference(events: list[list[Any]], now_ms: int, lateness_ms: int) -> Model:
-    """The contract in its plainest form (events within one dedup horizon)."""
-    seen: set[tuple[str, str]] = set()
+def reference(batches: list[list[list[Any]]], now_ms: int) -> Model:
+    """The contract in its plainest form: an event counts once unless its type's dedup
+    horizon, measured against the clock (the newest event time before its batch, at most
+    ``now_ms``), no longer covers it; then it is late."""
+    counted: dict[tuple[str, str], int] = {}  # key -> minute its dedup entry expires
     clicks: dict[str, tuple[str, str]] = {}
     cells: dict[Any, list[int]] = {}
     dups: Counter[str] = Counter()
     late: Counter[str] = Counter()
-    max_ts = 0
-    for kind, key, ts, campaign, channel, click, spend, revenue, new, _ in events:
-        if (kind, key) in seen:
-            dups[kind] += 1
-            continue
-        seen.add((kind, key))
-        max_ts = max(max_ts, ts)
-        if ts < min(max_ts, now_ms) - lateness_ms:
-            late[kind] += 1
-            continue
-        if kind == "click" and click is not None:
-            clicks[click] = (campaign, channel)
-        elif campaign is None:
-            if click in clicks:
-                campaign = clicks[click][0]
-                channel = clicks[click][1] if channel == "unknown" else channel
-            else:
-                campaign = UNATTRIBUTED
-        row = cells.setdefault((channel, campaign, ts // MIN), [0] * N)
-        index = {"impression": 0, "click": 1, "lead": 2, "order": 3}.get(kind)
-        if index is not None:
-            row[index] += 1
-        if kind == "order":
-            row[4] += int(new)
-            row[5] += revenue
-        elif kind != "lead":
-            row[6] += spend
+    max_ts = clock = 0
+    for batch in batches:
+        clock = max(clock, min(max_ts, now_ms))
+        for kind, key, ts, campaign, channel, click, spend, revenue, new, _, _ in batch:
+            expires = ts // MIN + HORIZON[kind]
+            if counted.get((kind, key), -1) >= clock // MIN:
+                dups[kind] += 1
+                continue
+            if expires < clock // MIN:
+                late[kind] += 1
+                continue
+            counted[(kind, key)] = expires
+            max_ts = max(max_ts, ts)
+            if kind == "click" and click is not None:
+                clicks[click] = (campaign, channel)
+            elif campaign is None:
+                if click in clicks:
+                    campaign = clicks[click][0]
+                    channel = clicks[click][1] if channel == "unknown" else channel
+                else:
+                    campaign = UNATTRIBUTED
+            row = cells.setdefault((channel, campaign, ts // MIN), [0] * N)
+            index = {"impression": 0, "click": 1, "lead": 2, "order": 3}.get(kind)
+            if index is not None:
+                row[index] += 1
+            if kind == "order":
+                row[4] += int(new)
+                row[5] += revenue
+            elif kind != "lead":
+                row[6] += spend
     return cells, dups, late
 
 
@@ -68,7 +76,7 @@ event_st = st.builds(
     routed,
     kind=st.sampled_from(["impression", "click", "lead", "order", "spend"]),
     key=st.sampled_from([f"e{i}" for i in range(30)]),
-    ts=st.integers(T0, T0 + 40 * MIN),
+    ts=st.integers(T0, T0 + 150 * MIN),
     campaign=st.sampled_from(["c1", "c2", None]),
     channel=st.sampled_from(["search", "social", "unknown"]),
     click=st.sampled_from([None, "k1", "k2", "k3"]),
@@ -81,21 +89,60 @@ event_st = st.builds(
 
 
 @settings(max_examples=300)
-@given(events=st.lists(event_st, max_size=80), split=st.integers(0, 80))
-def test_partition_state_matches_the_plain_model(events: list[list[Any]], split: int) -> None:
-    now = T0 + 45 * MIN
-    horizons = Horizons(allowed_lateness_ms=10 * MIN)
-    state = PartitionState(horizons)
+@given(
+    events=st.lists(event_st, max_size=80),
+    cuts=st.lists(st.integers(0, 80), max_size=4),
+    shuffle=st.randoms(use_true_random=False),
+)
+def test_partition_state_matches_the_plain_model(
+    events: list[list[Any]], cuts: list[int], shuffle: Any
+) -> None:
+    """Batches over 2.5 h of event time, in any order: every event is counted, a duplicate
+    or late, and the counted ones sum exactly as the model says."""
+    now = T0 + 160 * MIN
+    bounds = [0, *sorted(cuts), len(events)]
+    batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
+    state = PartitionState()
     out = BatchOutput()
-    state.apply(events[:split], now, out)  # two batches: state carries across
-    state.apply(events[split:], now, out)
-    cells, dups, late = reference(events, now, 10 * MIN)
+    for batch in batches:
+        state.apply(batch, now, out)
+    cells, dups, late = reference(batches, now)
     assert {k: v for k, v in out.cells.items() if any(v)} == {
         k: v for k, v in cells.items() if any(v)
     }
     assert out.duplicates == dups
     assert out.late == late
+    assert [t.event for t in out.too_late] == [
+        ev for ev in events if any(ev is t.event for t in out.too_late)
+    ]
     assert sum(out.applied.values()) + dups.total() + late.total() == len(events)
+    # Within one batch the order does not matter: the clock moves between batches only.
+    # (Copies of one event are alike, as real duplicates are.)
+    first: dict[tuple[str, str], list[Any]] = {}
+    for ev in events:
+        first.setdefault((ev[0], ev[1]), ev)
+    batches = [[first[(ev[0], ev[1])] for ev in batch] for batch in batches]
+    out = BatchOutput()
+    state = PartitionState()
+    for batch in batches:
+        state.apply(batch, now, out)
+    again, reordered = PartitionState(), BatchOutput()
+    for batch in batches:
+        shuffled = list(batch)
+        shuffle.shuffle(shuffled)
+        again.apply(shuffled, now, reordered)
+    assert reordered.applied == out.applied and reordered.late == out.late
+    assert reordered.duplicates == out.duplicates
+
+    def by_minute(cells: dict[Any, list[int]]) -> dict[int, list[int]]:
+        """Attribution may differ (an order before its click), the minute sums may not."""
+        sums: dict[int, list[int]] = {}
+        for (_, _, minute), values in cells.items():
+            row = sums.setdefault(minute, [0] * N)
+            sums[minute] = [a + b for a, b in zip(row, values, strict=True)]
+        return sums
+
+    assert by_minute(reordered.cells) == by_minute(out.cells)
 
 
 def test_attribution_by_click_id_and_unattributed() -> None:
@@ -126,7 +173,7 @@ def test_attribution_by_click_id_and_unattributed() -> None:
 
 
 def test_dedup_horizon_expires_by_event_time() -> None:
-    state = PartitionState(Horizons(allowed_lateness_ms=10**12))
+    state = PartitionState()
     state.apply([routed("click", "a", T0)], now_ms=T0)
     assert (
         state.apply([routed("click", "a", T0 + 30 * MIN)], T0 + 30 * MIN).duplicates["click"] == 1
@@ -140,13 +187,39 @@ def test_dedup_horizon_expires_by_event_time() -> None:
     assert later.duplicates["order"] == 1  # 24 h for orders
 
 
+def test_late_events_count_while_their_horizon_covers_them() -> None:
+    """A shuffled re-send of the last 50 minutes counts in full and is marked out of order;
+    a click 62 minutes old or an order 25 hours old cannot be deduplicated: too late."""
+    now = T0 + 30 * 60 * MIN
+    state = PartitionState()
+    state.apply([routed("impression", "live", now - 1000)], now)
+    backlog = [routed("click", f"b{i}", now - (50 - i) * MIN) for i in range(50)]
+    backlog.reverse()
+    out = state.apply(backlog, now)
+    assert out.applied["click"] == 50 and not out.late
+    assert out.out_of_order["click"] == 48, "all but the two minutes not yet settled"
+    stale = state.apply(
+        [
+            routed("click", "old", now - 62 * MIN),
+            routed("order", "o-old", now - 25 * 60 * MIN),
+            routed("order", "o-ok", now - 23 * 60 * MIN),
+        ],
+        now,
+    )
+    assert stale.late == Counter({"click": 1, "order": 1})
+    assert stale.applied == Counter({"order": 1})
+    assert [t.event[1] for t in stale.too_late] == ["old", "o-old"]
+    assert all(t.clock_ms == now - 1000 for t in stale.too_late)
+
+
 def test_lateness_is_measured_against_event_time_reached_during_replay() -> None:
     """A backlog of hours-old events is not late; an old straggler after it is."""
     now = T0 + 5 * 60 * MIN
-    state = PartitionState(Horizons(allowed_lateness_ms=10 * MIN))
-    backlog = [routed("click", f"b{i}", T0 + i * MIN) for i in range(60)]
+    state = PartitionState()
+    backlog = [routed("click", f"b{i}", T0 + i * MIN) for i in range(120)]
     out = state.apply(backlog, now)
-    assert out.applied["click"] == 60 and not out.late
+    assert out.applied["click"] == 120 and not out.late
+    state.apply([routed("impression", "i", T0 + 121 * MIN)], now)
     straggler = state.apply([routed("click", "s", T0 + 30 * MIN)], now)
     assert straggler.late["click"] == 1
 
@@ -156,7 +229,7 @@ def test_changelog_round_trip_restores_behaviour() -> None:
     first.apply([routed("click", "a", T0, click="k1", campaign="c3"), routed("order", "o", T0)], T0)
     restored = PartitionState()
     restored.load_changes(first.drain_changes())
-    assert first.drain_changes() == {"max_ts": T0, "seen": [], "clicks": []}
+    assert first.drain_changes() == {"max_ts": T0, "clock": 0, "seen": [], "clicks": []}
     follow = [
         routed("click", "a", T0 + MIN),
         routed("lead", "l", T0 + MIN, campaign=None, click="k1"),
@@ -164,6 +237,28 @@ def test_changelog_round_trip_restores_behaviour() -> None:
     a, b = first.apply(follow, T0 + MIN), restored.apply(follow, T0 + MIN)
     assert a.cells == b.cells and a.duplicates == b.duplicates == Counter({"click": 1})
     assert ("search", "c3", (T0 + MIN) // MIN) in b.cells
+
+
+@settings(max_examples=100)
+@given(
+    events=st.lists(event_st, max_size=60),
+    cut=st.integers(0, 60),
+    follow=st.lists(event_st, max_size=30),
+)
+def test_restore_from_changelog_decides_as_the_live_state(
+    events: list[list[Any]], cut: int, follow: list[list[Any]]
+) -> None:
+    """Duplicate, late or counted: a state rebuilt from its changelog (in chunks, as the
+    worker writes it) decides every following event as the live one does."""
+    now = T0 + 160 * MIN
+    live = PartitionState()
+    restored = PartitionState()
+    for batch in (events[:cut], events[cut:]):
+        live.apply(batch, now)
+        for chunk in codec.split_changes(live.drain_changes(), size=3):
+            restored.load_changes(chunk)
+    a, b = live.apply(follow, now), restored.apply(follow, now)
+    assert (a.cells, a.duplicates, a.late) == (b.cells, b.duplicates, b.late)
 
 
 # --- ScopeStore ------------------------------------------------------------------
@@ -276,11 +371,11 @@ def test_lateness_also_waits_for_the_slowest_source_the_router_reads() -> None:
     """Impressions replayed ahead of clicks must not make the clicks late: the router's
     event time reached (its slowest source) is the reference, not this partition's newest."""
     now = T0 + 5 * 60 * MIN
-    state = PartitionState(Horizons(allowed_lateness_ms=10 * MIN))
-    state.apply([routed("impression", "i", T0 + 60 * MIN)], now, reached_ms=T0)
+    state = PartitionState()
+    state.apply([routed("impression", "i", T0 + 90 * MIN)], now, reached_ms=T0)
     clicks = state.apply([routed("click", "k", T0 + MIN)], now, reached_ms=T0)
     assert clicks.applied["click"] == 1 and not clicks.late
-    stale = state.apply([routed("click", "old", T0 + MIN)], now, reached_ms=T0 + 60 * MIN)
+    stale = state.apply([routed("click", "old", T0 + MIN)], now, reached_ms=T0 + 90 * MIN)
     assert stale.late["click"] == 1, "late against both references"
 
 
@@ -292,3 +387,25 @@ def test_replaying_means_the_watermark_lags_beyond_the_replay_lag() -> None:
     assert store.evaluate(now, hold=True).replaying, "held: the store's own input lags"
     store.report(0, now - 60_000, "w1", caught_up=False, now_ms=now + 10 * MIN)
     assert store.evaluate(now + 10 * MIN).replaying
+
+
+def test_restating_holds_alerts_while_a_backlog_of_late_events_is_applied() -> None:
+    store = ScopeStore()
+    now = T0 + 120 * MIN
+    minute = now // MIN
+    store.report(0, now, "w1", caught_up=True, now_ms=now)
+    assert not store.evaluate(now).hold_alerts
+    store.apply_cells([("search", "c1", minute - 30, [1] * N)])  # a late event, no backlog
+    assert not store.evaluate(now + 10_000).restating, "caught up: the restatement is whole"
+    for step in range(1, 13):  # a backlog: restated minutes while the worker lags
+        t = now + step * MIN
+        store.apply_cells([("search", "c1", minute - 30 + step, [1] * N)])
+        store.report(0, t, "w1", caught_up=False, now_ms=t)
+        held = store.evaluate(t)
+        assert held.restating == (step <= 11), "held for at most RESTATING_HOLD_MS"
+        assert held.hold_alerts == held.restating and not held.replaying
+    t = now + 13 * MIN
+    store.report(0, t, "w1", caught_up=True, now_ms=t)
+    assert not store.evaluate(t).restating
+    store.report(0, t + 1000, "w1", caught_up=False, now_ms=t + 1000)
+    assert not store.evaluate(t + 1000).restating, "lagging alone, with no restatement, is no hold"
