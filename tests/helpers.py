@@ -127,11 +127,18 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-async def create_topics(bootstrap: str, topics: Iterable[str], partitions: int = 3) -> None:
+async def create_topics(
+    bootstrap: str,
+    topics: Iterable[str],
+    partitions: int = 3,
+    configs: dict[str, str] | None = None,
+) -> None:
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+        await admin.create_topics(
+            [NewTopic(t, partitions, 1, topic_configs=configs or {}) for t in topics]
+        )
     finally:
         await admin.close()
 
@@ -149,10 +156,14 @@ async def delete_topics(bootstrap: str, topics: Iterable[str]) -> None:
 
 
 async def produce(
-    bootstrap: str, messages: Iterable[tuple[str, bytes | None, bytes | None]]
+    bootstrap: str,
+    messages: Iterable[tuple[str, bytes | None, bytes | None]],
+    max_request_size: int = 4 << 20,
 ) -> None:
     """Send (topic, key, value) triples and wait until all are acknowledged."""
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", max_request_size=4 << 20)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, acks="all", max_request_size=max_request_size
+    )
     await producer.start()
     try:
         futures = [await producer.send(t, value=v, key=k) for t, k, v in messages]

@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import (
     WorkerProcess,
     consume_all,
+    create_topics,
     group_lag,
     produce,
     run,
@@ -122,6 +123,67 @@ def test_counts_and_dead_letters_exact(
         assert int(headers["kpimon.source.offset"]) >= 0
         assert headers["kpimon.error"]
     assert worker.alive(), "the worker must keep running after bad input"
+
+
+def test_a_rejection_too_large_for_the_dlq_becomes_a_marker_and_the_worker_goes_on(
+    start_worker: Callable[..., WorkerProcess], worker_env: dict[str, str]
+) -> None:
+    """Accepted settings, a source topic taking 16 MB: rejected records just over the DLQ
+    topic's 4 MiB limit (and far over it) go there as markers; one just under it goes as
+    it is; the events behind them are counted, without a single aborted transaction."""
+    bootstrap = worker_env["KPIMON_KAFKA_BOOTSTRAP"]
+    clicks = worker_env["KPIMON_TOPIC_CLICKS"]
+    big = {"max.message.bytes": str(16 << 20)}
+    run(create_topics(bootstrap, [clicks], partitions=1, configs=big))  # offsets 0, 1, ...
+    worker = start_worker(KPIMON_MAX_MESSAGE_BYTES=str(10 << 20))
+    worker.wait_ready()
+    now_ms = int(time.time() * 1000)
+
+    def padded(size: int, **fields: Any) -> bytes:
+        body = json.dumps({"event_id": "big", "ts": now_ms, "campaign_id": "c1", **fields,
+                           "pad": ""}).encode()  # fmt: skip
+        return body[:-2] + b"x" * (size - len(body)) + b'"}'
+
+    limit = 4 << 20
+    oversized = {
+        "just_over": padded(limit + 1, ts="yesterday"),
+        "five_mb": padded(5_000_000, ts="yesterday"),
+        "too_large": padded((10 << 20) + 1),
+    }
+    under = padded(limit - 8192, ts="yesterday")
+    valid = [json.dumps({"event_id": f"k{i}", "ts": now_ms, "campaign_id": "c1"}).encode()
+             for i in range(20)]  # fmt: skip
+    messages: list[tuple[str, bytes | None, bytes | None]] = [
+        (clicks, name.encode(), raw) for name, raw in oversized.items()
+    ]
+    messages += [(clicks, b"under", under)] + [(clicks, None, raw) for raw in valid]
+    run(produce(bootstrap, messages, max_request_size=32 << 20))
+
+    def counted() -> dict[Any, float] | None:
+        assert worker.alive(), worker.log_tail()
+        samples = worker.scrape()
+        done = samples is not None and sample(samples, "kpimon_events_total", type="click") == 20
+        return samples if done else None
+
+    samples = wait_for(counted, timeout=60, what="the events behind the big ones counted")
+    assert sample(samples, "kpimon_events_rejected_total", reason="bad_timestamp") == 3
+    assert sample(samples, "kpimon_events_rejected_total", reason="too_large") == 1
+    assert sample(samples, "kpimon_transactions_aborted_total") == 0
+    letters = run(consume_all(bootstrap, worker_env["KPIMON_DLQ_TOPIC"], expect=4, within=30))
+    assert len(letters) == 4
+    by_key = {letter.key: letter for letter in letters}
+    assert by_key[b"under"].value == under, "what fits goes as it is"
+    for name, raw in oversized.items():
+        letter = by_key[name.encode()]
+        headers = {k: v.decode() for k, v in letter.headers}
+        assert headers["kpimon.original"] == "truncated"
+        assert headers["kpimon.original.size"] == str(len(raw))
+        assert headers["kpimon.source.topic"] == clicks
+        assert int(headers["kpimon.source.offset"]) == list(oversized).index(name)
+        marker = json.loads(letter.value)
+        assert marker["size"] == len(raw)
+        assert marker["head"] == raw[:1024].decode() and marker["tail"] == raw[-1024:].decode()
+    assert worker.alive()
 
 
 def test_restart_resumes_from_committed_offsets(
