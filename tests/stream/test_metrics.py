@@ -32,9 +32,9 @@ def test_render_is_parseable_exact_and_escaped() -> None:
     assert got[("kpimon_kpi", frozenset({**labels, "kpi": "ctr"}.items()))] == 0.03
     assert got[("kpimon_kpi", frozenset({**labels, "kpi": "roas"}.items()))] == 90.5 / 12.25
     total = frozenset({**labels, "measure": "spend"}.items())
-    assert got[("kpimon_window_total", total)] == 12.25
+    assert got[("kpimon_window_measure", total)] == 12.25
     glob = {"scope": "global", "channel": "", "campaign": "", "window": "24h"}
-    assert got[("kpimon_window_total", frozenset({**glob, "measure": "clicks"}.items()))] == 30
+    assert got[("kpimon_window_measure", frozenset({**glob, "measure": "clicks"}.items()))] == 30
     monotonic = frozenset({"measure": "revenue", "channel": "search", "campaign": odd}.items())
     assert got[("kpimon_measure_total", monotonic)] == 90.5
     assert got[("kpimon_window_end_timestamp_seconds", frozenset())] == (now - MIN) // MIN * 60
