@@ -52,9 +52,12 @@ def _parse_rates(value: Any) -> Any:
 class Settings(BaseSettings):
     """Worker settings; each field is the env var ``KPIMON_<FIELD>``."""
 
+    # No inf or nan in any number: each must bound a wait, a size or a rate, and
+    # ``inf`` passes a lower bound only to crash later (int(inf) at start-up).
     model_config = SettingsConfigDict(
-        env_prefix="KPIMON_", extra="ignore", validate_default=True, frozen=True
-    )
+        env_prefix="KPIMON_", extra="ignore", validate_default=True, frozen=True,
+        allow_inf_nan=False,
+    )  # fmt: skip
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1)
     worker_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=100)
@@ -77,7 +80,7 @@ class Settings(BaseSettings):
     reporting_currency: str = "USD"
     currency_rates: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     max_message_bytes: int = Field(65536, ge=64, le=10 * 1024 * 1024)
-    max_future_skew_seconds: float = Field(300.0, ge=0)
+    max_future_skew_seconds: float = Field(300.0, ge=0, le=366 * 86400)
 
     eval_interval_seconds: float = Field(10.0, gt=0, le=3600)
     settle_seconds: float = Field(60.0, ge=0, le=3600)
@@ -137,7 +140,7 @@ class Settings(BaseSettings):
         for code, rate in rates.items():
             if not _CURRENCY.match(code):
                 raise ValueError(f"{code!r} is not an ISO 4217 code")
-            if not rate > 0 or rate == float("inf"):
+            if not rate > 0:  # inf and nan are refused before (allow_inf_nan)
                 raise ValueError(f"rate for {code} must be a positive number")
         return rates
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.settings import ConfigError, load_settings
+from stream.settings import ConfigError, Settings, load_settings
 from tests.helpers import REPO
 
 
@@ -53,6 +53,41 @@ def test_invalid_values_name_the_variable(
     assert needle in str(err.value)
 
 
+NUMERIC = sorted(
+    name for name, field in Settings.model_fields.items() if field.annotation in (int, float)
+)
+
+
+def test_numeric_settings_are_found() -> None:
+    # Every int or float setting, a new one included, is covered by the test below.
+    assert {"max_future_skew_seconds", "metrics_port", "eval_interval_seconds"} <= set(NUMERIC)
+    assert all(isinstance(getattr(Settings(), name), int | float) for name in NUMERIC)
+
+
+@pytest.mark.parametrize("field", NUMERIC)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "NaN", "1e400", "-1", "1e30"])
+def test_every_number_is_finite_non_negative_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str
+) -> None:
+    var = f"KPIMON_{field.upper()}"
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid configuration:"
+    assert len(lines) == 2 and lines[1].strip().startswith(f"{var}: "), lines
+
+
+@pytest.mark.parametrize("value", ["EUR=inf", "EUR=nan", "EUR=-inf", "EUR=0"])
+def test_currency_rates_are_finite_and_positive(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("KPIMON_CURRENCY_RATES", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "KPIMON_CURRENCY_RATES" in str(err.value)
+
+
 def test_secret_never_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KPIMON_SLACK_WEBHOOK_URL", "https://hooks.example/T000/SECRET123")
     monkeypatch.setenv("KPIMON_METRICS_PORT", "0")
@@ -85,6 +120,16 @@ def test_worker_refuses_invalid_config() -> None:
     assert "invalid configuration" in proc.stderr
     assert "KPIMON_METRICS_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_worker_refuses_a_non_finite_number(value: str) -> None:
+    proc = _worker(KPIMON_MAX_FUTURE_SKEW_SECONDS=value)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "invalid configuration:",
+        f"  KPIMON_MAX_FUTURE_SKEW_SECONDS: Input should be a finite number (got '{value}')",
+    ]
 
 
 def test_worker_refuses_an_invalid_rules_file(tmp_path: Path) -> None:
