@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.settings import ConfigError, Settings, load_settings
+from stream.settings import URL_FIELDS, ConfigError, Settings, load_settings
 from tests.helpers import REPO
 
 
@@ -88,6 +88,56 @@ def test_currency_rates_are_finite_and_positive(
     assert "KPIMON_CURRENCY_RATES" in str(err.value)
 
 
+BAD_URLS = [
+    ("http://127.0.0.1:99999/T0/SECRET123", "port must be a number from 1 to 65535"),
+    ("http://127.0.0.1:0/SECRET123", "port must be a number from 1 to 65535"),
+    ("http://hooks.example:80x/SECRET123", "port must be a number from 1 to 65535"),
+    ("http:///T0/SECRET123", "must name a host"),
+    ("https://:443/SECRET123", "must name a host"),
+    ("http://user:SECRET123@/x", "must name a host"),
+    ("ftp://hooks.example/SECRET123", "must be an http:// or https:// URL"),
+    ("hooks.example/SECRET123", "must be an http:// or https:// URL"),
+    ("http://hooks example/SECRET123", "must not contain spaces"),
+    ("http://hooks.exa\tmple/SECRET123", "must not contain spaces"),
+    ("http://hooks..example/SECRET123", "invalid host name"),
+    ("http://hooks!example/SECRET123", "invalid host name"),
+    ("http://[::1/SECRET123", "is not a valid URL"),
+    ("http://[fe80::zz]/SECRET123", "not a valid URL"),
+]
+GOOD_URLS = [
+    "https://hooks.slack.com/services/T000/B000/XXXX",
+    "http://127.0.0.1:9093",
+    "http://alertmanager:9093/",
+    "http://[::1]:9093/",
+    "https://user:pw@grafana.example.com:3000/grafana/",
+    "http://kpimon_alertmanager_1:65535",
+    "https://bücher.example/runbooks/",
+]
+
+
+@pytest.mark.parametrize("field", URL_FIELDS)
+@pytest.mark.parametrize(("url", "why"), BAD_URLS)
+def test_every_url_setting_is_checked_and_never_echoed(
+    monkeypatch: pytest.MonkeyPatch, field: str, url: str, why: str
+) -> None:
+    var = f"KPIMON_{field.upper()}"
+    monkeypatch.setenv(var, url)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert f"{var}: " in message and why in message, message
+    assert "SECRET123" not in message
+    assert url not in message
+
+
+@pytest.mark.parametrize("field", URL_FIELDS)
+@pytest.mark.parametrize("url", GOOD_URLS)
+def test_valid_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, field: str, url: str) -> None:
+    monkeypatch.setenv(f"KPIMON_{field.upper()}", url)
+    value = getattr(load_settings(), field)
+    assert (value.get_secret_value() if field == "slack_webhook_url" else value) == url
+
+
 def test_secret_never_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KPIMON_SLACK_WEBHOOK_URL", "https://hooks.example/T000/SECRET123")
     monkeypatch.setenv("KPIMON_METRICS_PORT", "0")
@@ -129,6 +179,15 @@ def test_worker_refuses_a_non_finite_number(value: str) -> None:
     assert proc.stderr.strip().splitlines() == [
         "invalid configuration:",
         f"  KPIMON_MAX_FUTURE_SKEW_SECONDS: Input should be a finite number (got '{value}')",
+    ]
+
+
+def test_worker_refuses_a_bad_webhook_without_echoing_it() -> None:
+    proc = _worker(KPIMON_SLACK_WEBHOOK_URL="http://127.0.0.1:99999/services/SECRET123")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "invalid configuration:",
+        "  KPIMON_SLACK_WEBHOOK_URL: port must be a number from 1 to 65535",
     ]
 
 
