@@ -32,14 +32,14 @@ from grafana.panels import (
 
 SELECTION = 'scope="campaign",channel=~"$channel",campaign=~"$campaign"'
 # label_values over window sums: every exported campaign has them, KPIs can be absent.
-CHANNEL_VALUES = 'label_values(kpimon_window_total{scope="campaign"}, channel)'
+CHANNEL_VALUES = 'label_values(kpimon_window_measure{scope="campaign"}, channel)'
 CAMPAIGN_VALUES = (
-    'label_values(kpimon_window_total{scope="campaign",channel=~"$channel"}, campaign)'
+    'label_values(kpimon_window_measure{scope="campaign",channel=~"$channel"}, campaign)'
 )
 # Alerts of the selection and of the scopes above it (channel and global alerts have
 # empty labels there), as annotations on every graph.
 ALERTS = 'max by (rule, severity, scope, channel, campaign) (kpimon_alerts_firing{channel=~"$channel|",campaign=~"$campaign|"})'  # noqa: E501
-WINDOW_TOTALS = f"kpimon_window_total{{{SELECTION}}}"
+WINDOW_SUMS = f"kpimon_window_measure{{{SELECTION}}}"
 FUNNEL = "clicks|leads|orders|new_customers"
 # KPI families (their runbooks) and the row each gets.
 FAMILIES = {
@@ -124,12 +124,10 @@ def _window_sums() -> table.Panel:
     return (
         table.Panel()
         .title("Window sums")
-        .description("kpimon_window_total of the selection: each measure over each window.")
+        .description("kpimon_window_measure of the selection: each measure over each window.")
         .datasource(DATASOURCE)
         .targets(
-            ref_ids(
-                [query(f"sum by (measure, window) ({WINDOW_TOTALS})", instant=True, table=True)]
-            )
+            ref_ids([query(f"sum by (measure, window) ({WINDOW_SUMS})", instant=True, table=True)])
         )
         .with_transformation(
             dm.DataTransformerConfig(
@@ -158,12 +156,12 @@ def _campaigns() -> table.Panel:
     columns = {"Value #A": "Spend · 24 h", "Value #B": "Revenue · 24 h",
                "Value #C": "Orders · 24 h", "Value #D": "ROAS · 24 h"}  # fmt: skip
     queries = [
-        query(f'{by} (kpimon_window_total{{measure="spend",{day}}})', instant=True, table=True),
-        query(f'{by} (kpimon_window_total{{measure="revenue",{day}}})', instant=True, table=True),
-        query(f'{by} (kpimon_window_total{{measure="orders",{day}}})', instant=True, table=True),
+        query(f'{by} (kpimon_window_measure{{measure="spend",{day}}})', instant=True, table=True),
+        query(f'{by} (kpimon_window_measure{{measure="revenue",{day}}})', instant=True, table=True),
+        query(f'{by} (kpimon_window_measure{{measure="orders",{day}}})', instant=True, table=True),
         query(
-            f'{by} (kpimon_window_total{{measure="revenue",{day}}}) / '
-            f'({by} (kpimon_window_total{{measure="spend",{day}}}) > 0)',
+            f'{by} (kpimon_window_measure{{measure="revenue",{day}}}) / '
+            f'({by} (kpimon_window_measure{{measure="spend",{day}}}) > 0)',
             instant=True,
             table=True,
         ),
@@ -241,12 +239,12 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         "Funnel · 15 min windows",
         [
             query(
-                f'sum by (measure) (kpimon_window_total{{measure=~"{FUNNEL}",window="15m",'
+                f'sum by (measure) (kpimon_window_measure{{measure=~"{FUNNEL}",window="15m",'
                 f"{SELECTION}}})",
                 "{{measure}}",
             ),
             query(
-                f'sum(kpimon_window_total{{measure="impressions",window="15m",{SELECTION}}})',
+                f'sum(kpimon_window_measure{{measure="impressions",window="15m",{SELECTION}}})',
                 "impressions",
             ),
         ],
@@ -259,7 +257,7 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         "Spend and revenue · 1 h windows",
         [
             query(
-                f'sum by (measure) (kpimon_window_total{{measure=~"spend|revenue",window="1h",'
+                f'sum by (measure) (kpimon_window_measure{{measure=~"spend|revenue",window="1h",'
                 f"{SELECTION}}})",
                 "{{measure}}",
             )

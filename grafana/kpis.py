@@ -1,7 +1,7 @@
 """The KPI table (SPEC) and the PromQL that recomputes KPIs from window sums.
 
 A KPI over a selection of series (a campaign, every campaign of a channel, all of
-them) is a ratio of the summed window totals, never a mean of ratios: that is
+them) is a ratio of summed window sums, never a mean of ratios: that is
 exact whichever series the selection spans and however many workers export them.
 """
 
@@ -20,7 +20,7 @@ class Kpi:
 
     name: str  # the `kpi` label value
     title: str
-    numerator: str  # `measure` label values of kpimon_window_total
+    numerator: str  # `measure` label values of kpimon_window_measure
     denominator: str
     unit: str
     bad: Literal["down", "up"]
@@ -70,7 +70,7 @@ def _shifted(expr: str, shift: float) -> str:
 def window_sum(measure: str, window: str, selector: str, offset: str = "") -> str:
     """Sum of one measure over the window, across every series the selector matches."""
     at = f" offset {offset}" if offset else ""
-    return f'sum(kpimon_window_total{{measure="{measure}",window="{window}",{selector}}}{at})'
+    return f'sum(kpimon_window_measure{{measure="{measure}",window="{window}",{selector}}}{at})'
 
 
 def ratio(kpi: Kpi, selector: str, *, window: str | None = None, offset: str = "") -> str:
@@ -88,7 +88,7 @@ def baseline(kpi: Kpi, selector: str) -> str:
     expected if each series ran at its own baseline with today's volume mix.
     """
     b = f'kpimon_kpi_baseline{{kpi="{kpi.name}",window="{kpi.window}",{selector}}}'
-    d = f'kpimon_window_total{{measure="{kpi.denominator}",window="{kpi.window}",{selector}}}'
+    d = f'kpimon_window_measure{{measure="{kpi.denominator}",window="{kpi.window}",{selector}}}'
     return f"sum({b} * {_SERIES} {d}) / (sum({d} and {_SERIES} {b}) > 0)"
 
 

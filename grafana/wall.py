@@ -210,8 +210,8 @@ def _alerts_table() -> table.Panel:
 
 
 def build() -> dm.Dashboard:
-    per_minute = 'sum(kpimon_window_total{{measure="{m}",scope="global",window="5m"}}) / 5'
-    day = 'sum(kpimon_window_total{{measure="{m}",scope="global",window="24h"}})'
+    per_minute = 'sum(kpimon_window_measure{{measure="{m}",scope="global",window="5m"}}) / 5'
+    day = 'sum(kpimon_window_measure{{measure="{m}",scope="global",window="24h"}})'
     board = (
         db.Dashboard(TITLES[WALL_UID])
         .uid(WALL_UID)

@@ -9,6 +9,8 @@ counted instead of crashing the worker. This module has no Kafka imports.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -268,6 +270,51 @@ def _rejection_from(exc: ValidationError, raw: bytes, shared: bool) -> Rejection
     return Rejection(reason, f"{field}: {err.get('msg', 'invalid')}")
 
 
+def _validate(raw: bytes, topic_type: str | None) -> EventModel:
+    if topic_type is None:
+        return _SHARED.validate_json(raw)
+    return MODELS[topic_type].model_validate_json(raw)
+
+
+# The seconds of an RFC 3339 ``ts`` string: group 1 is everything before them.
+_SECOND_60 = re.compile(r"(\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}):60(?!\d)")
+
+
+def _leap_second(raw: bytes, topic_type: str | None) -> EventModel | Rejection | None:
+    """The event whose ``ts`` is a leap second, with ``ts`` the next second (as most
+    systems read ``23:59:60``), else why it is rejected all the same (second 60 where
+    no leap second can be, another bad field); None when its ``ts`` has no second 60.
+
+    Off the hot path: only input the validator refused for its ``ts`` comes here. The
+    time is validated as second 59 (so every other rule of the format is pydantic's).
+    """
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    ts = body.get("ts") if isinstance(body, dict) else None
+    if not isinstance(ts, str) or (match := _SECOND_60.match(ts)) is None:
+        return None
+    body["ts"] = f"{match[1]}:59{ts[match.end() :]}"
+    fixed = json.dumps(body).encode()
+    try:
+        model = _validate(fixed, topic_type)
+    except ValidationError as exc:  # what else is wrong with it (or with its ts)
+        return _rejection_from(exc, fixed, topic_type is None)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(model.ts, datetime):
+        return None
+    after = model.ts + timedelta(seconds=1)
+    utc = after.astimezone(UTC)
+    if (utc.day, utc.hour, utc.minute, utc.second) != (1, 0, 0, 0):
+        return Rejection(
+            RejectReason.BAD_TIMESTAMP,
+            "ts: second 60 (a leap second) exists only at 23:59:60 UTC on a month's last day",
+        )
+    return model.model_copy(update={"ts": after})
+
+
 class EventParser:
     """Bytes -> :class:`Event` or :class:`Rejection`. Never raises on any input."""
 
@@ -294,12 +341,16 @@ class EventParser:
                 RejectReason.TOO_LARGE, f"{len(raw)} bytes exceeds the {self._max_bytes} limit"
             )
         try:
-            if topic_type is None:
-                model = _SHARED.validate_json(raw)
-            else:
-                model = MODELS[topic_type].model_validate_json(raw)
+            model = _validate(raw, topic_type)
         except ValidationError as exc:
-            return _rejection_from(exc, raw, topic_type is None)
+            rejection = _rejection_from(exc, raw, topic_type is None)
+            if rejection.reason is RejectReason.BAD_TIMESTAMP and b":60" in raw:
+                leap = _leap_second(raw, topic_type)
+                if isinstance(leap, Rejection):
+                    return leap
+                if leap is not None:
+                    return self._normalise(leap, now_ms)
+            return rejection
         except (ValueError, RecursionError) as exc:  # defensive: the parser itself gave up
             return Rejection(RejectReason.NOT_JSON, str(exc)[:200])
         return self._normalise(model, now_ms)

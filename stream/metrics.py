@@ -131,13 +131,13 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
         for w, values in result.kpis.items():
             for name, value in values.items():
                 out.append(f'kpimon_kpi{{kpi="{name}",{prefix}{w}"}} {value!r}\n')
-    _family(out, "kpimon_window_total", "gauge",
+    _family(out, "kpimon_window_measure", "gauge",
             "Sum of a measure over the window (money in the reporting currency)")  # fmt: skip
     for prefix, (_, result) in zip(prefixes, series, strict=True):
         for w, totals in result.windows.items():
             for i, measure in enumerate(MEASURES):
                 value = measure_value(i, int(totals[i]))
-                out.append(f'kpimon_window_total{{measure="{measure}",{prefix}{w}"}} {value!r}\n')
+                out.append(f'kpimon_window_measure{{measure="{measure}",{prefix}{w}"}} {value!r}\n')
     _family(out, "kpimon_measure_total", "counter",
             "Monotonic sum of a measure over all applied events")  # fmt: skip
     for (channel, campaign), counts in sorted(ev.measure_totals.items()):

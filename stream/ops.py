@@ -57,15 +57,49 @@ async def group_lag(bootstrap: str, group: str) -> list[PartitionLag]:
         await admin.close()
 
 
+# Deeper JSON is shown as its text: encoding it again would recurse that deep
+# (a 60 KB ``[[[...]]]`` dead letter is ~30,000 levels) and no event nests so.
+MAX_JSON_DEPTH = 100
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests deeper than ``limit`` (iterative: any depth is safe)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def _decode(raw: bytes | None) -> Any:
-    """JSON when the bytes are JSON, else text (invalid UTF-8 replaced), else None."""
+    """JSON when the bytes are strict JSON of sane depth, else their text (invalid UTF-8
+    replaced), else None. Never raises: the topics this reads hold whatever was rejected."""
     if raw is None:
         return None
     text = raw.decode("utf-8", errors="replace")
     try:
-        return json.loads(text)
-    except ValueError:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
         return text
+    return text if _depth_exceeds(value, MAX_JSON_DEPTH) else value
+
+
+def json_line(record: dict[str, Any]) -> bytes:
+    """One UTF-8 JSON line; strings that UTF-8 cannot carry (lone surrogates, from
+    ``"\\ud800"`` escapes) are written as JSON escapes instead."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        return text.encode() + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(record).encode() + b"\n"
 
 
 async def tail(
@@ -161,8 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LookupError as exc:
         print(exc, file=sys.stderr)
         return 1
+    sys.stdout.flush()
     for record in records:
-        print(json.dumps(record, ensure_ascii=False))
+        sys.stdout.buffer.write(json_line(record))
+    sys.stdout.buffer.flush()
     return 0
 
 

@@ -8,12 +8,14 @@ error messages or logs.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
 import socket
+import urllib.parse
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,8 +26,52 @@ EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
+URL_FIELDS: tuple[str, ...] = (
+    "slack_webhook_url", "alertmanager_url", "grafana_url", "runbook_base_url",
+)  # fmt: skip
+_HOST = re.compile(r"[A-Za-z0-9._-]+")
+
+
 class ConfigError(Exception):
     """Invalid configuration; the message is safe to print (no secret values)."""
+
+
+def check_http_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is an http(s) URL with a valid host and port.
+
+    Checked at start-up so that a typo fails there, not at every delivery. The
+    messages never quote the URL: it may carry a secret (a webhook path, a password).
+    """
+    if any(c.isspace() or not c.isprintable() for c in url):
+        # urlsplit would silently drop tabs and newlines, so check before it.
+        raise ValueError("must not contain spaces or control characters")
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unbalanced or invalid [IPv6] host
+        raise ValueError("is not a valid URL") from None
+    if parts.scheme.lower() not in {"http", "https"}:
+        raise ValueError("must be an http:// or https:// URL")
+    host = parts.hostname
+    if not host:
+        raise ValueError("must name a host (http://HOST[:PORT]/...)")
+    if parts.netloc.rpartition("@")[2].startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has an invalid IPv6 host") from None
+    else:
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError("has an invalid host name") from None
+        if not _HOST.fullmatch(ascii_host):
+            raise ValueError("has an invalid host name")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError("port must be a number from 1 to 65535")
 
 
 def _split_csv(value: Any) -> Any:
@@ -53,9 +99,12 @@ def _parse_rates(value: Any) -> Any:
 class Settings(BaseSettings):
     """Worker settings; each field is the env var ``KPIMON_<FIELD>``."""
 
+    # No inf or nan in any number: each must bound a wait, a size or a rate, and
+    # ``inf`` passes a lower bound only to crash later (int(inf) at start-up).
     model_config = SettingsConfigDict(
-        env_prefix="KPIMON_", extra="ignore", validate_default=True, frozen=True
-    )
+        env_prefix="KPIMON_", extra="ignore", validate_default=True, frozen=True,
+        allow_inf_nan=False,
+    )  # fmt: skip
 
     kafka_bootstrap: str = Field("127.0.0.1:9092", min_length=1)
     worker_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=100)
@@ -78,7 +127,7 @@ class Settings(BaseSettings):
     reporting_currency: str = "USD"
     currency_rates: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     max_message_bytes: int = Field(65536, ge=64, le=10 * 1024 * 1024)
-    max_future_skew_seconds: float = Field(300.0, ge=0)
+    max_future_skew_seconds: float = Field(300.0, ge=0, le=366 * 86400)
 
     eval_interval_seconds: float = Field(10.0, gt=0, le=3600)
     settle_seconds: float = Field(60.0, ge=0, le=3600)
@@ -112,20 +161,17 @@ class Settings(BaseSettings):
 
     _split_topics = field_validator("shared_topics", mode="before")(_split_csv)
 
-    @field_validator(
-        "slack_webhook_url", "alertmanager_url", "grafana_url", "runbook_base_url", mode="before"
-    )
+    @field_validator(*URL_FIELDS, mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         """``KPIMON_SLACK_WEBHOOK_URL=`` (e.g. compose's ``${VAR:-}``) means no webhook."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("slack_webhook_url", "alertmanager_url", "grafana_url", "runbook_base_url")
+    @field_validator(*URL_FIELDS)
     @classmethod
     def _http_url(cls, value: Any) -> Any:
-        raw = value.get_secret_value() if isinstance(value, SecretStr) else value
-        if raw is not None and not str(raw).startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+        if value is not None:
+            check_http_url(value.get_secret_value() if isinstance(value, SecretStr) else value)
         return value
 
     _rates = field_validator("currency_rates", mode="before")(_parse_rates)
@@ -144,7 +190,7 @@ class Settings(BaseSettings):
         for code, rate in rates.items():
             if not _CURRENCY.match(code):
                 raise ValueError(f"{code!r} is not an ISO 4217 code")
-            if not rate > 0 or rate == float("inf"):
+            if not rate > 0:  # inf and nan are refused before (allow_inf_nan)
                 raise ValueError(f"rate for {code} must be a positive number")
         return rates
 
@@ -203,6 +249,13 @@ class Settings(BaseSettings):
         return {**self.currency_rates, self.reporting_currency: 1.0}
 
 
+_SECRET_FIELDS = frozenset(
+    name
+    for name, f in Settings.model_fields.items()
+    if SecretStr in (f.annotation, *get_args(f.annotation))
+)
+
+
 def _format_errors(exc: ValidationError) -> str:
     lines = ["invalid configuration:"]
     for err in exc.errors(include_url=False, include_input=False):
@@ -210,7 +263,8 @@ def _format_errors(exc: ValidationError) -> str:
         field = str(loc[0]) if loc else ""
         name = f"KPIMON_{field.upper()}" if field else "(settings)"
         raw = os.environ.get(name)
-        secret = "webhook" in field or "secret" in field or "password" in field
+        # URLs are not echoed either: one may hold a password or a token.
+        secret = field in URL_FIELDS or field in _SECRET_FIELDS
         shown = "" if raw is None or secret else f" (got {raw!r})"
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         lines.append(f"  {name}: {msg}{shown}")

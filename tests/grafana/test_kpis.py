@@ -49,12 +49,12 @@ def _input_series() -> list[dict[str, str]]:
             labels = f'scope="campaign",channel="{channel}",campaign="{campaign}",window="{window}"'
             for measure, value in sums.items():
                 out.append({
-                    "series": f'kpimon_window_total{{measure="{measure}",{labels}}}',
+                    "series": f'kpimon_window_measure{{measure="{measure}",{labels}}}',
                     "values": f"{value:g}x5",
                 })  # fmt: skip
             # The coarser scopes must not leak into a campaign selection.
             out.append({
-                "series": f'kpimon_window_total{{measure="impressions",scope="channel",'
+                "series": f'kpimon_window_measure{{measure="impressions",scope="channel",'
                           f'channel="{channel}",campaign="",window="{window}"}}',
                 "values": "1x5",
             })  # fmt: skip

@@ -281,7 +281,7 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
     def ready() -> bool:
         now = time.time()
         return all(_has_data(prom, expr, instant=True, now=now) for expr in (
-            'kpimon_window_total{scope="campaign",measure="new_customers",window="1h"} > 0',
+            'kpimon_window_measure{scope="campaign",measure="new_customers",window="1h"} > 0',
             f"rate(kpimon_event_to_metric_latency_seconds_count[{_rate_interval()}s]) > 0",
             f"rate(kpimon_events_total[{_rate_interval()}s]) > 0",
         ))  # fmt: skip
@@ -294,7 +294,7 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
     assert len(channels) >= 2, channels
     # The drill-down opens on the incident's campaign, as its alert's link would.
     focus_query = (
-        f'kpimon_window_total{{scope="campaign",campaign="{scenario.focus}",'
+        f'kpimon_window_measure{{scope="campaign",campaign="{scenario.focus}",'
         'measure="new_customers",window="1h"} > 0'
     )
     focus = wait_for(

@@ -155,7 +155,7 @@ def scrape_all(workers: list[WorkerProcess]) -> list[dict[Any, float]]:
 def owner_samples(workers: list[WorkerProcess]) -> dict[Any, float] | None:
     """The scrape of the one worker exporting KPI series (and check there is one)."""
     scrapes = scrape_all(workers)
-    owners = [s for s in scrapes if any(name == "kpimon_window_total" for name, _ in s)]
+    owners = [s for s in scrapes if any(name == "kpimon_window_measure" for name, _ in s)]
     assert len(owners) <= 1, "KPI series exported by more than one worker"
     return owners[0] if owners else None
 
@@ -205,7 +205,7 @@ def check_exact(workers: list[WorkerProcess], data: Dataset, *, counters: bool =
                 out[key] = v
         return out
 
-    exported = series("kpimon_window_total", "measure")
+    exported = series("kpimon_window_measure", "measure")
     kpi_exported = series("kpimon_kpi", "kpi")
     expected_window: dict[tuple[Any, ...], float] = {}
     expected_kpi: dict[tuple[Any, ...], float] = {}

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
 from stream.ops import main
-from tests.helpers import create_topics, run
+from tests.helpers import REPO, create_topics, produce, run
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +68,44 @@ def test_tail_prints_the_newest_records_with_headers(
 
     assert main(["tail", f"{topic}-missing"]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def _strict(name: str) -> Any:
+    raise AssertionError(f"{name} in the output: not JSON")
+
+
+def test_tail_prints_any_payload(kafka_bootstrap: str, topic_names: Callable[[str], str]) -> None:
+    """Dead letters are whatever producers sent: the tail prints each as one strict JSON line."""
+    topic = topic_names("dlq")
+    run(create_topics(kafka_bootstrap, [topic], partitions=1))
+    nested = b"[" * 30_000 + b"]" * 30_000  # 60 KB, dead-lettered as not_json
+    payloads = [
+        nested,
+        b'{"s": "\\ud800 lone surrogate"}',  # valid JSON, not valid UTF-8 once decoded
+        b"[NaN, Infinity]",
+        b"\x00\x01\xff\xfe binary",
+        b"[" * 101 + b"]" * 101,  # parseable, but deeper than an event ever is
+        b'{"ok": ["fine", 1]}',
+    ]
+    run(produce(kafka_bootstrap, [(topic, nested, value) for value in payloads]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stream.ops", "tail", topic, "-n", str(len(payloads))],
+        cwd=REPO,
+        env={**os.environ, "KPIMON_KAFKA_BOOTSTRAP": kafka_bootstrap},
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert proc.stderr == b""
+    lines = [json.loads(line, parse_constant=_strict) for line in proc.stdout.splitlines()]
+    values = [line["value"] for line in lines]
+    assert values[0] == nested.decode() and lines[0]["key"] == nested.decode()
+    assert values[1] == {"s": "\ud800 lone surrogate"}
+    assert values[2] == "[NaN, Infinity]"
+    assert values[3] == "\x00\x01\ufffd\ufffd binary"
+    assert values[4] == "[" * 101 + "]" * 101
+    assert values[5] == {"ok": ["fine", 1]}
 
 
 def test_lag_per_partition_and_topic(

@@ -177,7 +177,7 @@ def test_recorded_kpis_equal_the_worker_kpis(
 
     # The window sums and the rate rules are recorded too, and every rule evaluates cleanly.
     # (Prometheus drops empty labels: channel and campaign of the global scope.)
-    sums = _series(prom_query(url, 'scope:kpimon_window_total:sum{scope="global",window="5m"}'))
+    sums = _series(prom_query(url, 'scope:kpimon_window_measure:sum{scope="global",window="5m"}'))
     key = frozenset({"measure": "impressions", "scope": "global", "window": "5m"}.items())
     assert sums[key] > 40
     rates = wait_for(

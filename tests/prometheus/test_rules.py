@@ -37,7 +37,7 @@ RUNBOOKS = REPO / "docs" / "runbooks"
 KPI_RULES_FILE = REPO / "alerts" / "rules.yml"
 
 RECORDING_RULES = {
-    "scope:kpimon_window_total:sum",
+    "scope:kpimon_window_measure:sum",
     "scope:kpimon_kpi:ratio",
     "channel:kpimon_measure:rate5m",
     "global:kpimon_measure:rate5m",
@@ -333,7 +333,7 @@ def test_runbooks_name_real_settings_commands_and_metrics() -> None:
         for name in action._name_parser_map
     }
     metrics = _known_metrics()
-    assert {"kpimon_kpi", "kpimon_window_total", "kpimon_events_total", "kpimon_replaying",
+    assert {"kpimon_kpi", "kpimon_window_measure", "kpimon_events_total", "kpimon_replaying",
             "kpimon_event_to_metric_latency_seconds_bucket"} <= metrics  # fmt: skip
     problems: list[str] = []
     for page in [*_runbook_pages(), RUNBOOKS / "README.md"]:

@@ -93,6 +93,61 @@ def test_bad_timestamps(parse: Callable[..., Event | Rejection], ts: Any) -> Non
     assert reason(parse(click(ts=ts))) is RejectReason.BAD_TIMESTAMP
 
 
+JULY_1_MS = 1_782_864_000_000  # 2026-07-01T00:00:00Z, after the leap second of June 30
+
+
+@pytest.mark.parametrize(
+    ("ts", "expected"),
+    [
+        ("2026-06-30T23:59:60Z", JULY_1_MS),
+        ("2026-06-30T23:59:60.250Z", JULY_1_MS + 250),
+        ("2026-06-30t23:59:60z", JULY_1_MS),
+        ("2026-07-01T01:59:60+02:00", JULY_1_MS),  # 23:59:60 UTC in local time
+        ("2025-12-31T18:59:60-05:00", 1_767_225_600_000),  # 2026-01-01T00:00:00Z
+    ],
+)
+def test_leap_second_counts_as_the_next_second(
+    parse: Callable[..., Event | Rejection], ts: str, expected: int
+) -> None:
+    event = parse(click(ts=ts))
+    assert isinstance(event, Event), event
+    assert event.ts_ms == expected
+    shared = parse({**click(ts=ts), "type": "click"}, topic_type=None)
+    assert isinstance(shared, Event) and shared.ts_ms == expected
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        "2026-06-30T23:59:61Z",
+        "2026-06-30T23:59:99Z",
+        "2026-06-30T23:59:600Z",
+        "2026-06-30T12:30:60Z",  # no leap second at noon
+        "2026-06-29T23:59:60Z",  # nor at the end of another day
+        "2026-06-30T23:59:60+02:00",  # 21:59:60 UTC
+        "2026-06-30T23:59:60",  # no offset
+        "2026-02-30T23:59:60Z",  # no such day
+        "2026-06-30T23:60:60Z",
+    ],
+)
+def test_invalid_second_60_or_more_is_rejected(
+    parse: Callable[..., Event | Rejection], ts: str
+) -> None:
+    assert reason(parse(click(ts=ts))) is RejectReason.BAD_TIMESTAMP
+
+
+def test_leap_second_event_is_checked_like_any_other(
+    parse: Callable[..., Event | Rejection],
+) -> None:
+    leap = "2026-06-30T23:59:60Z"
+    assert reason(parse(click(ts=leap, cost=-1))) is RejectReason.NEGATIVE_MONEY
+    assert reason(parse(click(ts=leap, event_id=""))) is RejectReason.INVALID_VALUE
+    assert reason(parse(click(ts="2026-12-31T23:59:60Z"))) is RejectReason.FUTURE_TIMESTAMP
+    assert reason(parse({"event_id": "e1", "ts": leap}, topic_type="spend")) is (
+        RejectReason.MISSING_FIELD
+    )
+
+
 def test_future_timestamp_beyond_skew(parse: Callable[..., Event | Rejection]) -> None:
     assert isinstance(parse(click(ts=NOW_MS + 299_000)), Event)
     assert reason(parse(click(ts=NOW_MS + 301_000))) is RejectReason.FUTURE_TIMESTAMP
@@ -263,6 +318,23 @@ def test_any_object_parses_or_rejects(body: dict[str, Any], topic_type: str | No
     assert isinstance(result, Event | Rejection)
     if isinstance(result, Rejection):
         assert result.detail
+
+
+@given(
+    prefix=st.sampled_from(["2026-06-30T23:59", "2026-06-30t12:00", "0000-00-00 99:99", ""]),
+    suffix=st.text(max_size=12),
+    extra=st.dictionaries(st.sampled_from(FIELDS), json_values, max_size=4),
+    topic_type=st.sampled_from([None, "click", "order"]),
+)
+def test_any_second_60_parses_or_rejects(
+    prefix: str, suffix: str, extra: dict[str, Any], topic_type: str | None
+) -> None:
+    """The leap-second path (taken only for ``:60``) never raises either."""
+    body = {**extra, "ts": f"{prefix}:60{suffix}"}
+    result = PARSER.parse(json.dumps(body).encode(), topic_type=topic_type, now_ms=NOW_MS)
+    assert isinstance(result, Event | Rejection)
+    if isinstance(result, Event):
+        assert result.ts_ms % 60_000 < 1000  # only ever the first second of a minute
 
 
 ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=128)

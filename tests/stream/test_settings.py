@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stream.settings import ConfigError, load_settings
+from stream.settings import URL_FIELDS, ConfigError, Settings, load_settings
 from tests.helpers import REPO
 
 
@@ -53,6 +53,91 @@ def test_invalid_values_name_the_variable(
     assert needle in str(err.value)
 
 
+NUMERIC = sorted(
+    name for name, field in Settings.model_fields.items() if field.annotation in (int, float)
+)
+
+
+def test_numeric_settings_are_found() -> None:
+    # Every int or float setting, a new one included, is covered by the test below.
+    assert {"max_future_skew_seconds", "metrics_port", "eval_interval_seconds"} <= set(NUMERIC)
+    assert all(isinstance(getattr(Settings(), name), int | float) for name in NUMERIC)
+
+
+@pytest.mark.parametrize("field", NUMERIC)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "NaN", "1e400", "-1", "1e30"])
+def test_every_number_is_finite_non_negative_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str
+) -> None:
+    var = f"KPIMON_{field.upper()}"
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid configuration:"
+    assert len(lines) == 2 and lines[1].strip().startswith(f"{var}: "), lines
+
+
+@pytest.mark.parametrize("value", ["EUR=inf", "EUR=nan", "EUR=-inf", "EUR=0"])
+def test_currency_rates_are_finite_and_positive(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("KPIMON_CURRENCY_RATES", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "KPIMON_CURRENCY_RATES" in str(err.value)
+
+
+BAD_URLS = [
+    ("http://127.0.0.1:99999/T0/SECRET123", "port must be a number from 1 to 65535"),
+    ("http://127.0.0.1:0/SECRET123", "port must be a number from 1 to 65535"),
+    ("http://hooks.example:80x/SECRET123", "port must be a number from 1 to 65535"),
+    ("http:///T0/SECRET123", "must name a host"),
+    ("https://:443/SECRET123", "must name a host"),
+    ("http://user:SECRET123@/x", "must name a host"),
+    ("ftp://hooks.example/SECRET123", "must be an http:// or https:// URL"),
+    ("hooks.example/SECRET123", "must be an http:// or https:// URL"),
+    ("http://hooks example/SECRET123", "must not contain spaces"),
+    ("http://hooks.exa\tmple/SECRET123", "must not contain spaces"),
+    ("http://hooks..example/SECRET123", "invalid host name"),
+    ("http://hooks!example/SECRET123", "invalid host name"),
+    ("http://[::1/SECRET123", "is not a valid URL"),
+    ("http://[fe80::zz]/SECRET123", "not a valid URL"),
+]
+GOOD_URLS = [
+    "https://hooks.slack.com/services/T000/B000/XXXX",
+    "http://127.0.0.1:9093",
+    "http://alertmanager:9093/",
+    "http://[::1]:9093/",
+    "https://user:pw@grafana.example.com:3000/grafana/",
+    "http://kpimon_alertmanager_1:65535",
+    "https://bücher.example/runbooks/",
+]
+
+
+@pytest.mark.parametrize("field", URL_FIELDS)
+@pytest.mark.parametrize(("url", "why"), BAD_URLS)
+def test_every_url_setting_is_checked_and_never_echoed(
+    monkeypatch: pytest.MonkeyPatch, field: str, url: str, why: str
+) -> None:
+    var = f"KPIMON_{field.upper()}"
+    monkeypatch.setenv(var, url)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert f"{var}: " in message and why in message, message
+    assert "SECRET123" not in message
+    assert url not in message
+
+
+@pytest.mark.parametrize("field", URL_FIELDS)
+@pytest.mark.parametrize("url", GOOD_URLS)
+def test_valid_urls_are_accepted(monkeypatch: pytest.MonkeyPatch, field: str, url: str) -> None:
+    monkeypatch.setenv(f"KPIMON_{field.upper()}", url)
+    value = getattr(load_settings(), field)
+    assert (value.get_secret_value() if field == "slack_webhook_url" else value) == url
+
+
 def test_secret_never_in_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KPIMON_SLACK_WEBHOOK_URL", "https://hooks.example/T000/SECRET123")
     monkeypatch.setenv("KPIMON_METRICS_PORT", "0")
@@ -85,6 +170,25 @@ def test_worker_refuses_invalid_config() -> None:
     assert "invalid configuration" in proc.stderr
     assert "KPIMON_METRICS_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_worker_refuses_a_non_finite_number(value: str) -> None:
+    proc = _worker(KPIMON_MAX_FUTURE_SKEW_SECONDS=value)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "invalid configuration:",
+        f"  KPIMON_MAX_FUTURE_SKEW_SECONDS: Input should be a finite number (got '{value}')",
+    ]
+
+
+def test_worker_refuses_a_bad_webhook_without_echoing_it() -> None:
+    proc = _worker(KPIMON_SLACK_WEBHOOK_URL="http://127.0.0.1:99999/services/SECRET123")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "invalid configuration:",
+        "  KPIMON_SLACK_WEBHOOK_URL: port must be a number from 1 to 65535",
+    ]
 
 
 def test_worker_refuses_an_invalid_rules_file(tmp_path: Path) -> None:

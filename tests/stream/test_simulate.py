@@ -31,7 +31,9 @@ def test_same_seed_same_stream() -> None:
 
 
 def test_every_event_is_valid_and_the_funnel_is_realistic() -> None:
-    events = run_sim(SimConfig(seed=1, rate=100, late_rate=0, slightly_late_rate=0), 900)
+    events = run_sim(
+        SimConfig(seed=1, rate=100, late_rate=0, slightly_late_rate=0, out_of_order_rate=0), 900
+    )
     parser = EventParser(rates={"EUR": 1.1}, reporting_currency="USD", max_bytes=65536,
                          max_future_skew_ms=300_000)  # fmt: skip
     kinds: Counter[str] = Counter()
@@ -71,7 +73,9 @@ def clicks_of(events: list[tuple[str, dict[str, object]]], campaign: str, lo: fl
 
 
 def test_ctr_drop_incident_hits_only_its_campaign() -> None:
-    base = SimConfig(seed=5, rate=200, late_rate=0, slightly_late_rate=0, duplicate_rate=0)
+    base = SimConfig(
+        seed=5, rate=200, late_rate=0, slightly_late_rate=0, out_of_order_rate=0, duplicate_rate=0
+    )
     incident = Incident.parse("ctr_drop:campaign=c1:at=+10m:by=60%:for=10m")
     normal = run_sim(base, 1200)
     dropped = run_sim(SimConfig(**{**base.__dict__, "incidents": [incident]}), 1200)
@@ -135,7 +139,9 @@ def test_cli_writes_json_lines_with_type(tmp_path: Path) -> None:
 
 def test_incident_offsets_count_from_the_first_call() -> None:
     """A stream produced in chunks (realtime, files) sees incidents at the right time."""
-    base = SimConfig(seed=5, rate=200, late_rate=0, slightly_late_rate=0, duplicate_rate=0)
+    base = SimConfig(
+        seed=5, rate=200, late_rate=0, slightly_late_rate=0, out_of_order_rate=0, duplicate_rate=0
+    )
     incident = Incident.parse("ctr_drop:campaign=c1:at=+10m:by=100%:for=10m")
     sim = Simulator(SimConfig(**{**base.__dict__, "incidents": [incident]}))
     chunked = [e for tick in range(0, 1200, 60) for e in sim.events(START + tick, 60)]
@@ -161,7 +167,7 @@ def test_spend_reports_follow_the_clock_not_the_chunking() -> None:
 
 def test_spend_reports_are_lumps_that_scale_with_traffic_and_spikes() -> None:
     quiet = SimConfig(seed=9, rate=10, campaigns=3, duplicate_rate=0.0, late_rate=0.0,
-                      slightly_late_rate=0.0, diurnal=False)  # fmt: skip
+                      out_of_order_rate=0.0, slightly_late_rate=0.0, diurnal=False)  # fmt: skip
     normal = run_sim(quiet, 3600)
     busy = run_sim(dataclasses.replace(quiet, rate=40), 3600)
     spike = Incident.parse("spend_spike:at=0s:by=100%:for=2h")
