@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from xxhash import xxh3_64_intdigest
 
 from stream.events import EVENT_TYPES
 from stream.windows import (
@@ -85,17 +86,28 @@ class TooLate:
     clock_ms: int
 
 
+def key_hash(kind: str, key: str) -> int:
+    """A 64-bit hash of an event's (type, dedup key), stable across processes.
+
+    The dedup state holds hours of keys (an hour of impressions at 1,000/s is 3.6M),
+    so it keeps this 8-byte hash instead of the id string: about half the memory, and
+    smaller changelog entries. Two live keys collide with probability ~N/2^64 per event
+    (1e-13 at 3.6M keys): a collision would count one event as a duplicate.
+    """
+    return xxh3_64_intdigest(f"{kind[0]}{key}".encode())
+
+
 class _ExpiringMap:
     """A dict whose entries expire at an event-time minute; also logs additions."""
 
     __slots__ = ("by_minute", "entries", "log")
 
     def __init__(self) -> None:
-        self.entries: dict[str, tuple[int, object]] = {}
-        self.by_minute: dict[int, list[str]] = {}
-        self.log: list[tuple[str, int, object]] = []
+        self.entries: dict[int, tuple[int, object]] = {}
+        self.by_minute: dict[int, list[int]] = {}
+        self.log: list[tuple[int, int, object]] = []
 
-    def put(self, key: str, expires: int, value: object = None, *, record: bool = True) -> None:
+    def put(self, key: int, expires: int, value: object = None, *, record: bool = True) -> None:
         self.entries[key] = (expires, value)
         self.by_minute.setdefault(expires, []).append(key)
         if record:
@@ -106,6 +118,39 @@ class _ExpiringMap:
             for key in self.by_minute.pop(minute):
                 entry = self.entries.get(key)
                 if entry is not None and entry[0] == minute:
+                    del self.entries[key]
+
+
+class _ExpiringKeys:
+    """Key hashes, each until an event-time minute (the dedup state); logs additions.
+
+    Leaner than :class:`_ExpiringMap` (no value, one shared int per minute), since it
+    holds one entry per counted event.
+    """
+
+    __slots__ = ("by_minute", "entries", "log", "minutes")
+
+    def __init__(self) -> None:
+        self.entries: dict[int, int] = {}
+        self.by_minute: dict[int, list[int]] = {}
+        self.minutes: dict[int, int] = {}  # each minute's one int object
+        self.log: list[tuple[int, int]] = []
+
+    def put(self, key: int, expires: int, *, record: bool = True) -> None:
+        expires = self.minutes.setdefault(expires, expires)
+        keys = self.by_minute.get(expires)
+        if keys is None:
+            keys = self.by_minute[expires] = []
+        self.entries[key] = expires
+        keys.append(key)
+        if record:
+            self.log.append((key, expires))
+
+    def expire(self, now_minute: int) -> None:
+        for minute in [m for m in self.by_minute if m < now_minute]:
+            del self.minutes[minute]
+            for key in self.by_minute.pop(minute):
+                if self.entries.get(key) == minute:
                     del self.entries[key]
 
 
@@ -123,7 +168,7 @@ class PartitionState:
 
     def __init__(self, horizons: Horizons | None = None) -> None:
         self.horizons = horizons or Horizons()
-        self.seen = _ExpiringMap()
+        self.seen = _ExpiringKeys()
         self.clicks = _ExpiringMap()
         self.max_ts = 0
         self.clock_ms = 0
@@ -158,7 +203,7 @@ class PartitionState:
         for ev in events:
             kind = str(ev[R_TYPE])
             ts = int(ev[R_TS])  # type: ignore[call-overload]
-            key = f"{kind[0]}{ev[R_KEY]}"
+            key = xxh3_64_intdigest(f"{kind[0]}{ev[R_KEY]}".encode())  # key_hash, inlined
             if key in seen:
                 out.duplicates[kind] += 1
                 continue
@@ -177,9 +222,10 @@ class PartitionState:
             channel = str(ev[R_CHANNEL])
             click_id = ev[R_CLICK]
             if kind == "click" and click_id is not None:
-                self.clicks.put(str(click_id), minute + attribution, (campaign, channel))
+                self.clicks.put(key_hash("click", str(click_id)), minute + attribution,
+                                (campaign, channel))  # fmt: skip
             elif campaign is None:
-                hit = clicks.get(str(click_id)) if click_id is not None else None
+                hit = clicks.get(key_hash("click", str(click_id))) if click_id is not None else None
                 if hit is None:
                     campaign = UNATTRIBUTED
                 else:
@@ -223,7 +269,7 @@ class PartitionState:
         change = {
             "max_ts": self.max_ts,
             "clock": self.clock_ms,
-            "seen": [[k, e] for k, e, _ in self.seen.log],
+            "seen": [[k, e] for k, e in self.seen.log],
             "clicks": [[k, e, v] for k, e, v in self.clicks.log],
         }
         self.seen.log.clear()
@@ -239,10 +285,18 @@ class PartitionState:
         forgotten = self.clock_ms // 60_000  # keys the live state had expired by then
         for key, expires in change["seen"]:  # type: ignore[attr-defined]
             if expires >= forgotten:
-                self.seen.put(key, expires, record=False)
+                self.seen.put(_legacy_seen(key), expires, record=False)
         for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
             if expires >= forgotten:
-                self.clicks.put(key, expires, tuple(value), record=False)
+                click = key_hash("click", key) if isinstance(key, str) else key
+                self.clicks.put(click, expires, tuple(value), record=False)
+
+
+def _legacy_seen(key: int | str) -> int:
+    """Changelogs written before key hashes held ``<type initial><dedup key>``."""
+    if isinstance(key, int):
+        return key
+    return xxh3_64_intdigest(key.encode())  # the same string key_hash hashes
 
 
 SeriesKey = tuple[str, str, str]  # (scope, channel, campaign)

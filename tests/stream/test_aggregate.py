@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stream import codec
-from stream.aggregate import OTHER, UNATTRIBUTED, BatchOutput, PartitionState, ScopeStore
+from stream.aggregate import (
+    OTHER,
+    UNATTRIBUTED,
+    BatchOutput,
+    PartitionState,
+    ScopeStore,
+    key_hash,
+)
 from stream.windows import MEASURES, SPEND, WINDOWS, kpis
 
 N = len(MEASURES)
@@ -409,3 +416,24 @@ def test_restating_holds_alerts_while_a_backlog_of_late_events_is_applied() -> N
     assert not store.evaluate(t).restating
     store.report(0, t + 1000, "w1", caught_up=False, now_ms=t + 1000)
     assert not store.evaluate(t + 1000).restating, "lagging alone, with no restatement, is no hold"
+
+
+def test_a_changelog_written_before_key_hashes_still_deduplicates() -> None:
+    """An upgrade restores keys logged as strings; copies of their events stay duplicates."""
+    restored = PartitionState()
+    restored.load_changes({"max_ts": T0, "seen": [["ck-1", T0 // MIN + 60],
+                                                  ["oA-1", T0 // MIN + 1440]],
+                           "clicks": [["k-1", T0 // MIN + 1440, ["c3", "social"]]]})  # fmt: skip
+    out = restored.apply(
+        [routed("click", "k-1", T0), routed("order", "A-1", T0, campaign=None, click="k-1"),
+         routed("order", "A-2", T0 + MIN, campaign=None, channel="unknown", click="k-1")],
+        T0 + 2 * MIN,
+    )  # fmt: skip
+    assert out.duplicates == Counter({"click": 1, "order": 1})
+    assert out.cells[("social", "c3", T0 // MIN + 1)][3] == 1, "attributed via the old click"
+
+
+def test_one_id_of_two_types_is_two_keys() -> None:
+    assert key_hash("click", "e1") != key_hash("order", "e1")
+    out = PartitionState().apply([routed("click", "e1", T0), routed("order", "e1", T0)], T0)
+    assert out.applied == Counter({"click": 1, "order": 1})
