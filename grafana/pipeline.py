@@ -84,14 +84,26 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
     ).links([runbooks.link("watermark-lag")])
     mode = stat_panel(
         "Mode",
-        [query("max(kpimon_replaying)", "replaying")],
+        [query("max(kpimon_replaying) + 2 * max(kpimon_restating)", "mode")],
         unit="none",
         steps=[(None, "green"), (1.0, "orange")],
-        mappings=[value_map(**{"0": ("live", "green"), "1": ("replaying", "orange")})],
+        mappings=[
+            value_map(
+                **{
+                    "0": ("live", "green"),
+                    "1": ("replaying", "orange"),
+                    "2": ("restating", "orange"),
+                    "3": ("replaying, restating", "orange"),
+                }
+            )
+        ],
         sparkline=False,
         span=4,
         height=5,
-        description="Replaying: a worker works through a backlog; alerts are held meanwhile.",
+        description=(
+            "Replaying: a worker works through a backlog; restating: late events rewrite "
+            "minutes already shown while a worker works through them. Alerts are held in both."
+        ),
     )
     events = timeseries_panel(
         "Events / s, by type",
@@ -110,9 +122,13 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         description="Inputs sent to the dead-letter topic (kpimon.dlq), by reason.",
     ).links([runbooks.link("events-rejected")])
     late_dup = timeseries_panel(
-        "Late and duplicate / s",
+        "Out of order, too late and duplicate / s",
         [
-            query(f"sum by (type) (rate(kpimon_events_late_total{RATE}))", "late {{type}}"),
+            query(
+                f"sum by (type) (rate(kpimon_events_out_of_order_total{RATE}))",
+                "out of order {{type}}",
+            ),
+            query(f"sum by (type) (rate(kpimon_events_late_total{RATE}))", "too late {{type}}"),
             query(
                 f"sum by (type) (rate(kpimon_events_duplicate_total{RATE}))", "duplicate {{type}}"
             ),
@@ -121,8 +137,9 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         span=12,
         height=8,
         description=(
-            "Late: older than the allowed lateness against the watermark, not applied. "
-            "Duplicate: same dedup key within its horizon, counted once."
+            "Out of order: counted into a minute already shown (its windows restated). "
+            "Too late: older than its type's dedup horizon against the watermark, not counted, "
+            "dead-lettered as too_late. Duplicate: same dedup key within its horizon."
         ),
     )
     transactions = timeseries_panel(
