@@ -29,6 +29,7 @@ class BacktestStats:
     lines: int = 0
     events: int = 0
     rejected: int = 0
+    too_late: int = 0
     evaluations: int = 0
     alerts: int = 0
 
@@ -109,6 +110,7 @@ class Replay:
     def _flush(self) -> None:
         if self.rows:
             out = self.state.apply(self.rows, NO_FUTURE, BatchOutput())
+            self.stats.too_late += len(out.too_late)
             self.store.apply_cells((ch, camp, m, v) for (ch, camp, m), v in out.cells.items())
             self.rows.clear()
             self.state.drain_changes()  # no changelog offline: the log would grow forever

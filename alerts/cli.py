@@ -63,7 +63,8 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         return 2
     elapsed = time.perf_counter() - started
     print(
-        f"backtest: {stats.events} events ({stats.rejected} rejected) in {elapsed:.1f} s "
+        f"backtest: {stats.events} events ({stats.rejected} rejected, {stats.too_late} too late "
+        f"for their dedup horizon) in {elapsed:.1f} s "
         f"= {stats.events / max(elapsed, 1e-9):,.0f} events/s; {stats.evaluations} evaluations, "
         f"{stats.alerts} alert notifications",
         file=sys.stderr,

@@ -148,6 +148,7 @@ def test_backtest_finds_a_simulated_ctr_drop(tmp_path: Path) -> None:
         settings = Settings(currency_rates={"EUR": 1.1})
         records = list(run_backtest(rules, lines, settings, eval_every_s=60, stats=stats))
     assert stats.events > 100_000 and stats.rejected == 0, stats
+    assert 0 < stats.too_late < 0.005 * stats.events, "the simulated too-late share is counted"
     ctr = [r for r in records if r["kpi"] == "ctr" and r["notification"] == "firing"]
     assert any(r["campaign"] == "c1" for r in ctr), records
     assert all(r["campaign"] in ("c1", "") for r in ctr)
