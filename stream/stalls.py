@@ -115,16 +115,26 @@ def locate(exc: BaseException) -> Unreadable | None:
     return Unreadable(tp, offset, first, last, codec, reason, error)
 
 
+async def positions(consumer: Any) -> dict[TopicPartition, int]:
+    """Every assigned partition's position: what ``rewind`` goes back to."""
+    return {tp: await consumer.position(tp) for tp in consumer.assignment()}
+
+
 async def rewind(
-    consumer: Any, returned: Mapping[TopicPartition, list[Any]], held: Mapping[TopicPartition, int]
+    consumer: Any,
+    returned: Mapping[TopicPartition, list[Any]],
+    held: Mapping[TopicPartition, int],
+    before: Mapping[TopicPartition, int],
 ) -> None:
     """Move every assigned partition back to just after what ``getmany`` returned.
 
     A partition with records in ``returned`` goes to after its last one; one in
-    ``held`` to that offset (state not described by committed offsets: the scope
-    stage's partials position); any other to its committed offset, which is where
-    it stood before this batch since every batch commits its offsets. Re-reading a
-    skipped control record is harmless; skipping an unreturned record is not.
+    ``held`` to that offset (state not described by offsets alone: the scope
+    stage's partials position); any other to its position ``before`` the batch
+    was gathered, or, assigned since, to its committed offset. Not the committed
+    offset for all: aiokafka fetches it without ``require_stable``, so right after
+    a transaction it can still be the one before it. Re-reading a skipped control
+    record is harmless; skipping a record never returned is not.
     """
     for tp in consumer.assignment():
         records = returned.get(tp)
@@ -132,6 +142,8 @@ async def rewind(
             consumer.seek(tp, records[-1].offset + 1)
         elif tp in held:
             consumer.seek(tp, held[tp])
+        elif tp in before:
+            consumer.seek(tp, before[tp])
         else:
             committed = await consumer.committed(tp)
             if committed is None:

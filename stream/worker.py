@@ -55,7 +55,7 @@ from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, 
 from stream.metrics import build_registry, render, render_alerts, render_evaluation
 from stream.pipeline import BatchResult, PipelineStats, RecordHandler
 from stream.settings import Settings
-from stream.stalls import Stalls, locate, rewind
+from stream.stalls import Stalls, locate, positions, rewind
 
 log = logging.getLogger("kpimon.worker")
 HEARTBEAT_MS = 1000
@@ -404,6 +404,7 @@ class PipelineService(Service):
         partition, with what was fetched so far put back (see stream/stalls.py).
         """
         self.stalls.due(consumer)
+        before = await positions(consumer)
         batches: dict[TopicPartition, list[Any]] = {}
         count, timeout_ms, deadline = 0, 200, 0.0
         while count < limit:
@@ -414,7 +415,7 @@ class PipelineService(Service):
                 if where is None:
                     raise
                 async with self._lock:  # no rebalance moves positions meanwhile
-                    await rewind(consumer, batches, self._held_positions())
+                    await rewind(consumer, batches, self._held_positions(), before)
                     self.stalls.stalled(consumer, where)
                 break
             if not more:
