@@ -129,9 +129,9 @@ async def rewind(
     """Move every assigned partition back to just after what ``getmany`` returned.
 
     A partition with records in ``returned`` goes to after its last one; one in
-    ``held`` to that offset (state not described by offsets alone: the scope
-    stage's partials position); any other to its position ``before`` the batch
-    was gathered, or, assigned since, to its committed offset. Not the committed
+    ``held`` to that offset (the scope stage's partials position, which a restore
+    during the failed call may have moved); any other to its position ``before``
+    the batch was gathered, or, assigned since, to its committed offset. Not the committed
     offset for all: aiokafka fetches it without ``require_stable``, so right after
     a transaction it can still be the one before it. Re-reading a skipped control
     record is harmless; skipping a record never returned is not.

@@ -431,7 +431,7 @@ class PipelineService(Service):
         return batches
 
     def _held_positions(self) -> dict[TopicPartition, int]:
-        """Positions committed offsets do not give: the scope state's partials offset."""
+        """Where the scope state stands (a restore during the failed fetch moves it)."""
         if self.scope is None:
             return {}
         return {TopicPartition(self.topology.partials, 0): self._partials_position}
