@@ -50,6 +50,7 @@ RUNBOOKS = {
     "events-rejected": "events go to the dead-letter topic",
     "watermark-lag": "windows lag the wall clock (replay, stuck partition)",
     "consumer-lag": "workers fall behind the event topics",
+    "partition-stalled": "a partition is paused on a batch a worker cannot read",
     "notification-failures": "Slack / Alertmanager / Kafka alert delivery fails",
     "rate-drop": "CTR, conversion or lead rate dropped",
     "volume-drop": "impressions, clicks, leads or orders dropped (tracking outage)",

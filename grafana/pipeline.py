@@ -170,10 +170,27 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         "Consumer lag (records), by topic",
         [query("sum by (topic) (kpimon_consumer_lag_records)", "{{topic}}")],
         unit="short",
-        span=8,
+        span=6,
         height=8,
         description="Records of the input topics not yet consumed by the workers.",
     ).links([runbooks.link("consumer-lag")])
+    stalled = stat_panel(
+        "Stalled partitions",
+        # 0 (not "no data") while workers are up and none is stalled.
+        [
+            query(
+                'count(kpimon_partition_stalled > 0) or 0 * count(up{job="kpimon"} == 1)',
+                "stalled",
+            )
+        ],
+        unit="none",
+        steps=[(None, "green"), (1.0, "red")],
+        decimals=0,
+        span=4,
+        height=8,
+        description="Partitions paused on a record batch a worker cannot read (codec "
+        "missing, corrupt): their events wait, the KPIs wait for them.",
+    ).links([runbooks.link("partition-stalled")])
     latency = timeseries_panel(
         "Event → metric latency",
         [
@@ -181,7 +198,7 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
             for q in (0.5, 0.9, 0.99)
         ],
         unit="s",
-        span=8,
+        span=6,
         height=8,
         description="From an event's append to its topic to its arrival in the KPI state.",
     )
@@ -255,6 +272,7 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         .with_row(db.Row("Lag and latency"))
         .with_panel(lag)
         .with_panel(consumer_lag)
+        .with_panel(stalled)
         .with_panel(latency)
         .with_row(db.Row("Alert delivery"))
         .with_panel(failures)

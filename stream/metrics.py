@@ -81,6 +81,21 @@ class PipelineCollector(Collector):
         for (topic, partition), n in sorted(stats.consumer_lag.items()):
             lag.add_metric([topic, str(partition)], n)
         yield lag
+        stalled = GaugeMetricFamily(
+            "kpimon_partition_stalled",
+            "1 while a partition is paused on a record batch this worker cannot read",
+            labels=["topic", "partition", "reason"],
+        )
+        for (topic, partition), reason in sorted(stats.stalled.items()):
+            stalled.add_metric([topic, str(partition), reason], 1)
+        yield stalled
+        unreadable = CounterMetricFamily(
+            "kpimon_batches_unreadable", "Failed attempts to read a fetched record batch",
+            labels=["topic", "reason"],
+        )  # fmt: skip
+        for (topic, reason), n in sorted(stats.unreadable.items()):
+            unreadable.add_metric([topic, reason], n)
+        yield unreadable
         yield CounterMetricFamily(
             "kpimon_transactions", "Kafka transactions committed by this worker",
             value=stats.transactions,

@@ -211,6 +211,10 @@ class PipelineStats:
     notifications: dict[tuple[str, str], int] = field(default_factory=dict)
     outbox_pending: dict[str, int] = field(default_factory=dict)
     consumer_lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    stalled: dict[tuple[str, int], str] = field(default_factory=dict)
+    """(topic, partition) paused on a batch this worker cannot read -> reason."""
+    unreadable: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(topic, reason) -> failed attempts to read a batch."""
 
     def notified(self, channel: str, outcome: str, n: int = 1) -> None:
         key = (channel, outcome)

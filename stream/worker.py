@@ -63,6 +63,7 @@ from stream.pipeline import (
     too_late_letter,
 )
 from stream.settings import Settings
+from stream.stalls import Stalls, locate, positions, rewind
 
 log = logging.getLogger("kpimon.worker")
 HEARTBEAT_MS = 1000
@@ -166,6 +167,7 @@ class PipelineService(Service):
         self.settings = settings
         self.rules = rules
         self.stats = stats
+        self.stalls = Stalls(stats)
         self.topology = Topology.of(settings)
         self.handler = RecordHandler(settings)
         self.horizons = Horizons(
@@ -438,23 +440,47 @@ class PipelineService(Service):
             return "aborted"
         return None
 
-    @staticmethod
-    async def _gather(consumer: AIOKafkaConsumer, limit: int) -> dict[TopicPartition, list[Any]]:
+    async def _gather(
+        self, consumer: AIOKafkaConsumer, limit: int
+    ) -> dict[TopicPartition, list[Any]]:
         """One batch; while a backlog is there, more of it for the same transaction
-        (each commit costs a few broker round trips whatever its size)."""
-        batches: dict[TopicPartition, list[Any]] = await consumer.getmany(
-            timeout_ms=200, max_records=limit
-        )
-        count = sum(map(len, batches.values()))
-        deadline = time.monotonic() + COMMIT_INTERVAL_S
-        while batches and count < limit and time.monotonic() < deadline:
-            more = await consumer.getmany(timeout_ms=0, max_records=limit - count)
+        (each commit costs a few broker round trips whatever its size).
+
+        A batch that cannot be read (codec missing, corrupt) pauses only its
+        partition, with what was fetched so far put back (see stream/stalls.py).
+        """
+        self.stalls.due(consumer)
+        before = await positions(consumer)
+        batches: dict[TopicPartition, list[Any]] = {}
+        count, timeout_ms, deadline = 0, 200, 0.0
+        while count < limit:
+            try:
+                more = await consumer.getmany(timeout_ms=timeout_ms, max_records=limit - count)
+            except Exception as exc:
+                where = locate(exc)
+                if where is None:
+                    raise
+                async with self._lock:  # no rebalance moves positions meanwhile
+                    await rewind(consumer, batches, self._held_positions(), before)
+                    self.stalls.stalled(consumer, where)
+                break
             if not more:
                 break
             for tp, records in more.items():
                 batches.setdefault(tp, []).extend(records)
                 count += len(records)
+            if timeout_ms:
+                timeout_ms, deadline = 0, time.monotonic() + COMMIT_INTERVAL_S
+            if time.monotonic() >= deadline:
+                break
+        self.stalls.read(consumer, batches)
         return batches
+
+    def _held_positions(self) -> dict[TopicPartition, int]:
+        """Where the scope state stands (a restore during the failed fetch moves it)."""
+        if self.scope is None:
+            return {}
+        return {TopicPartition(self.topology.partials, 0): self._partials_position}
 
     async def _recover(self) -> None:
         """Fresh producer, committed offsets and state; retried until the broker answers

@@ -102,14 +102,15 @@ def start_worker(
     """Start ``kpimon worker`` subprocesses; all are stopped at teardown."""
     workers: list[WorkerProcess] = []
 
-    def start(worker_id: str = "w1", **extra: str) -> WorkerProcess:
+    def start(worker_id: str = "w1", module: str = "stream.cli", **extra: str) -> WorkerProcess:
         env = {
             **worker_env,
             "KPIMON_WORKER_ID": worker_id,
             "KPIMON_METRICS_PORT": str(free_port()),
             **extra,
         }
-        worker = WorkerProcess(env=env, log_path=tmp_path / f"worker-{worker_id}.log").start()
+        log_path = tmp_path / f"worker-{worker_id}.log"
+        worker = WorkerProcess(env=env, log_path=log_path, module=module).start()
         workers.append(worker)
         return worker
 

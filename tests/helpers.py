@@ -75,6 +75,8 @@ class WorkerProcess:
 
     env: dict[str, str]
     log_path: Path
+    module: str = "stream.cli"
+    """Run as ``python -m MODULE worker`` (a test may wrap the CLI)."""
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     @property
@@ -84,7 +86,7 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "stream.cli", "worker"],
+                [sys.executable, "-m", self.module, "worker"],
                 cwd=REPO,
                 env={**os.environ, **self.env},
                 stdout=out,

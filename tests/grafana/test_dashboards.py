@@ -19,7 +19,7 @@ from tests.helpers import REPO
 # The runbooks the dashboards and alert rules point at (written on another branch).
 EXPECTED_RUNBOOKS = {
     "worker-down.md", "events-rejected.md", "no-events.md", "watermark-lag.md",
-    "consumer-lag.md", "notification-failures.md",
+    "consumer-lag.md", "partition-stalled.md", "notification-failures.md",
     "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
 }  # fmt: skip
 RUNBOOK_DIR = REPO / "docs" / "runbooks"
@@ -166,7 +166,8 @@ def test_pipeline_covers_the_on_call_signals() -> None:
     for metric in (
         "kpimon_events_total", "kpimon_events_rejected_total", "kpimon_events_late_total",
         "kpimon_events_duplicate_total", "kpimon_watermark_lag_seconds",
-        "kpimon_consumer_lag_records", "kpimon_notifications_total", 'up{job="kpimon"}',
+        "kpimon_consumer_lag_records", "kpimon_partition_stalled",
+        "kpimon_notifications_total", 'up{job="kpimon"}',
         'scrape_duration_seconds{job="kpimon"}', "kpimon_event_to_metric_latency_seconds_bucket",
     ):  # fmt: skip
         assert metric in exprs, metric

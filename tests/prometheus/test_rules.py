@@ -275,7 +275,7 @@ def test_every_runbook_url_names_an_existing_page() -> None:
     assert linked == {p.resolve() for p in _runbook_pages()}, "runbooks no rule links"
     assert {Path(url).name for url in urls} >= {
         "worker-down.md", "events-rejected.md", "no-events.md", "watermark-lag.md",
-        "consumer-lag.md", "notification-failures.md",
+        "consumer-lag.md", "partition-stalled.md", "notification-failures.md",
         "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
     }  # fmt: skip
 
@@ -301,6 +301,8 @@ def _known_metrics() -> set[str]:
     stats.notified("slack", "sent")
     stats.outbox_pending["slack"] = 0
     stats.consumer_lag[("events.clicks", 0)] = 0
+    stats.stalled[("events.clicks", 1)] = "unsupported_codec"
+    stats.unreadable[("events.clicks", "unsupported_codec")] = 1
     store = ScopeStore(settle_ms=60_000)
     store.apply_cells([("search", "c1", T0 // 60_000, [100, 5, 1, 1, 1, 9_000_000, 2_000_000])])
     store.observe_latency([T0], T0 + 500)
