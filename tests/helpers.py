@@ -209,14 +209,17 @@ async def consume_all(bootstrap: str, topic: str, *, expect: int, within: float)
 
 
 async def group_lag(bootstrap: str, group: str, topics: Iterable[str]) -> int:
-    """Records of ``topics`` not yet committed by consumer group ``group``."""
+    """Records of ``topics`` (written without transactions: a commit marker takes an offset)
+    not yet committed by consumer group ``group``."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     await admin.start()
     await consumer.start()
     try:
+        cluster = await consumer._client.fetch_all_metadata()  # a fresh client knows no topic
         committed = await admin.list_consumer_group_offsets(group)
-        tps = [TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t) or ()]
+        tps = [TopicPartition(t, p) for t in topics for p in cluster.partitions_for_topic(t) or ()]
+        assert tps, f"no partitions of {list(topics)}"
         ends = await consumer.end_offsets(tps)
         return sum(
             end - (committed[tp].offset if tp in committed else 0) for tp, end in ends.items()
