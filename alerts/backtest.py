@@ -64,7 +64,9 @@ class Replay:
             )
         )
         self.store = ScopeStore(
-            settle_ms=int(settings.settle_seconds * 1000), max_campaigns=settings.max_campaigns
+            settle_ms=int(settings.settle_seconds * 1000),
+            max_campaigns=settings.max_campaigns,
+            max_channels=settings.max_channels,
         )
         self.engine = AlertEngine(
             rules, grafana_url=settings.grafana_url, runbook_base_url=settings.runbook_base_url

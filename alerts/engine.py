@@ -180,14 +180,16 @@ class AlertEngine:
         replaying: bool,
         baselines: dict[tuple[str, str, str, str, str], float],
     ) -> list[Notification]:
-        segments = sum(1 for k in store.series if k[0] in rule.scopes and k[2] != OTHER)
+        segments = sum(1 for k in store.series if k[0] in rule.scopes and OTHER not in k)
         th = thresholds(rule, segments)
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
         now_at: dict[AlertKey, Verdict] = {}
         for key, buckets in store.series.items():
-            if key[0] not in rule.scopes or key[2] == OTHER:
+            # Folded segments change members when the guard promotes or demotes: a
+            # promoted id's future leaves ``__other__``, which would read as a drop.
+            if key[0] not in rule.scopes or OTHER in key:
                 continue
             verdict, span = self._judge(rule, th, self._sum_of(key, buckets), end)
             if verdict.baseline is not None:

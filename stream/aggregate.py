@@ -16,11 +16,13 @@ import bisect
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from xxhash import xxh3_64_intdigest
 
 from stream.events import EVENT_TYPES
+from stream.guard import Guard
 from stream.windows import (
     CLICKS,
     IMPRESSIONS,
@@ -355,12 +357,14 @@ class ScopeStore:
         *,
         settle_ms: int = 60_000,
         max_campaigns: int = 500,
+        max_channels: int = 50,
         retention: Retention | None = None,
         worker_timeout_ms: int = 30_000,
         replay_lag_ms: int = 120_000,
     ) -> None:
         self.settle_ms = settle_ms
-        self.max_campaigns = max_campaigns
+        self.campaign_guard: Guard[tuple[str, str]] = Guard(max_campaigns)
+        self.channel_guard: Guard[str] = Guard(max_channels)
         self.retention = retention or Retention()
         self.worker_timeout_ms = worker_timeout_ms
         self.replay_lag_ms = replay_lag_ms
@@ -374,12 +378,27 @@ class ScopeStore:
         self.shown_end = 0  # the end minute of the last evaluation
         self.restated = 0  # cells applied to shown minutes since the last evaluation
         self._restating_since: int | None = None
+        self._deleted: list[tuple[SeriesKey, list[int]]] = []  # series whose blocks went
+        self._frozen: dict[tuple[str, str], int] = {}  # totals of demoted ids -> hour frozen
+        self._newest_minute = 0
+        self._guards_dirty = False
 
     def apply_cells(self, cells: Iterable[tuple[str, str, int, Sequence[int]]]) -> None:
+        """Add cell deltas; ids beyond the cardinality guards fold into ``__other__``."""
         shown_end = self.shown_end
+        channels, campaigns = self.channel_guard, self.campaign_guard
+        self._guards_dirty = True
         for channel, campaign, minute, values in cells:
             if minute < shown_end:
                 self.restated += 1
+            if minute > self._newest_minute:
+                self._newest_minute = minute
+                self._review(minute)
+            weight = int(values[SPEND]) + sum(values[:NEW_CUSTOMERS])
+            if not channels.admit(channel, weight):
+                channel = OTHER
+            if not campaigns.admit((channel, campaign), weight):
+                campaign = OTHER
             for key in series_of(channel, campaign):
                 buckets = self.series.get(key)
                 if buckets is None:
@@ -391,6 +410,51 @@ class ScopeStore:
             for i, v in enumerate(values):
                 total[i] += v
             self.dirty_totals.add((channel, campaign))
+
+    def _review(self, minute: int) -> None:
+        """At each hour of event time: swap kept and folded ids (``stream.guard``) and move
+        a demoted id's history into its ``__other__`` series, so sums stay exact."""
+        for swap in self.channel_guard.tick(minute):
+            demoted = swap.demoted
+            self._move(("channel", demoted, ""), ("channel", OTHER, ""))
+            for pair in [p for p in self.campaign_guard.kept if p[0] == demoted]:
+                del self.campaign_guard.kept[pair]
+                self._move(("campaign", *pair), ("campaign", OTHER, OTHER))
+            self.campaign_guard.candidates = {
+                p: v for p, v in self.campaign_guard.candidates.items() if p[0] != demoted
+            }
+            self._move(("campaign", demoted, OTHER), ("campaign", OTHER, OTHER))
+            self._freeze(demoted, None, minute)
+        for pair_swap in self.campaign_guard.tick(minute):
+            channel, campaign = pair_swap.demoted
+            self._move(("campaign", channel, campaign), ("campaign", channel, OTHER))
+            self._freeze(channel, campaign, minute)
+        hour = minute // 60
+        for pair in [p for p, frozen in self._frozen.items() if frozen + 2 <= hour]:
+            del self._frozen[pair]
+            if pair in self.totals and pair[1] not in self._kept_campaigns(pair[0]):
+                del self.totals[pair]
+                self.dirty_totals.add(pair)
+
+    def _kept_campaigns(self, channel: str) -> set[str]:
+        return {c for ch, c in self.campaign_guard.kept if ch == channel} | {OTHER}
+
+    def _freeze(self, channel: str, campaign: str | None, minute: int) -> None:
+        """A demoted id's counter stops growing (its events count in ``__other__`` now)
+        and is dropped two hours later: moving it would show as a jump in ``rate()``."""
+        for pair in self.totals:
+            if pair[0] == channel and campaign in (None, pair[1]):
+                self._frozen[pair] = minute // 60
+
+    def _move(self, source: SeriesKey, target: SeriesKey) -> None:
+        buckets = self.series.pop(source, None)
+        if buckets is None:
+            return
+        into = self.series.get(target)
+        if into is None:
+            into = self.series[target] = SeriesBuckets(self.retention)
+        into.merge(buckets)
+        self._deleted.append((source, sorted({*buckets.blocks, *buckets.coarse})))
 
     def report(
         self, partition: int, max_ts: int, worker: str, caught_up: bool, now_ms: int
@@ -450,44 +514,30 @@ class ScopeStore:
         self.shown_end = max(self.shown_end, end)
         for buckets in self.series.values():
             buckets.expire(minute_of(watermark))
-        sums: dict[SeriesKey, dict[str, Totals]] = {
-            key: {w: b.sum(end - minutes, end) for w, minutes in WINDOWS.items()}
-            for key, b in self.series.items()
-        }
-        kept = self._campaigns_kept(sums)
-        folded: dict[SeriesKey, dict[str, Totals]] = {}
-        for key, windows in sums.items():
-            if key[0] == "campaign" and key not in kept:
-                other = folded.setdefault(
-                    ("campaign", key[1], OTHER),
-                    {w: np.zeros(N_MEASURES, dtype=np.int64) for w in WINDOWS},
-                )
-                for w, values in windows.items():
-                    other[w] += values
-            else:
-                folded[key] = windows
-        series = {
-            key: SeriesResult(windows, {w: kpis(v) for w, v in windows.items()})
-            for key, windows in folded.items()
-        }
-        totals: dict[tuple[str, str], list[int]] = {}
-        for (channel, campaign), counts in self.totals.items():
-            name = campaign if ("campaign", channel, campaign) in kept else OTHER
-            target = totals.setdefault((channel, name), [0] * N_MEASURES)
-            for i, v in enumerate(counts):
-                target[i] += v
+        series: dict[SeriesKey, SeriesResult] = {}
+        for key, b in self.series.items():
+            windows = {w: b.sum(end - minutes, end) for w, minutes in WINDOWS.items()}
+            series[key] = SeriesResult(windows, {w: kpis(v) for w, v in windows.items()})
+        totals = {pair: list(counts) for pair, counts in self.totals.items()}
         return Evaluation(watermark, end, series, totals, hold or self.replaying(now_ms), restating)
-
-    def _campaigns_kept(self, sums: dict[SeriesKey, dict[str, Totals]]) -> set[SeriesKey]:
-        campaigns = [k for k in sums if k[0] == "campaign"]
-        if len(campaigns) <= self.max_campaigns:
-            return set(campaigns)
-        ranked = sorted(campaigns, key=lambda k: (-int(sums[k]["24h"][SPEND]), k))
-        return set(ranked[: self.max_campaigns])
 
     # -- changelog --------------------------------------------------------------
     def drain_dirty(self) -> Iterator[tuple[StateKey, object]]:
         """(key, value) pairs of changed state; value None deletes (compaction)."""
+        for (scope, channel, campaign), hours in self._deleted:
+            if (scope, channel, campaign) not in self.series:  # not re-created since
+                for hour in hours:
+                    yield ("B", scope, channel, campaign, hour), None
+        self._deleted.clear()
+        if self._guards_dirty:
+            self._guards_dirty = False
+            guards = {
+                "campaigns": self.campaign_guard.to_dict(),
+                "channels": self.channel_guard.to_dict(),
+                "frozen": [[*pair, hour] for pair, hour in self._frozen.items()],
+                "newest": self._newest_minute,
+            }
+            yield ("G", "", "", "", 0), guards
         for (scope, channel, campaign), buckets in self.series.items():
             for hour in sorted(buckets.dirty):
                 block = buckets.block(hour)
@@ -495,19 +545,31 @@ class ScopeStore:
                 yield ("B", scope, channel, campaign, hour), value
             buckets.dirty.clear()
         for channel, campaign in sorted(self.dirty_totals):
-            yield ("T", "", channel, campaign, 0), self.totals[(channel, campaign)]
+            yield ("T", "", channel, campaign, 0), self.totals.get((channel, campaign))
         self.dirty_totals.clear()
 
-    def load(self, key: StateKey, value: object) -> None:
+    def load(self, key: StateKey, value: Any) -> None:
         """Restore one changelog entry."""
         kind, scope, channel, campaign, hour = key
         if kind == "T":
-            self.totals[(channel, campaign)] = list(value)  # type: ignore[call-overload]
+            if value is None:
+                self.totals.pop((channel, campaign), None)
+            else:
+                self.totals[(channel, campaign)] = list(value)
             return
-        buckets = self.series.setdefault((scope, channel, campaign), SeriesBuckets(self.retention))
+        if kind == "G":
+            self.campaign_guard.load(value["campaigns"])
+            self.channel_guard.load(value["channels"])
+            self._frozen = {(ch, c): int(h) for ch, c, h in value["frozen"]}
+            self._newest_minute = int(value["newest"])
+            return
+        series_key = (scope, channel, campaign)
+        buckets = self.series.setdefault(series_key, SeriesBuckets(self.retention))
         if value is None:
             buckets.blocks.pop(hour, None)
             buckets.coarse.pop(hour, None)
+            if buckets.empty():
+                del self.series[series_key]
         else:
             buckets.load_block(hour, np.asarray(value, dtype=np.int64))
 

@@ -139,6 +139,7 @@ class Settings(BaseSettings):
     horizon_spend_seconds: float = Field(86400.0, ge=60, le=7 * 86400)
     allowed_lateness_seconds: str | None = Field(None, description="removed; see _removed")
     max_campaigns: int = Field(500, ge=1, le=100_000)
+    max_channels: int = Field(50, ge=1, le=10_000)
     max_batch_records: int = Field(50_000, ge=1, le=1_000_000)
     replay_lag_seconds: float = Field(120.0, gt=0, le=86400)
     snapshot_interval_seconds: float = Field(5.0, gt=0, le=3600)

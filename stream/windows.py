@@ -147,13 +147,32 @@ class SeriesBuckets:
         """Fold and drop old blocks; returns hours that were dropped entirely."""
         now_hour = now_minute // 60
         for hour in [h for h in self.blocks if h < now_hour - self.retention.fine_hours]:
-            self.coarse[hour] = self.blocks.pop(hour).reshape(12, 5, N_MEASURES).sum(axis=1)
+            self.coarse[hour] = _fold(self.blocks.pop(hour))
             self.dirty.add(hour)
         dropped = [h for h in self.coarse if h < now_hour - self.retention.total_hours]
         for hour in dropped:
             del self.coarse[hour]
             self.dirty.discard(hour)
         return dropped
+
+    def merge(self, other: SeriesBuckets) -> None:
+        """Add another series' buckets into this one (a demoted id into ``__other__``)."""
+        for hour, block in other.blocks.items():
+            if hour in self.blocks:
+                self.blocks[hour] += block
+            elif hour in self.coarse:
+                self.coarse[hour] += _fold(block)
+            else:
+                self.blocks[hour] = block.copy()
+            self.dirty.add(hour)
+        for hour, coarse in other.coarse.items():
+            if hour in self.blocks:
+                self.coarse[hour] = _fold(self.blocks.pop(hour)) + coarse
+            elif hour in self.coarse:
+                self.coarse[hour] += coarse
+            else:
+                self.coarse[hour] = coarse.copy()
+            self.dirty.add(hour)
 
     def block(self, hour: int) -> Totals | None:
         block = self.blocks.get(hour)
@@ -168,3 +187,9 @@ class SeriesBuckets:
 
     def empty(self) -> bool:
         return not self.blocks and not self.coarse
+
+
+def _fold(block: Totals) -> Totals:
+    """An hour of minute sums (60 rows) as twelve 5-minute sums."""
+    folded: Totals = block.reshape(12, 5, N_MEASURES).sum(axis=1)
+    return folded

@@ -353,6 +353,7 @@ class PipelineService(Service):
         scope = ScopeStore(
             settle_ms=int(s.settle_seconds * 1000),
             max_campaigns=s.max_campaigns,
+            max_channels=s.max_channels,
             replay_lag_ms=int(s.replay_lag_seconds * 1000),
         )
         engine = AlertEngine(
