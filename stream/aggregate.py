@@ -327,6 +327,8 @@ class Evaluation:
     measure_totals: dict[tuple[str, str], list[int]]
     replaying: bool
     restating: bool = False
+    folded: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Ids folded into ``__other__`` so far, by (kind, channel they came from)."""
     """A worker is applying a backlog of late events to minutes already shown: until it
     is through, some topics' share of those minutes may be in and others' not yet."""
 
@@ -363,7 +365,7 @@ class ScopeStore:
         replay_lag_ms: int = 120_000,
     ) -> None:
         self.settle_ms = settle_ms
-        self.campaign_guard: Guard[tuple[str, str]] = Guard(max_campaigns)
+        self.campaign_guard: Guard[tuple[str, str]] = Guard(max_campaigns, lambda k: k[0])
         self.channel_guard: Guard[str] = Guard(max_channels)
         self.retention = retention or Retention()
         self.worker_timeout_ms = worker_timeout_ms
@@ -519,7 +521,11 @@ class ScopeStore:
             windows = {w: b.sum(end - minutes, end) for w, minutes in WINDOWS.items()}
             series[key] = SeriesResult(windows, {w: kpis(v) for w, v in windows.items()})
         totals = {pair: list(counts) for pair, counts in self.totals.items()}
-        return Evaluation(watermark, end, series, totals, hold or self.replaying(now_ms), restating)
+        folded = {("channel", ""): sum(self.channel_guard.folded.values())}
+        folded.update((("campaign", ch), n) for ch, n in self.campaign_guard.folded.items())
+        return Evaluation(
+            watermark, end, series, totals, hold or self.replaying(now_ms), restating, folded
+        )
 
     # -- changelog --------------------------------------------------------------
     def drain_dirty(self) -> Iterator[tuple[StateKey, object]]:

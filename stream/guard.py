@@ -23,7 +23,7 @@ starts at its promotion; its past stays in ``__other__``.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -44,11 +44,14 @@ class Swap(Generic[K]):
 class Guard(Generic[K]):
     """Kept and folded ids of one kind, with their scores."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, source: Callable[[K], str] = lambda key: "") -> None:
         self.limit = limit
         self.kept: dict[K, int] = {}  # kept id -> score
         self.candidates: dict[K, int] = {}  # folded id -> score (bounded)
-        self.folded_total = 0  # distinct admissions refused, for kpimon_segments_folded_total
+        # Ids folded on arrival (one dropped from the candidates and seen again counts
+        # again), by ``source`` (a campaign's channel): where the pressure comes from.
+        self.folded: dict[str, int] = {}
+        self._source = source
         self._hour: int | None = None
 
     def admit(self, key: K, weight: int) -> bool:
@@ -64,7 +67,8 @@ class Guard(Generic[K]):
         candidates = self.candidates
         score = candidates.get(key)
         if score is None:
-            self.folded_total += 1
+            where = self._source(key)
+            self.folded[where] = self.folded.get(where, 0) + 1
             if len(candidates) >= CANDIDATES_PER_KEPT * self.limit:
                 self._prune()
             score = 0
@@ -109,7 +113,7 @@ class Guard(Generic[K]):
             "candidates": [
                 [list(k) if isinstance(k, tuple) else k, s] for k, s in self.candidates.items()
             ],
-            "folded": self.folded_total,
+            "folded": self.folded,
             "hour": self._hour,
         }
 
@@ -119,5 +123,5 @@ class Guard(Generic[K]):
 
         self.kept = {key(k): int(s) for k, s in data["kept"]}
         self.candidates = {key(k): int(s) for k, s in data["candidates"]}
-        self.folded_total = int(data["folded"])
+        self.folded = {str(k): int(v) for k, v in data["folded"].items()}
         self._hour = data["hour"]

@@ -160,6 +160,12 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
         for i, measure in enumerate(MEASURES):
             value = measure_value(i, counts[i])
             out.append(f'kpimon_measure_total{{measure="{measure}",{labels}}} {value!r}\n')
+    _family(out, "kpimon_segments_folded_total", "counter",
+            "Ids folded into __other__ by the cardinality guards, by kind and the channel "
+            "they came from")  # fmt: skip
+    for (kind, channel), n in sorted(ev.folded.items()):
+        out.append(f'kpimon_segments_folded_total{{kind="{kind}",channel="{_escape(channel)}"}} '
+                   f"{float(n)!r}\n")  # fmt: skip
     gauges = (
         ("kpimon_watermark_lag_seconds", "Wall clock minus the event-time watermark",
          max(0.0, (now_ms - ev.watermark_ms) / 1000)),

@@ -365,7 +365,8 @@ def test_channels_beyond_the_guard_fold_into_other() -> None:
     assert channels == [OTHER, "ch0", "ch1"]
     assert result.series[("channel", OTHER, "")].windows["5m"].tolist()[:2] == [30, 3]
     assert {k[2] for k in result.series if k[:2] == ("campaign", OTHER)} == {"c2", "c3", "c4"}
-    assert store.channel_guard.folded_total == 3
+    assert store.channel_guard.folded == {"": 3}
+    assert result.folded == {("channel", ""): 3}
 
 
 def test_state_and_work_stay_bounded_by_the_guards() -> None:
