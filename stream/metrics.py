@@ -51,6 +51,12 @@ class PipelineCollector(Collector):
             for key, count in counts.items():
                 family.add_metric([str(key)], count)
             yield family
+        yield GaugeMetricFamily(
+            "kpimon_event_loop_stall_max_seconds",
+            "Longest the worker's event loop was blocked since start (heartbeats, "
+            "transactions and scrapes wait that long)",
+            value=stats.loop_stall_max_s,
+        )
         last = GaugeMetricFamily(
             "kpimon_last_event_timestamp_seconds",
             "Event time of the newest valid event seen, by type",
@@ -161,8 +167,8 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
             value = measure_value(i, counts[i])
             out.append(f'kpimon_measure_total{{measure="{measure}",{labels}}} {value!r}\n')
     _family(out, "kpimon_segments_folded_total", "counter",
-            "Ids folded into __other__ by the cardinality guards, by kind and the channel "
-            "they came from")  # fmt: skip
+            "Ids folded into __other__ by the cardinality guards that they were not already "
+            "tracking, by kind and the channel they came from")  # fmt: skip
     for (kind, channel), n in sorted(ev.folded.items()):
         out.append(f'kpimon_segments_folded_total{{kind="{kind}",channel="{_escape(channel)}"}} '
                    f"{float(n)!r}\n")  # fmt: skip

@@ -211,6 +211,7 @@ class PipelineStats:
     notifications: dict[tuple[str, str], int] = field(default_factory=dict)
     outbox_pending: dict[str, int] = field(default_factory=dict)
     consumer_lag: dict[tuple[str, int], int] = field(default_factory=dict)
+    loop_stall_max_s: float = 0.0
     stalled: dict[tuple[str, int], str] = field(default_factory=dict)
     """(topic, partition) paused on a batch this worker cannot read -> reason."""
     unreadable: dict[tuple[str, str], int] = field(default_factory=dict)

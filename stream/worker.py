@@ -710,6 +710,19 @@ class PipelineService(Service):
         highwater = self._consumer.highwater(TopicPartition(self.topology.partials, 0))
         return 1 << 30 if highwater is None else highwater - self._partials_position
 
+    @Service.task
+    async def _probe_loop(self) -> None:
+        """How long the loop is blocked at worst: a short sleep that wakes late measures it."""
+        period = 0.05
+        while not self.should_stop:
+            started = time.perf_counter()
+            await asyncio.sleep(period)
+            stall = time.perf_counter() - started - period
+            if stall > self.stats.loop_stall_max_s:
+                self.stats.loop_stall_max_s = stall
+                if stall > 1.0:
+                    log.warning("event loop blocked for %.1f s", stall)
+
     # -- evaluation ---------------------------------------------------------------
     @Service.task
     async def _evaluate(self) -> None:
