@@ -366,7 +366,22 @@ def test_channels_beyond_the_guard_fold_into_other() -> None:
     assert result.series[("channel", OTHER, "")].windows["5m"].tolist()[:2] == [30, 3]
     assert {k[2] for k in result.series if k[:2] == ("campaign", OTHER)} == {"c2", "c3", "c4"}
     assert store.channel_guard.folded == {"": 3}
-    assert result.folded == {("channel", ""): 3}
+    # Campaign folds start from 0 for every channel (the folded ones included).
+    zero = {("campaign", "ch0"): 0, ("campaign", "ch1"): 0, ("campaign", OTHER): 0}
+    assert result.folded == {("channel", ""): 3, **zero}
+
+
+def test_folded_counters_start_at_zero_so_the_first_folds_are_an_increase() -> None:
+    """Prometheus counts no increase for a series that appears at N: every channel's
+    campaign counter is shown at 0 before its first fold."""
+    store = ScopeStore(max_campaigns=1, settle_ms=0)
+    minute = T0 // MIN
+    store.apply_cells([("search", "c0", minute, [1, 0, 0, 0, 0, 0, 0])])
+    before = store.evaluate(T0 + 2 * MIN).folded
+    assert before == {("channel", ""): 0, ("campaign", "search"): 0}
+    store.apply_cells([("search", f"k{i}", minute + 1, [1, 0, 0, 0, 0, 0, 0]) for i in range(3)])
+    after = store.evaluate(T0 + 3 * MIN).folded
+    assert after == {("channel", ""): 0, ("campaign", "search"): 3}
 
 
 def test_state_and_work_stay_bounded_by_the_guards() -> None:
