@@ -511,6 +511,26 @@ def test_one_id_of_two_types_is_two_keys() -> None:
     assert out.applied == Counter({"click": 1, "order": 1})
 
 
+def test_a_raised_campaign_limit_admits_a_folded_id_once() -> None:
+    """Restarted with a higher KPIMON_MAX_CAMPAIGNS, an id folded before gets a series of
+    its own when next seen, and keeps it: no review swaps it with itself."""
+    store = ScopeStore(max_campaigns=2, settle_ms=0)
+    minute = T0 // MIN
+    store.apply_cells([("search", c, minute, [1, 0, 0, 0, 0, 0, s])
+                       for c, s in (("c0", 5), ("c1", 5), ("c2", 5000))])  # fmt: skip
+    raised = ScopeStore(max_campaigns=3, settle_ms=0)
+    for key, value in store.drain_dirty():
+        raised.load(key, value)
+    raised.apply_cells([("search", "c2", minute + 1, [1, 0, 0, 0, 0, 0, 1])])
+    assert ("search", "c2") not in raised.campaign_guard.candidates
+    raised.apply_cells([("search", "c0", minute + 61, [1, 0, 0, 0, 0, 0, 1])])  # a review
+    result = raised.evaluate(T0 + 63 * MIN)
+    assert set(raised.campaign_guard.kept) == {("search", "c0"), ("search", "c1"),
+                                               ("search", "c2")}  # fmt: skip
+    assert result.series[("campaign", "search", "c2")].windows["24h"][SPEND] == 1
+    assert result.series[("campaign", "search", OTHER)].windows["24h"][SPEND] == 5000
+
+
 def test_scope_changelog_round_trip_through_folding_and_a_demotion() -> None:
     """A store rebuilt from its changelog (tombstones of moved series, guard state) equals
     the live one and folds the next cells the same way."""
