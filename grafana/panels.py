@@ -52,6 +52,7 @@ RUNBOOKS = {
     "consumer-lag": "workers fall behind the event topics",
     "partition-stalled": "a partition is paused on a batch a worker cannot read",
     "notification-failures": "Slack / Alertmanager / Kafka alert delivery fails",
+    "cardinality": "new campaign or channel ids are folded into __other__",
     "rate-drop": "CTR, conversion or lead rate dropped",
     "volume-drop": "impressions, clicks, leads or orders dropped (tracking outage)",
     "cost-rise": "CPC, CPL, CPA or CAC rose",

@@ -202,6 +202,46 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         height=8,
         description="From an event's append to its topic to its arrival in the KPI state.",
     )
+    folded = timeseries_panel(
+        "Folded ids / h, by kind and channel",
+        # What KpimonSegmentsFolded judges: increase() also rides over the counter
+        # moving to a new scope owner (a new series) and restored after a restart.
+        [
+            query(
+                "sum by (kind, channel) (increase(kpimon_segments_folded_total[1h]))",
+                "{{kind}} {{channel}}",
+            )
+        ],
+        unit="short",
+        span=16,
+        height=8,
+        description=(
+            "New ids folded into __other__ in the last hour because the cardinality guard "
+            "was full (KPIMON_MAX_CAMPAIGNS, KPIMON_MAX_CHANNELS): for campaigns, by the "
+            "channel they came from. Their events still count in every sum."
+        ),
+    ).links([runbooks.link("cardinality")])
+    kept = stat_panel(
+        "Series kept, by scope",
+        # group by: while the scope moves between workers both export it for a scrape.
+        [
+            query(
+                "count by (scope) (group by (scope, channel, campaign) "
+                '(kpimon_window_measure{measure="spend",window="5m"}))',
+                "{{scope}}",
+            )
+        ],
+        unit="none",
+        steps=[(None, "blue")],
+        decimals=0,
+        text_mode=common.BigValueTextMode.VALUE_AND_NAME,
+        span=8,
+        height=8,
+        description=(
+            "Series with KPIs: the global one, channels and campaigns (each channel's "
+            "__other__ included). Memory, evaluation time and scrape size grow with them."
+        ),
+    ).links([runbooks.link("cardinality")])
     failures = stat_panel(
         "Notification errors",
         # 0 (not "no data") when notifications exist and none failed; nothing when none exist.
@@ -274,6 +314,9 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         .with_panel(consumer_lag)
         .with_panel(stalled)
         .with_panel(latency)
+        .with_row(db.Row("Cardinality"))
+        .with_panel(folded)
+        .with_panel(kept)
         .with_row(db.Row("Alert delivery"))
         .with_panel(failures)
         .with_panel(notifications)

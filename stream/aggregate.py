@@ -522,6 +522,10 @@ class ScopeStore:
             series[key] = SeriesResult(windows, {w: kpis(v) for w, v in windows.items()})
         totals = {pair: list(counts) for pair, counts in self.totals.items()}
         folded = {("channel", ""): sum(self.channel_guard.folded.values())}
+        # Every channel campaigns can come from is shown from 0, so that increase() sees
+        # a channel's first folds too (a series that appears at N counts no increase).
+        others = [OTHER] if self.channel_guard.folded else []
+        folded.update((("campaign", ch), 0) for ch in [*self.channel_guard.kept, *others])
         folded.update((("campaign", ch), n) for ch, n in self.campaign_guard.folded.items())
         return Evaluation(
             watermark, end, series, totals, hold or self.replaying(now_ms), restating, folded

@@ -62,7 +62,9 @@ class Guard(Generic[K]):
             kept[key] = score + weight
             return True
         if len(kept) < self.limit:
-            kept[key] = weight
+            # A folded id admitted after the limit was raised takes its score along: left
+            # among the candidates too, a review could "promote" it over itself.
+            kept[key] = self.candidates.pop(key, 0) + weight
             return True
         candidates = self.candidates
         score = candidates.get(key)

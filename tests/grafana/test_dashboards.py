@@ -20,7 +20,7 @@ from tests.helpers import REPO
 EXPECTED_RUNBOOKS = {
     "worker-down.md", "events-rejected.md", "no-events.md", "watermark-lag.md",
     "consumer-lag.md", "partition-stalled.md", "notification-failures.md",
-    "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
+    "cardinality.md", "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
 }  # fmt: skip
 RUNBOOK_DIR = REPO / "docs" / "runbooks"
 

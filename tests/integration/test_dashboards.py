@@ -2,14 +2,16 @@
 
 One scenario (``SCENARIO``): simulated history produced to a real broker before
 the worker starts (a backlog it replays), bad input, a CTR incident, live traffic
-while the test runs, the worker scraped every second by a real Prometheus with the
-repository's config. Then, for every panel target and annotation of every
-committed dashboard, with ``$channel``/``$campaign`` set to a pair that exists, to
-(channel, All) and to (All, All) (All is ``.*``, the variables' allValue), and
-Grafana's ``$__interval``/``$__rate_interval``/``$__range`` substituted: the query
-must parse and return at least one finite value. ``offset 7d`` cannot have data in
-a fresh Prometheus: such a query must parse, and the same query without the offset
-must return data.
+while the test runs, a producer that starts writing a new campaign id per event
+once Prometheus watches (folded by the cardinality guard), the worker scraped
+every second by a real Prometheus with the repository's config. Then, for every
+panel target and annotation of every committed dashboard, with
+``$channel``/``$campaign`` set to a pair that exists, to (channel, All) and to
+(All, All) (All is ``.*``, the variables' allValue), and Grafana's
+``$__interval``/``$__rate_interval``/``$__range`` substituted: the query must
+parse and return at least one finite value. ``offset 7d`` cannot have data in a
+fresh Prometheus: such a query must parse, and the same query without the offset
+must return data. The folded-ids panel must show the folded ids themselves.
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ class Scenario:
     worker_env: dict[str, str] = field(
         default_factory=lambda: {"KPIMON_EVAL_INTERVAL_SECONDS": "1"}
     )
+    # The simulation's campaign ids (at most 14 with the unattributed ones) fit under
+    # the guard; then a producer writes its click ids into campaign_id: they fill the
+    # guard and the rest are folded into __other__ of this channel.
+    max_campaigns: int = 16
+    new_ids: int = 24
+    folding_channel: str = "search"
     # The default rules (every KPI's baseline is exported) plus a quick one, so the
     # incident fires within the test, not after 10 min.
     rules: str = (
@@ -133,6 +141,8 @@ class LiveTraffic:
 class Stack:
     prometheus: str
     worker: WorkerProcess
+    impressions_topic: str
+    bootstrap: str
 
 
 @pytest.fixture
@@ -163,7 +173,7 @@ def dashboard_stack(
     try:
         worker = start_worker(
             KPIMON_RULES=str(rules), KPIMON_ALERTMANAGER_URL=alertmanager_url,
-            **scenario.worker_env,
+            KPIMON_MAX_CAMPAIGNS=str(scenario.max_campaigns), **scenario.worker_env,
         )  # fmt: skip
         worker.wait_ready()
         port = free_port()
@@ -173,7 +183,7 @@ def dashboard_stack(
         )  # fmt: skip
         prometheus.start()
         try:
-            yield Stack(f"http://127.0.0.1:{port}", worker)
+            yield Stack(f"http://127.0.0.1:{port}", worker, topics["impression"], kafka_bootstrap)
         finally:
             prometheus.stop()
     finally:
@@ -271,6 +281,36 @@ def _metrics_without_series(base: str, failures: list[str]) -> list[str]:
     return sorted(m for m in bare if m not in existing and f"{m}_bucket" not in existing)
 
 
+def _vector(base: str, expr: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = _api(base, "/api/v1/query", {"query": expr})["result"]
+    return result
+
+
+def _fold_new_ids(stack: Stack, scenario: Scenario) -> None:
+    """A producer starts writing a new id per event into campaign_id, once Prometheus has
+    seen the channel's folded counter at 0: the guard fills up and folds the rest."""
+    prom, channel = stack.prometheus, scenario.folding_channel
+    counter = f'kpimon_segments_folded_total{{kind="campaign",channel="{channel}"}}'
+    wait_for(lambda: _vector(prom, f"{counter} == 0"), timeout=60, what=f"{counter} at 0")
+    now_ms = int(time.time() * 1000)
+    events = [
+        {"event_id": f"fold-{i}", "ts": now_ms, "campaign_id": f"k-{i}", "channel": channel,
+         "cost": 0.002}
+        for i in range(scenario.new_ids)
+    ]  # fmt: skip
+    topic = stack.impressions_topic
+    run(produce(stack.bootstrap, [(topic, None, json.dumps(e).encode()) for e in events]))
+    # The guard holds: exactly max_campaigns campaign series besides the __other__ ones.
+    kept = (
+        'count(group by (channel, campaign) (kpimon_window_measure{scope="campaign",'
+        'campaign!="__other__",measure="spend",window="5m"}))'
+    )
+    limit = scenario.max_campaigns
+    wait_for(lambda: _vector(prom, f"{kept} == {limit}"), timeout=60,
+             what=f"{limit} kept campaign series")  # fmt: skip
+    assert not _vector(prom, f"{kept} > {limit}")
+
+
 # --------------------------------------------------------------------------- the test
 
 
@@ -287,6 +327,7 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
         ))  # fmt: skip
 
     wait_for(ready, timeout=120, what="Prometheus to scrape window sums and live traffic")
+    _fold_new_ids(dashboard_stack, scenario)
 
     # The drill-down's variables, resolved like Grafana: channel, then campaigns of it.
     drill = variables(by_uid()["kpimon-campaign"])
@@ -339,3 +380,12 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
         f"{len(problems)} dashboard queries without data "
         f"(metrics with no series at all: {', '.join(missing) or 'none'}):\n" + "\n".join(problems)
     )
+
+    # The folded-ids panel shows the producer's new ids (not only zeros), by channel.
+    (folded,) = [q for q in queries(by_uid()["kpimon-pipeline"]) if "Folded ids" in q.where]
+    least = scenario.new_ids - scenario.max_campaigns + scenario.campaigns  # real ids came first
+    shown = wait_for(lambda: _vector(prom, f"{folded.expr} >= {least}"), timeout=30,
+                     what=f"at least {least} folded ids on the panel")  # fmt: skip
+    assert [s["metric"] for s in shown] == [
+        {"kind": "campaign", "channel": scenario.folding_channel}
+    ]

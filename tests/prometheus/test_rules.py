@@ -44,6 +44,11 @@ RECORDING_RULES = {
     "type:kpimon_events:rate5m",
     "reason:kpimon_events_rejected:rate5m",
 }
+PIPELINE_ALERTS = {
+    "KpimonWorkerDown", "KpimonNoWorkers", "KpimonEventsRejected", "KpimonNoEvents",
+    "KpimonPartitionStalled", "KpimonSegmentsFolded", "KpimonWatermarkLag",
+    "KpimonConsumerLagGrowing", "KpimonNotificationsFailing", "KpimonNotificationBacklog",
+}  # fmt: skip
 T0 = 1_795_000_000_000 - 1_795_000_000_000 % 3_600_000
 
 
@@ -209,6 +214,22 @@ def test_unit_tests_catch_an_alert_firing_before_its_for(tmp_path: Path, alert: 
     assert f"alertname: {alert}," in result.stdout + result.stderr
 
 
+def test_unit_tests_catch_folds_judged_by_the_counter_not_its_increase(tmp_path: Path) -> None:
+    """The folded counter only grows (and is restored after a restart): alerting on its
+    value rather than its recent increase would ticket every guard that ever folded."""
+    require_binary("promtool")
+    copy = _copy_prometheus(tmp_path)
+    pipeline = copy / "rules" / "pipeline.yml"
+    text = pipeline.read_text()
+    increase = "sum by (kind, channel) (increase(kpimon_segments_folded_total[1h])) > 0"
+    assert text.count(increase) == 1
+    counter = "sum by (kind, channel) (kpimon_segments_folded_total) > 0"
+    pipeline.write_text(text.replace(increase, counter))
+    result = _unit_test_result(copy)
+    assert result.returncode != 0
+    assert "alertname: KpimonSegmentsFolded," in result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- conventions
 
 
@@ -239,7 +260,7 @@ def test_recorded_kpis_use_the_worker_formulas() -> None:
 
 def test_alerts_have_severity_summary_description_and_runbook() -> None:
     alerts = _alerts()
-    assert len(alerts) >= 9
+    assert {rule["alert"] for rule in alerts} == PIPELINE_ALERTS
     for rule in alerts:
         name = rule["alert"]
         assert re.fullmatch(r"Kpimon[A-Z][A-Za-z]+", name), name
@@ -276,7 +297,7 @@ def test_every_runbook_url_names_an_existing_page() -> None:
     assert {Path(url).name for url in urls} >= {
         "worker-down.md", "events-rejected.md", "no-events.md", "watermark-lag.md",
         "consumer-lag.md", "partition-stalled.md", "notification-failures.md",
-        "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
+        "cardinality.md", "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
     }  # fmt: skip
 
 

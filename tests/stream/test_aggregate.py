@@ -366,7 +366,22 @@ def test_channels_beyond_the_guard_fold_into_other() -> None:
     assert result.series[("channel", OTHER, "")].windows["5m"].tolist()[:2] == [30, 3]
     assert {k[2] for k in result.series if k[:2] == ("campaign", OTHER)} == {"c2", "c3", "c4"}
     assert store.channel_guard.folded == {"": 3}
-    assert result.folded == {("channel", ""): 3}
+    # Campaign folds start from 0 for every channel (the folded ones included).
+    zero = {("campaign", "ch0"): 0, ("campaign", "ch1"): 0, ("campaign", OTHER): 0}
+    assert result.folded == {("channel", ""): 3, **zero}
+
+
+def test_folded_counters_start_at_zero_so_the_first_folds_are_an_increase() -> None:
+    """Prometheus counts no increase for a series that appears at N: every channel's
+    campaign counter is shown at 0 before its first fold."""
+    store = ScopeStore(max_campaigns=1, settle_ms=0)
+    minute = T0 // MIN
+    store.apply_cells([("search", "c0", minute, [1, 0, 0, 0, 0, 0, 0])])
+    before = store.evaluate(T0 + 2 * MIN).folded
+    assert before == {("channel", ""): 0, ("campaign", "search"): 0}
+    store.apply_cells([("search", f"k{i}", minute + 1, [1, 0, 0, 0, 0, 0, 0]) for i in range(3)])
+    after = store.evaluate(T0 + 3 * MIN).folded
+    assert after == {("channel", ""): 0, ("campaign", "search"): 3}
 
 
 def test_state_and_work_stay_bounded_by_the_guards() -> None:
@@ -494,6 +509,26 @@ def test_one_id_of_two_types_is_two_keys() -> None:
     assert key_hash("click", "e1") != key_hash("order", "e1")
     out = PartitionState().apply([routed("click", "e1", T0), routed("order", "e1", T0)], T0)
     assert out.applied == Counter({"click": 1, "order": 1})
+
+
+def test_a_raised_campaign_limit_admits_a_folded_id_once() -> None:
+    """Restarted with a higher KPIMON_MAX_CAMPAIGNS, an id folded before gets a series of
+    its own when next seen, and keeps it: no review swaps it with itself."""
+    store = ScopeStore(max_campaigns=2, settle_ms=0)
+    minute = T0 // MIN
+    store.apply_cells([("search", c, minute, [1, 0, 0, 0, 0, 0, s])
+                       for c, s in (("c0", 5), ("c1", 5), ("c2", 5000))])  # fmt: skip
+    raised = ScopeStore(max_campaigns=3, settle_ms=0)
+    for key, value in store.drain_dirty():
+        raised.load(key, value)
+    raised.apply_cells([("search", "c2", minute + 1, [1, 0, 0, 0, 0, 0, 1])])
+    assert ("search", "c2") not in raised.campaign_guard.candidates
+    raised.apply_cells([("search", "c0", minute + 61, [1, 0, 0, 0, 0, 0, 1])])  # a review
+    result = raised.evaluate(T0 + 63 * MIN)
+    assert set(raised.campaign_guard.kept) == {("search", "c0"), ("search", "c1"),
+                                               ("search", "c2")}  # fmt: skip
+    assert result.series[("campaign", "search", "c2")].windows["24h"][SPEND] == 1
+    assert result.series[("campaign", "search", OTHER)].windows["24h"][SPEND] == 5000
 
 
 def test_scope_changelog_round_trip_through_folding_and_a_demotion() -> None:
