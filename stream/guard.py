@@ -37,7 +37,9 @@ DECAY_DIVISOR = 24
 
 @dataclass(frozen=True)
 class Swap(Generic[K]):
-    promoted: K
+    """``demoted`` leaves the kept ids for ``promoted`` (None: the limit was lowered)."""
+
+    promoted: K | None
     demoted: K
 
 
@@ -95,6 +97,11 @@ class Guard(Generic[K]):
         return list(self._review())
 
     def _review(self) -> Iterator[Swap[K]]:
+        while len(self.kept) > self.limit:  # the limit was lowered since the state was kept
+            down, score = min(self.kept.items(), key=lambda item: (item[1], repr(item[0])))
+            del self.kept[down]
+            self.candidates[down] = score
+            yield Swap(None, down)
         if not self.candidates or len(self.kept) < self.limit:
             return
         best = sorted(self.candidates.items(), key=lambda item: (-item[1], repr(item[0])))

@@ -558,3 +558,17 @@ def test_scope_changelog_round_trip_through_folding_and_a_demotion() -> None:
     store.apply_cells(follow)
     restored.apply_cells(follow)
     assert store.series.keys() == restored.series.keys()
+
+
+def test_a_lowered_limit_shrinks_the_kept_state_at_the_next_review() -> None:
+    store = ScopeStore(max_campaigns=4, settle_ms=0)
+    minute = T0 // MIN
+    store.apply_cells([("search", f"c{i}", minute, [1, 0, 0, 0, 0, 0, i]) for i in range(4)])
+    smaller = ScopeStore(max_campaigns=2, settle_ms=0)  # restarted with a lower limit
+    for key, value in store.drain_dirty():
+        smaller.load(key, value)
+    smaller.apply_cells([("search", "c3", minute + 60, [1, 0, 0, 0, 0, 0, 1])])
+    kept = sorted(k[2] for k in smaller.series if k[0] == "campaign")
+    assert kept == [OTHER, "c2", "c3"], "the two lowest demoted, their history in __other__"
+    result = smaller.evaluate(T0 + 62 * MIN)
+    assert result.series[("campaign", "search", OTHER)].windows["24h"].tolist()[:1] == [2]
