@@ -197,8 +197,11 @@ kpimon demo: worker pid {worker.pid}, live traffic at {args.rate:g} events/s
     except KeyboardInterrupt:
         pass
     finally:
-        worker.terminate()
-        worker.wait(60)
+        worker.terminate()  # a Ctrl-C reached it already; a second signal changes nothing
+        try:
+            worker.wait(settings.shutdown_timeout_seconds + 5)
+        except subprocess.TimeoutExpired:
+            worker.kill()
     return 0
 
 
@@ -255,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stream import logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("INFO")
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code
