@@ -27,6 +27,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable
@@ -756,8 +758,9 @@ class PipelineService(Service):
         outbox.commit()
         self.stats.notified("kafka", "sent", len(records))
         self._outbox_changed()
+        level = logging.DEBUG if self.settings.console_alerts else logging.INFO  # printed anyway
         for record in records:
-            log.info("alert %s: %s", record["notification"], record["summary"])
+            log.log(level, "alert %s: %s", record["notification"], record["summary"])
         if records:
             for sender in self._senders:
                 sender.wake()
@@ -858,18 +861,24 @@ class KpimonWorker(faust.Worker):
         await self.pipeline.stop()
 
     def stop_and_shutdown(self) -> None:
-        super().stop_and_shutdown()
-        if self.watchdog.armed:
-            self.watchdog.disarm()
-            taken = self.watchdog.bound - (self.watchdog.deadline() - time.monotonic())
-            if self.pipeline.stopped_cleanly:
-                log.info("stopped in %.1f s", taken)
-            else:
-                log.warning(
-                    "stopped in %.1f s; Kafka clients not closed cleanly (broker unreachable?): "
-                    "the broker aborts what was left open",
-                    taken,
-                )
+        super().stop_and_shutdown()  # raises the crash reason after a crash
+        if not self.watchdog.armed:
+            return
+        taken = self.watchdog.bound - (self.watchdog.deadline() - time.monotonic())
+        if self.pipeline.stopped_cleanly:
+            log.info("stopped in %.1f s", taken)
+        else:
+            log.warning(
+                "stopped in %.1f s; Kafka clients not closed cleanly (broker unreachable?): "
+                "the broker aborts what was left open",
+                taken,
+            )
+        # Everything is closed; what is left is the interpreter freeing the state object
+        # by object (seconds for millions of dedup keys), outside any bound: skip it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     async def _sentinel_task(self) -> None:
         """mode sleeps a second here before closing the loop, for nothing we run."""
