@@ -458,8 +458,29 @@ class PipelineService(Service):
                 async with self._lock:
                     if self.should_stop:
                         return  # no new transaction once stopping (nothing of it is committed)
+                    batches = await self._still_current(consumer, batches)
                     if await self._failed(self._transact(batches)) == "fenced":
                         return
+
+    @staticmethod
+    async def _still_current(
+        consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """The records of a batch whose partition has not moved since they were fetched.
+
+        aiokafka applies a new assignment before it runs the rebalance listener, so a
+        batch fetched while ``assign`` restores state can hold records the restore made
+        stale: the scope stage seeks back to its snapshot's offset (applying the
+        batch too would count those partials twice), a partition may be revoked
+        meanwhile, and a kept one restarts from its committed offset. Such records are
+        dropped; the consumer delivers them again from the partition's new position.
+        """
+        assigned = consumer.assignment()
+        current: dict[TopicPartition, list[Any]] = {}
+        for tp, records in batches.items():
+            if records and tp in assigned and await consumer.position(tp) > records[-1].offset:
+                current[tp] = records
+        return current
 
     async def _failed(self, transaction: Coroutine[Any, Any, None]) -> str | None:
         """Run one transaction: None when it committed; "aborted" after a Kafka error

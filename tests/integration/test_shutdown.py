@@ -174,6 +174,9 @@ def test_mid_rebalance_then_exact(spawn: Callable[..., WorkerProcess], env: dict
     wait_for(lambda: "partitions revoked" in log_of(leaving), timeout=60, interval=0.02,
              what="w1 to start rebalancing")  # fmt: skip
     stop_within_bound(leaving, "mid-rebalance")
+    rebalance = log_of(leaving).split("partitions revoked", 1)[1]
+    signalled = rebalance.index("SIGTERM")
+    assert "state ready" not in rebalance[:signalled], "the rebalance was over at the signal"
     feeder.finish()
     finish_exact(joining, env, data)
 
