@@ -150,9 +150,9 @@ def test_under_load_then_exact(spawn: Callable[..., WorkerProcess], env: dict[st
     first = data.phases[0]
     worker = spawn()
     worker.wait_ready()
-    feeder = Feeder(env["KPIMON_KAFKA_BOOTSTRAP"], first, per_second=3000)
+    feeder = Feeder(env["KPIMON_KAFKA_BOOTSTRAP"], first, per_second=1500)  # ~10 s of events
     feeder.start()
-    wait_for(lambda: events_counted(worker) >= len(first) / 4, timeout=60, what="a quarter in")
+    wait_for(lambda: events_counted(worker) > 1000, timeout=60, what="events flowing")
     assert feeder.is_alive(), "the events were all sent before the signal: not under load"
     stop_within_bound(worker, "under load")
     feeder.finish()
