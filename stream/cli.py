@@ -144,6 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import time
     import urllib.request
 
+    from aiokafka.errors import KafkaConnectionError
+
     from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
 
     base = _settings()
@@ -170,8 +172,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     sim = Simulator(SimConfig(seed=args.seed, rate=args.rate, incidents=[incident]))
     topics = settings.type_topics
+    try:
+        asyncio.run(_create_topics(settings))
+    except KafkaConnectionError:
+        print(f"kpimon demo: cannot reach Kafka at {settings.kafka_bootstrap} "
+              "(`kpimon dev up` starts it)", file=sys.stderr)  # fmt: skip
+        return 1
     print(f"kpimon demo: producing {history // 60} minutes of history to demo-{run_id}.*")
-    asyncio.run(_create_topics(settings))
     now = time.time()
     backfill = produce_to_kafka(sim, bootstrap=settings.kafka_bootstrap, topics=topics,
                                 start_s=now - history, seconds=history, realtime=False)  # fmt: skip
@@ -197,8 +204,11 @@ kpimon demo: worker pid {worker.pid}, live traffic at {args.rate:g} events/s
     except KeyboardInterrupt:
         pass
     finally:
-        worker.terminate()
-        worker.wait(60)
+        worker.terminate()  # a Ctrl-C reached it already; a second signal changes nothing
+        try:
+            worker.wait(settings.shutdown_timeout_seconds + 5)
+        except subprocess.TimeoutExpired:
+            worker.kill()
     return 0
 
 
@@ -255,7 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stream import logs
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure("INFO")
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -143,6 +143,7 @@ class Settings(BaseSettings):
     max_batch_records: int = Field(50_000, ge=1, le=1_000_000)
     replay_lag_seconds: float = Field(120.0, gt=0, le=86400)
     snapshot_interval_seconds: float = Field(5.0, gt=0, le=3600)
+    shutdown_timeout_seconds: float = Field(10.0, ge=1, le=600)
 
     state_dir: Path = Path(".kpimon")
     dev_kafka_port: int = Field(9092, ge=1, le=65535)

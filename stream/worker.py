@@ -27,6 +27,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Iterator
@@ -44,6 +46,7 @@ from aiokafka.errors import (
     ProducerFenced,
     TopicAlreadyExistsError,
 )
+from faust.app.base import BootStrategy
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -51,7 +54,7 @@ from alerts.engine import AlertEngine
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
-from stream import codec
+from stream import codec, logs
 from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_alerts, render_evaluation
 from stream.pipeline import (
@@ -63,6 +66,7 @@ from stream.pipeline import (
     too_late_letter,
 )
 from stream.settings import Settings
+from stream.shutdown import Watchdog
 from stream.stalls import Stalls, locate, positions, rewind
 
 log = logging.getLogger("kpimon.worker")
@@ -70,6 +74,13 @@ HEARTBEAT_MS = 1000
 COMMIT_INTERVAL_S = 0.1
 PARTIALS_HOLD_LAG = 50
 """Unapplied partials records beyond which the scope stage holds its watermark."""
+STOP_GRACE_S = 2.0
+"""On stop, how long the transaction in flight may take to commit before it is abandoned."""
+STOP_RESERVE_S = 1.5
+"""Of the stop budget, what is left for faust's own teardown after the pipeline's."""
+STOP_CLOSE_S = 2.0
+"""Longest wait for one Kafka client to close: with the broker up it takes milliseconds,
+with the broker down it never ends (the producer's pending abort has nowhere to go)."""
 ALERTS_STATE_KEY = codec.encode_json("alerts")
 CARRY_MARGIN_MS = 5 * 60_000
 DLQ_FALLBACK_LIMIT = 1 << 20
@@ -94,7 +105,22 @@ class Topology:
 
 
 def _names(partitions: Any) -> str:
-    return ", ".join(sorted(f"{tp.topic}:{tp.partition}" for tp in partitions)) or "none"
+    """``events.clicks[0-2], g.partials[0]``: one entry per topic, partition ranges."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    parts = []
+    for topic, numbers in sorted(by_topic.items()):
+        numbers.sort()
+        runs: list[list[int]] = []
+        for n in numbers:
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+        parts.append(f"{topic}[{spans}]")
+    return ", ".join(parts) or "none"
 
 
 async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> int:
@@ -160,6 +186,8 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 class PipelineService(Service):
     """Ingest, partition and scope stages, one Kafka transaction per iteration."""
 
+    mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
+
     def __init__(
         self, settings: Settings, stats: PipelineStats, rules: RulesFile, **kwargs: Any
     ) -> None:
@@ -199,6 +227,11 @@ class PipelineService(Service):
         self._routed_partitions = settings.topic_partitions
         self._lock = asyncio.Lock()
         self._closing = False
+        self._recovering = False
+        self._loops: list[asyncio.Future[Any]] = []
+        self.stop_deadline: float | None = None
+        """``time.monotonic()`` by which a stop must be done (set on SIGTERM)."""
+        self.stopped_cleanly = True
         self._sent: list[asyncio.Future[Any]] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -294,20 +327,59 @@ class PipelineService(Service):
         self.stats.outbox_pending = self.outbox.counts() if self.outbox is not None else {}
 
     async def on_stop(self) -> None:
-        # Let the transaction in flight finish (or give up on it: it is then
-        # aborted by the broker and redone by whoever owns the partitions next).
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._lock.acquire(), timeout=15)
-        self._closing = True  # the lock stays held: no transaction starts any more
-        if self._consumer is not None:
-            await self._consumer.stop()
-        if self._producer is not None:
-            await self._producer.stop()
+        """Stop within the bound (``stop_deadline``), in every state.
+
+        The loops end after their current iteration (``should_stop`` is set), so an
+        idle or busy worker commits what it is doing and stops. Work that does not end
+        within a short grace (a transaction the broker does not answer, a recovery
+        retrying, a rebalance restoring state) is cancelled: its open transaction is
+        aborted, or left for the broker to abort, as after ``kill -9``, and whoever owns
+        the partitions next redoes it from the committed offsets. Then the consumer
+        leaves the group (the other workers take over at once) and the clients close,
+        each step bounded by what is left of the budget.
+        """
+        bound = self.settings.shutdown_timeout_seconds
+        reserve = min(STOP_RESERVE_S, bound / 5)
+        deadline = (self.stop_deadline or time.monotonic() + bound) - reserve
+        self._closing = True
+        loops = [task for task in self._loops if not task.done()]
+        grace = 0.0 if self._recovering else min(STOP_GRACE_S, (deadline - time.monotonic()) / 3)
+        if loops:
+            _, pending = await asyncio.wait(loops, timeout=max(grace, 0))
+            if pending:
+                log.warning(
+                    "stopping: abandoning the transaction in flight (the broker "
+                    "aborts it; its records are processed again after a restart)"
+                )
+            await _cancel(pending, until=min(deadline, time.monotonic() + 1.0))
         for task in self._sender_tasks:
             task.cancel()
-        await asyncio.gather(*self._sender_tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
+        await _cancel(self._sender_tasks, until=deadline)
+        clean = True
+        steps: list[tuple[str, Any]] = [
+            ("consumer", self._consumer.stop if self._consumer else None),
+            ("producer", self._producer.stop if self._producer else None),
+            ("http session", self._session.close if self._session else None),
+        ]
+        for name, stop in steps:
+            if stop is None:
+                continue
+            try:
+                left = min(deadline - time.monotonic(), STOP_CLOSE_S)
+                await asyncio.wait_for(stop(), timeout=max(left, 0.01))
+            except TimeoutError:
+                clean = False
+                log.warning("stopping: closing the %s timed out (is the broker reachable?)", name)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this stop itself is cancelled
+                # aiokafka's fetcher re-raises the cancellation of its own retrying fetch
+                # on close (broker unreachable): that consumer is as closed as it gets.
+                clean = False
+            except Exception as exc:  # a failing close must not keep the process alive
+                log.warning("stopping: closing the %s failed: %r", name, exc)
+        self.stopped_cleanly = clean
 
     # -- rebalance: state follows partitions ----------------------------------------
     async def revoke(self, revoked: list[TopicPartition]) -> None:
@@ -328,19 +400,28 @@ class PipelineService(Service):
                 log.info("partitions revoked: %s", _names(revoked))
 
     async def assign(self, assigned: list[TopicPartition]) -> None:
+        if self._closing:
+            return
         async with self._lock:
             log.info("partitions assigned: %s", _names(assigned))
             await self._restore(assigned)
 
     async def _restore(self, assigned: list[TopicPartition]) -> None:
+        """Rebuild the state of newly assigned partitions; given up when the worker stops
+        (nothing is processed after that, and the next owner restores it anew)."""
         started = time.monotonic()
         for tp in assigned:
+            if self.should_stop:
+                log.info("stopping: state restore abandoned")
+                return
             if tp.topic == self.topology.routed and tp.partition not in self.partitions:
                 state = PartitionState(self.horizons)
                 n = 0
                 async for record in self._read_log(self.topology.dedup_log, tp.partition):
                     state.load_changes(codec.decode_json(record.value))
                     n += 1
+                if self.should_stop:
+                    continue  # half restored: never installed
                 self.partitions[tp.partition] = state
                 log.info("restored routed partition %d from %d changelog entries", tp.partition, n)
             elif tp.topic == self.topology.partials and self.scope is None:
@@ -373,6 +454,8 @@ class PipelineService(Service):
             else:
                 scope.load(tuple(key), value)
             n += 1
+        if self.should_stop:
+            return  # half restored: never installed
         if alerts:
             try:
                 engine.load(alerts)
@@ -404,7 +487,7 @@ class PipelineService(Service):
             reader.assign([tp])
             await reader.seek_to_beginning(tp)
             end = (await reader.end_offsets([tp]))[tp]
-            while await reader.position(tp) < end:
+            while not self.should_stop and await reader.position(tp) < end:
                 batch = await reader.getmany(tp, timeout_ms=500)
                 for record in batch.get(tp, []):
                     yield record
@@ -412,7 +495,9 @@ class PipelineService(Service):
             await reader.stop()
 
     # -- the loop -----------------------------------------------------------------
-    @Service.task
+    async def on_started(self) -> None:
+        self._loops = [self.add_future(self._consume()), self.add_future(self._evaluate())]
+
     async def _consume(self) -> None:
         consumer = self._consumer
         assert consumer is not None
@@ -420,8 +505,31 @@ class PipelineService(Service):
             while not self.should_stop:
                 batches = await self._gather(consumer, self.settings.max_batch_records)
                 async with self._lock:
+                    if self.should_stop:
+                        return  # no new transaction once stopping (nothing of it is committed)
+                    batches = await self._still_current(consumer, batches)
                     if await self._failed(self._transact(batches)) == "fenced":
                         return
+
+    @staticmethod
+    async def _still_current(
+        consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]
+    ) -> dict[TopicPartition, list[Any]]:
+        """The records of a batch whose partition has not moved since they were fetched.
+
+        aiokafka applies a new assignment before it runs the rebalance listener, so a
+        batch fetched while ``assign`` restores state can hold records the restore made
+        stale: the scope stage seeks back to its snapshot's offset (applying the
+        batch too would count those partials twice), a partition may be revoked
+        meanwhile, and a kept one restarts from its committed offset. Such records are
+        dropped; the consumer delivers them again from the partition's new position.
+        """
+        assigned = consumer.assignment()
+        current: dict[TopicPartition, list[Any]] = {}
+        for tp, records in batches.items():
+            if records and tp in assigned and await consumer.position(tp) > records[-1].offset:
+                current[tp] = records
+        return current
 
     async def _failed(self, transaction: Coroutine[Any, Any, None]) -> str | None:
         """Run one transaction: None when it committed; "aborted" after a Kafka error
@@ -487,15 +595,19 @@ class PipelineService(Service):
         """Fresh producer, committed offsets and state; retried until the broker answers
         (nothing is processed meanwhile, so nothing can be counted on a half-built state)."""
         delay = 1.0
-        while not self.should_stop:
-            try:
-                await self._reset_producer()
-                await self._rewind()
-                return
-            except KafkaError as exc:
-                log.warning("recovery failed (%r); retrying in %.0f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        self._recovering = True
+        try:
+            while not self.should_stop:
+                try:
+                    await self._reset_producer()
+                    await self._rewind()
+                    return
+                except KafkaError as exc:
+                    log.warning("recovery failed (%r); retrying in %.0f s", exc, delay)
+                    await self.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+        finally:
+            self._recovering = False
 
     async def _rewind(self) -> None:
         """After an aborted transaction: back to committed offsets and state."""
@@ -724,12 +836,11 @@ class PipelineService(Service):
                     log.warning("event loop blocked for %.1f s", stall)
 
     # -- evaluation ---------------------------------------------------------------
-    @Service.task
     async def _evaluate(self) -> None:
         while not self.should_stop:
             await self.sleep(self.settings.eval_interval_seconds)
             async with self._lock:
-                if self.scope is None or self._closing:
+                if self.scope is None or self.should_stop:
                     continue
                 now_ms = int(time.time() * 1000)
                 # Until the scope stage has applied its input, progress reports are
@@ -776,8 +887,9 @@ class PipelineService(Service):
         outbox.commit()
         self.stats.notified("kafka", "sent", len(records))
         self._outbox_changed()
+        level = logging.DEBUG if self.settings.console_alerts else logging.INFO  # printed anyway
         for record in records:
-            log.info("alert %s: %s", record["notification"], record["summary"])
+            log.log(level, "alert %s: %s", record["notification"], record["summary"])
         if records:
             for sender in self._senders:
                 sender.wake()
@@ -792,8 +904,30 @@ class PipelineService(Service):
         return len(records)
 
 
+async def _cancel(tasks: Iterable[asyncio.Future[Any]], *, until: float) -> None:
+    """Cancel until done, giving up at ``until`` (``time.monotonic()``).
+
+    Cancelled again and again: a task may take one cancellation on the way out and
+    then await something else (a transaction aborting on exit awaits the broker).
+    """
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = until - time.monotonic()
+        if left <= 0:
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(left, 0.2))
+
+
 def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineService) -> faust.App:
-    """The faust app: web server with ``/metrics``; no faust agents of its own."""
+    """The faust app: web server with ``/metrics``; no faust agents, tables or Kafka clients.
+
+    The pipeline has its own consumer and transactional producer; faust's own
+    (a consumer in a ``<group>-host`` group, a producer, the table recovery and the
+    monitor sensor) did nothing here but join a group, create a topic, log, and
+    take up to a minute to stop when the broker is unreachable.
+    """
     app = faust.App(
         f"{settings.group_id}-host",
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -805,6 +939,7 @@ def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineServi
         topic_replication_factor=settings.topic_replication_factor,
         autodiscover=False,
     )
+    app.boot_strategy = BootStrategy(app, enable_kafka=False, enable_sensors=False)
     registry = build_registry(stats)
 
     @app.page("/metrics")
@@ -813,6 +948,70 @@ def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineServi
         return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     return app
+
+
+class KpimonWorker(faust.Worker):
+    """faust's worker with a bounded stop and kpimon's log policy (stream/logs.py).
+
+    SIGTERM/SIGINT arm a :class:`Watchdog` for ``KPIMON_SHUTDOWN_TIMEOUT_SECONDS`` and
+    give the pipeline its deadline; the pipeline stops first (it holds the group
+    membership and the open transaction; faust would stop it last, after its web
+    server).
+    """
+
+    def __init__(self, app: faust.App, pipeline: PipelineService, settings: Settings) -> None:
+        # stdout stays stdout (the console alert sink prints there), not a log record.
+        super().__init__(app, pipeline, loglevel=settings.log_level.lower(), quiet=True,
+                         redirect_stdouts=False)  # fmt: skip
+        self.pipeline = pipeline
+        self.settings = settings
+        self.watchdog = Watchdog(settings.shutdown_timeout_seconds)
+
+    def on_setup_root_logger(self, logger: logging.Logger, level: int) -> None:
+        super().on_setup_root_logger(logger, level)
+        logs.configure(self.settings.log_level)
+
+    def _on_sigterm(self) -> None:
+        self._stop_requested("SIGTERM")
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._stop_requested("SIGINT")
+        super()._on_sigint()
+
+    def _stop_requested(self, signal_name: str) -> None:
+        if self.watchdog.armed:
+            return
+        self.watchdog.arm(signal_name)
+        self.pipeline.stop_deadline = self.watchdog.deadline()
+        log.info("%s: stopping within %g s", signal_name, self.watchdog.bound)
+
+    async def on_stop(self) -> None:
+        await self.pipeline.stop()
+
+    def stop_and_shutdown(self) -> None:
+        super().stop_and_shutdown()  # raises the crash reason after a crash
+        if not self.watchdog.armed:
+            return
+        taken = self.watchdog.bound - (self.watchdog.deadline() - time.monotonic())
+        if self.pipeline.stopped_cleanly:
+            log.info("stopped in %.1f s", taken)
+        else:
+            log.warning(
+                "stopped in %.1f s; Kafka clients not closed cleanly (broker unreachable?): "
+                "the broker aborts what was left open",
+                taken,
+            )
+        # Everything is closed; what is left is the interpreter freeing the state object
+        # by object (seconds for millions of dedup keys), outside any bound: skip it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    async def _sentinel_task(self) -> None:
+        """mode sleeps a second here before closing the loop, for nothing we run."""
+        await asyncio.sleep(0)
 
 
 def run_worker(settings: Settings, rules: RulesFile) -> int:
@@ -827,6 +1026,5 @@ def run_worker(settings: Settings, rules: RulesFile) -> int:
     stats = PipelineStats()
     pipeline = PipelineService(settings, stats, rules)
     app = create_app(settings, stats, pipeline)
-    worker = faust.Worker(app, pipeline, loglevel=settings.log_level.lower(), quiet=True)
-    worker.execute_from_commandline()
+    KpimonWorker(app, pipeline, settings).execute_from_commandline()
     return 0

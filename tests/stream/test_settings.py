@@ -21,6 +21,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.type_topics["click"] == "events.clicks"
     assert settings.dlq_topic == "kpimon.dlq"
     assert settings.shared_topics == []
+    assert settings.shutdown_timeout_seconds == 10.0
 
 
 def test_env_lists_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,6 +43,8 @@ def test_env_lists_and_rates(monkeypatch: pytest.MonkeyPatch) -> None:
         ("KPIMON_REPORTING_CURRENCY", "dollar", "ISO 4217"),
         ("KPIMON_LOG_LEVEL", "loud", "KPIMON_LOG_LEVEL"),
         ("KPIMON_SHARED_TOPICS", "events.clicks", "distinct"),
+        ("KPIMON_SHUTDOWN_TIMEOUT_SECONDS", "0", "KPIMON_SHUTDOWN_TIMEOUT_SECONDS"),
+        ("KPIMON_SHUTDOWN_TIMEOUT_SECONDS", "soon", "KPIMON_SHUTDOWN_TIMEOUT_SECONDS"),
     ],
 )
 def test_invalid_values_name_the_variable(
