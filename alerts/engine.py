@@ -10,6 +10,7 @@ since when, which child segments contribute most, links).
 
 from __future__ import annotations
 
+import copy
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -390,6 +391,19 @@ class AlertEngine:
             for name, state in self.states.items()
             for alert in state.firing()
         ]
+
+    def clone(self) -> AlertEngine:
+        """An engine in the same state (rules and settings shared), to step elsewhere.
+
+        The worker steps a clone off the event loop and puts it in place only once
+        the tick's transaction committed: the engine in place is never changed, so
+        the loop may read it meanwhile and a discarded tick leaves no trace.
+        """
+        twin = copy.copy(self)
+        twin.states = {name: state.clone() for name, state in self.states.items()}
+        twin.baselines = dict(self.baselines)
+        twin._sums = {}
+        return twin
 
     # -- state for restarts -----------------------------------------------------------
     def to_dict(self) -> dict[str, object]:

@@ -166,6 +166,13 @@ class RuleAlerts:
         """Snapshots of all tracked alerts (pending, firing, retained resolved), by key."""
         return [copy.deepcopy(self._alerts[key]) for key in sorted(self._alerts)]
 
+    def clone(self) -> RuleAlerts:
+        """An independent copy: stepping it leaves this one as it is."""
+        twin = RuleAlerts(self.rule, self.timing)
+        twin._alerts = copy.deepcopy(self._alerts)
+        twin._clock = self._clock
+        return twin
+
     def to_dict(self) -> dict[str, object]:
         """JSON-safe state; timing is configuration, so it is not part of it."""
         return {

@@ -103,28 +103,65 @@ class SeriesBuckets:
     into twelve 5-minute buckets (enough for week-over-week baselines); blocks
     older than ``total_hours`` are dropped. Dirty blocks are tracked so that
     only changed blocks are written to the changelog.
+
+    :meth:`snapshot` shares the blocks copy-on-write, so the windows can be
+    evaluated off the event loop while this series takes more cells: every
+    in-place write goes through :meth:`writable`, which copies a block a
+    snapshot still shares before its first write after that snapshot.
     """
 
-    __slots__ = ("blocks", "coarse", "dirty", "retention")
+    __slots__ = ("blocks", "coarse", "dirty", "owned", "retention")
 
     def __init__(self, retention: Retention) -> None:
         self.retention = retention
         self.blocks: dict[int, Totals] = {}  # hour -> (60, N) minute sums
         self.coarse: dict[int, Totals] = {}  # hour -> (12, N) 5-minute sums
         self.dirty: set[int] = set()
+        self.owned: set[int] | None = None
+        """Hours whose array no snapshot shares; None: no snapshot was ever taken."""
 
     def add(self, minute: int, values: Sequence[int]) -> None:
         hour, offset = divmod(minute, 60)
         block = self.blocks.get(hour)
         if block is None:
-            coarse = self.coarse.get(hour)
-            if coarse is not None:  # a very late write into a folded hour
-                coarse[offset // 5] += np.asarray(values, dtype=np.int64)
+            if hour in self.coarse:  # a very late write into a folded hour
+                self.writable(hour)[offset // 5] += np.asarray(values, dtype=np.int64)
                 self.dirty.add(hour)
                 return
             block = self.blocks[hour] = np.zeros((60, N_MEASURES), dtype=np.int64)
+            self._own(hour)
+        elif self.owned is not None and hour not in self.owned:
+            block = self.writable(hour)
         block[offset] += np.asarray(values, dtype=np.int64)
         self.dirty.add(hour)
+
+    def writable(self, hour: int) -> Totals:
+        """The array of ``hour`` (minute block, else folded), safe to change in place."""
+        table = self.blocks if hour in self.blocks else self.coarse
+        block = table[hour]
+        owned = self.owned
+        if owned is not None and hour not in owned:
+            block = table[hour] = block.copy()
+            owned.add(hour)
+        return block
+
+    def _own(self, hour: int) -> None:
+        """The array of ``hour`` was just created here: no snapshot shares it."""
+        if self.owned is not None:
+            self.owned.add(hour)
+
+    def snapshot(self) -> SeriesBuckets:
+        """A copy that no later change to this series alters, sharing the arrays.
+
+        Costs two dict copies (~50 and ~150 entries at full retention); each block
+        is then copied at most once, by the next write to it.
+        """
+        view = SeriesBuckets(self.retention)
+        view.blocks = dict(self.blocks)
+        view.coarse = dict(self.coarse)
+        view.owned = set()  # the snapshot shares every array too
+        self.owned = set()
+        return view
 
     def sum(self, start: int, end: int) -> Totals:
         """Sums over minutes [start, end); folded hours count by 5-minute bucket."""
@@ -148,6 +185,7 @@ class SeriesBuckets:
         now_hour = now_minute // 60
         for hour in [h for h in self.blocks if h < now_hour - self.retention.fine_hours]:
             self.coarse[hour] = _fold(self.blocks.pop(hour))
+            self._own(hour)
             self.dirty.add(hour)
         dropped = [h for h in self.coarse if h < now_hour - self.retention.total_hours]
         for hour in dropped:
@@ -159,19 +197,22 @@ class SeriesBuckets:
         """Add another series' buckets into this one (a demoted id into ``__other__``)."""
         for hour, block in other.blocks.items():
             if hour in self.blocks:
-                self.blocks[hour] += block
+                self.writable(hour)[:] += block
             elif hour in self.coarse:
-                self.coarse[hour] += _fold(block)
+                self.writable(hour)[:] += _fold(block)
             else:
                 self.blocks[hour] = block.copy()
+                self._own(hour)
             self.dirty.add(hour)
         for hour, coarse in other.coarse.items():
             if hour in self.blocks:
                 self.coarse[hour] = _fold(self.blocks.pop(hour)) + coarse
+                self._own(hour)
             elif hour in self.coarse:
-                self.coarse[hour] += coarse
+                self.writable(hour)[:] += coarse
             else:
                 self.coarse[hour] = coarse.copy()
+                self._own(hour)
             self.dirty.add(hour)
 
     def block(self, hour: int) -> Totals | None:
@@ -184,6 +225,7 @@ class SeriesBuckets:
         self.coarse.pop(hour, None)
         target = self.blocks if data.shape[0] == 60 else self.coarse
         target[hour] = data.astype(np.int64, copy=True)
+        self._own(hour)
 
     def empty(self) -> bool:
         return not self.blocks and not self.coarse

@@ -29,11 +29,12 @@ import gc
 import logging
 import os
 import sys
+import threading
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import faust
@@ -55,7 +56,7 @@ from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
 from stream import codec, logs
-from stream.aggregate import BatchOutput, Evaluation, Horizons, PartitionState, ScopeStore
+from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_alerts, render_evaluation
 from stream.pipeline import (
     BatchResult,
@@ -87,6 +88,10 @@ DLQ_FALLBACK_LIMIT = 1 << 20
 """Kafka's default max.message.bytes, assumed when the DLQ topic's own cannot be read."""
 DLQ_RECORD_OVERHEAD = 1024
 """Room for the record batch and record framing around a dead letter's key, value, headers."""
+EXPIRE_SERIES_PER_TICK = 1000
+"""Series whose old blocks one evaluation tick folds in the live scope state (~20 ms)."""
+GIL_SWITCH_INTERVAL_S = 0.001
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,70 @@ class Topology:
     def of(cls, settings: Settings) -> Topology:
         g = settings.group_id
         return cls(f"{g}.routed", f"{g}.partials", f"{g}.changelog.dedup", f"{g}.changelog.scopes")
+
+
+@dataclass(frozen=True)
+class Tick:
+    """One evaluation computed off the event loop, waiting to be committed on it."""
+
+    engine: AlertEngine
+    """A clone of the live engine, stepped by this tick."""
+    records: list[dict[str, Any]]
+    state: bytes
+    """The stepped engine's state, as the scope changelog holds it."""
+    exposition: bytes
+    evaluate_s: float
+    alert_s: float
+    render_s: float
+
+
+def compute_tick(view: ScopeStore, engine: AlertEngine, now_ms: int, hold: bool) -> Tick:
+    """Windows and KPIs of a scope snapshot, alert decisions on a clone of ``engine`` and
+    the exposition: everything of a tick that takes time, touching no live state (it runs
+    in a thread while the event loop goes on)."""
+    started = time.perf_counter()
+    evaluation = view.evaluate(now_ms, hold=hold)
+    evaluated = time.perf_counter()
+    stepped = engine.clone()
+    records = stepped.evaluate(view, evaluation.end_minute, evaluation.watermark_ms / 1000,
+                               replaying=evaluation.hold_alerts)  # fmt: skip
+    state = codec.encode_json(stepped.to_dict())
+    alerted = time.perf_counter()
+    exposition = render_evaluation(evaluation, view, now_ms) + render_alerts(
+        stepped.firing_labels(), stepped.baselines, evaluation
+    )
+    return Tick(stepped, records, state, exposition, evaluated - started, alerted - evaluated,
+                time.perf_counter() - alerted)  # fmt: skip
+
+
+def in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``fn(*args)`` in a new daemon thread, as a future of the running loop.
+
+    Not ``asyncio.to_thread``: the default executor's threads are joined at exit, so a
+    worker told to stop would first wait for an evaluation it no longer needs.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():  # cancelled: the worker is stopping
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which raises it
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"kpimon-{fn.__name__}", daemon=True).start()
+    return future
 
 
 def _names(partitions: Any) -> str:
@@ -264,6 +333,10 @@ class PipelineService(Service):
 
     async def on_start(self) -> None:
         s, topo = self.settings, self.topology
+        # An evaluation tick computes in a thread: the event loop waits up to one
+        # switch interval for the GIL at each wake-up (5 ms by default; a scrape wakes
+        # it a dozen times). The computing thread barely notices the shorter slices.
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         topic_limit = await ensure_topics(s, topo, self.handler.topics)
         self._producer = self._new_producer()
         self._dlq_limit = min(topic_limit, _request_size(s)) - DLQ_RECORD_OVERHEAD
@@ -839,54 +912,90 @@ class PipelineService(Service):
     async def _evaluate(self) -> None:
         while not self.should_stop:
             await self.sleep(self.settings.eval_interval_seconds)
-            async with self._lock:
-                if self.scope is None or self.should_stop:
-                    continue
-                now_ms = int(time.time() * 1000)
-                # Until the scope stage has applied its input, progress reports are
-                # stale: windows would look partial (false drops), so hold the watermark.
-                hold = self._partials_lag() > PARTIALS_HOLD_LAG
-                if hold and self.scope.watermark_ms == 0:
-                    continue  # nothing shown yet rather than half-filled windows
-                evaluation = self.scope.evaluate(now_ms, hold=hold)
-                failed = await self._failed(self._alert(evaluation))
-                if failed == "fenced":
-                    return
-                if failed:
-                    continue
-                assert self.engine is not None
-                self.kpi_exposition = render_evaluation(
-                    evaluation, self.scope, now_ms
-                ) + render_alerts(self.engine.firing_labels(), self.engine.baselines, evaluation)
+            if await self._tick() == "fenced":
+                return
 
-    async def _alert(self, evaluation: Evaluation) -> None:
-        """Step the alert engine; its records, state and outbox entries in one transaction.
+    async def _tick(self) -> str | None:
+        """One evaluation: windows, KPIs, alert decisions and the exposition.
+
+        The lock (which every transaction and rebalance takes) is held only to take a
+        copy-on-write snapshot of the scope state and to commit the result; evaluation,
+        the alert engine and rendering run in a thread meanwhile, on the snapshot and on
+        a clone of the engine, so heartbeats, transactions and scrapes go on (the GIL
+        passes to the event loop every switch interval, 5 ms). A tick whose scope state
+        moved or was rebuilt meanwhile (rebalance, aborted transaction) is discarded:
+        its decisions were taken from a state that is not the committed one.
+        Returns "fenced" when the worker must stop.
+        """
+        async with self._lock:
+            scope, engine = self.scope, self.engine
+            if scope is None or engine is None or self._closing or self.should_stop:
+                return None
+            now_ms = int(time.time() * 1000)
+            # Until the scope stage has applied its input, progress reports are
+            # stale: windows would look partial (false drops), so hold the watermark.
+            hold = self._partials_lag() > PARTIALS_HOLD_LAG
+            if hold and scope.watermark_ms == 0:
+                return None  # nothing shown yet rather than half-filled windows
+            started = time.perf_counter()
+            scope.advance(now_ms, hold=hold)
+            view = scope.snapshot()
+            snapped = time.perf_counter()
+        tick = await in_thread(compute_tick, view, engine, now_ms, hold)
+        computed = time.perf_counter()
+        async with self._lock:
+            locked = time.perf_counter()
+            if (
+                self.scope is not scope
+                or self.engine is not engine
+                or self._closing
+                or (self.should_stop)
+            ):
+                log.info("evaluation discarded: the scope state moved or was rebuilt meanwhile")
+                return None
+            failed = await self._failed(self._alert(tick))
+            if failed:
+                return failed
+            self.kpi_exposition = tick.exposition
+            scope.expire_blocks(EXPIRE_SERIES_PER_TICK)
+            done = time.perf_counter()
+        log.debug(
+            "evaluation tick: snapshot %.1f ms (%d series), then off the loop for %.0f ms "
+            "(evaluation %.0f ms, alert engine %.0f ms, render %.0f ms), lock wait %.0f ms, "
+            "commit %.0f ms",
+            (snapped - started) * 1000, len(view.series), (computed - snapped) * 1000,
+            tick.evaluate_s * 1000, tick.alert_s * 1000, tick.render_s * 1000,
+            (locked - computed) * 1000, (done - locked) * 1000,
+        )  # fmt: skip
+        return None
+
+    async def _alert(self, tick: Tick) -> None:
+        """Commit a tick's alert decisions: its records, the stepped engine's state and the
+        outbox entries in one transaction; then its engine becomes the live one.
 
         A crash before the commit redoes the evaluation from the previous state (no
         notification was released yet); after it, the outbox holds what to deliver.
         """
-        engine, outbox, scope, producer = self.engine, self.outbox, self.scope, self._producer
-        assert engine is not None and outbox is not None and scope is not None
-        assert producer is not None
-        records = engine.evaluate(scope, evaluation.end_minute, evaluation.watermark_ms / 1000,
-                                  replaying=evaluation.hold_alerts)  # fmt: skip
-        state = codec.encode_json(engine.to_dict())
-        if not records and state == self._engine_state:
-            return
-        outbox.add(records)
-        self._sent = []
-        async with producer.transaction():
-            for record in records:
-                key = "|".join(record[k] for k in ("rule", "scope", "channel", "campaign"))
-                await self._send(self.settings.alerts_topic, codec.encode_json(record),
-                                 key=key.encode())  # fmt: skip
-            await self._send(self.topology.scope_log, state, key=ALERTS_STATE_KEY, partition=0)
-            await self._send_outbox_changes()
-            await asyncio.gather(*self._sent)
-        self._engine_state = state
-        outbox.commit()
-        self.stats.notified("kafka", "sent", len(records))
-        self._outbox_changed()
+        outbox, producer = self.outbox, self._producer
+        assert outbox is not None and producer is not None
+        records, state = tick.records, tick.state
+        if records or state != self._engine_state:
+            outbox.add(records)
+            self._sent = []
+            async with producer.transaction():
+                for record in records:
+                    key = "|".join(record[k] for k in ("rule", "scope", "channel", "campaign"))
+                    await self._send(self.settings.alerts_topic, codec.encode_json(record),
+                                     key=key.encode())  # fmt: skip
+                await self._send(self.topology.scope_log, state, key=ALERTS_STATE_KEY,
+                                 partition=0)  # fmt: skip
+                await self._send_outbox_changes()
+                await asyncio.gather(*self._sent)
+            self._engine_state = state
+            outbox.commit()
+            self.stats.notified("kafka", "sent", len(records))
+            self._outbox_changed()
+        self.engine = tick.engine
         level = logging.DEBUG if self.settings.console_alerts else logging.INFO  # printed anyway
         for record in records:
             log.log(level, "alert %s: %s", record["notification"], record["summary"])

@@ -257,3 +257,25 @@ def test_a_backlog_of_late_events_hides_no_real_alert() -> None:
     through = datetime.fromtimestamp((T0_MIN + 127) * 60, UTC)
     fired = datetime.fromisoformat(c1[0]["fired_at"])
     assert through <= fired <= through + timedelta(minutes=6), "held, then fired after `for`"
+
+
+def test_a_clone_steps_like_the_engine_and_leaves_it_as_it_was() -> None:
+    """The worker steps a clone off the event loop and keeps it only if its tick commits."""
+    store, engine = ScopeStore(), AlertEngine(RULES)
+    drop = range(T0_MIN + 120, T0_MIN + 150)
+    for minute in range(T0_MIN, T0_MIN + 240):
+        traffic(store, minute, minute in drop)
+
+    def step(e: AlertEngine, minutes: range) -> list[Any]:
+        records = [e.evaluate(store, m + 1, (m + 1) * 60.0) for m in minutes]
+        return list(json.loads(json.dumps(records)))
+
+    step(engine, range(T0_MIN, T0_MIN + 124))
+    assert engine.to_dict() != AlertEngine(RULES).to_dict(), "pending alerts"
+    before = json.dumps(engine.to_dict())
+    later = range(T0_MIN + 124, T0_MIN + 240)
+    from_clone = step(engine.clone(), later)
+    notified = {r["notification"] for records in from_clone for r in records}
+    assert notified == {"firing", "resolved"}
+    assert json.dumps(engine.to_dict()) == before, "the original is untouched"
+    assert step(engine, later) == from_clone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import Counter
 from typing import Any
@@ -572,3 +573,100 @@ def test_a_lowered_limit_shrinks_the_kept_state_at_the_next_review() -> None:
     assert kept == [OTHER, "c2", "c3"], "the two lowest demoted, their history in __other__"
     result = smaller.evaluate(T0 + 62 * MIN)
     assert result.series[("campaign", "search", OTHER)].windows["24h"].tolist()[:1] == [2]
+
+
+# --- snapshots: evaluating off the event loop -----------------------------------------
+
+
+def evaluation_of(result: Any) -> Any:
+    """An Evaluation as plain values, to compare two of them."""
+    return (
+        result.watermark_ms, result.end_minute, result.replaying, result.restating,
+        {k: {w: v.tolist() for w, v in s.windows.items()} for k, s in result.series.items()},
+        {k: s.kpis for k, s in result.series.items()}, result.measure_totals,
+    )  # fmt: skip
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    before=st.lists(cell_st, max_size=30),
+    during=st.lists(cell_st, max_size=30),
+    max_campaigns=st.integers(1, 10),
+)
+def test_a_snapshot_evaluates_as_the_store_did_when_taken(
+    before: list[Any], during: list[Any], max_campaigns: int
+) -> None:
+    """Cells, progress reports, latencies and expiry applied to the live store while its
+    snapshot is evaluated change nothing in that evaluation; the live store goes on
+    exactly as a store evaluated at the snapshot that then took the same input."""
+    now = T0 + 1502 * MIN + 5_000
+    old = [("search", "c1", T0 // MIN - 50 * 60, [1] * N)]  # folded at this watermark
+    store = ScopeStore(max_campaigns=max_campaigns, settle_ms=MIN)
+    store.apply_cells(old + before)
+    store.report(0, now - 3 * MIN, "w1", caught_up=False, now_ms=now)
+    store.observe_latency([now - 1000], now)
+    as_taken = copy.deepcopy(store)
+    store.advance(now)
+    view = store.snapshot()
+    store.apply_cells(during)
+    store.report(0, now + MIN, "w1", caught_up=True, now_ms=now + MIN)
+    store.observe_latency([now - 5000] * 3, now)
+    store.expire_blocks(10**6)
+    assert evaluation_of(view.evaluate(now)) == evaluation_of(as_taken.evaluate(now))
+    assert view.latency_counts == as_taken.latency_counts
+
+    as_taken.apply_cells(during)
+    as_taken.report(0, now + MIN, "w1", caught_up=True, now_ms=now + MIN)
+    assert store.restated == as_taken.restated
+    later = now + 2 * MIN
+    store.advance(later)
+    assert evaluation_of(store.snapshot().evaluate(later)) == evaluation_of(
+        as_taken.evaluate(later)
+    )
+
+
+def test_advancing_the_clock_twice_at_one_time_changes_nothing() -> None:
+    now = T0 + 120 * MIN
+    store = ScopeStore()
+    store.report(0, now - 10 * MIN, "w1", caught_up=False, now_ms=now)
+    store.apply_cells([("search", "c1", now // MIN - 30, [1] * N)])
+    store.evaluate(now - MIN)
+    store.apply_cells([("search", "c1", now // MIN - 31, [1] * N)])  # restates a shown minute
+    first = store.advance(now)
+    state = (store.watermark_ms, store.shown_end, store.restated, store._restating_since)
+    assert first[2], "restating: a late cell while a worker lags"
+    assert store.advance(now) == first
+    assert (store.watermark_ms, store.shown_end, store.restated, store._restating_since) == state
+
+
+def test_restated_cells_applied_during_an_evaluation_count_at_the_next() -> None:
+    now = T0 + 120 * MIN
+    minute = now // MIN
+    store = ScopeStore()
+    store.report(0, now, "w1", caught_up=True, now_ms=now)
+    store.evaluate(now)
+    store.report(0, now, "w1", caught_up=False, now_ms=now)  # a backlog of late events
+    store.advance(now + 1000)
+    view = store.snapshot()
+    store.apply_cells([("search", "c1", minute - 29, [1] * N)] * 2)  # during the evaluation
+    assert not view.evaluate(now + 1000).restating
+    assert store.restated == 2, "the cells applied meanwhile are seen by the next evaluation"
+    assert store.evaluate(now + 2000).restating
+
+
+def test_expiry_of_the_live_store_goes_in_slices_and_ends_as_evaluate_leaves_it() -> None:
+    now = T0 + 60 * 60 * MIN
+    cells = [("search", f"c{i}", T0 // MIN + m, [1] * N) for i in range(4) for m in (0, 700)]
+    store, evaluated = ScopeStore(), ScopeStore()
+    for s in (store, evaluated):
+        s.apply_cells(cells)
+        s.report(0, now, "w1", caught_up=True, now_ms=now)
+    evaluated.evaluate(now)
+    store.advance(now)
+    store.snapshot().evaluate(now)
+    done = [store.expire_blocks(3) for _ in range(4)]
+    assert done == [False, True, True, True]  # 6 series: 4 campaigns, 1 channel, global
+    for key, buckets in store.series.items():
+        assert sorted(buckets.blocks) == sorted(evaluated.series[key].blocks)
+        assert sorted(buckets.coarse) == sorted(evaluated.series[key].coarse)
+        assert buckets.dirty == evaluated.series[key].dirty

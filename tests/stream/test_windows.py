@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -106,3 +107,78 @@ def test_window_sums_across_hour_boundaries(minute: int) -> None:
     assert buckets.sum(minute, minute + 1).tolist() == [1] * N
     assert buckets.sum(minute - 5, minute).tolist() == [0] * N
     assert buckets.sum(minute + 1, minute + 6).tolist() == [0] * N
+
+
+# --- snapshots (copy-on-write) ------------------------------------------------------
+
+Table = tuple[dict[int, list[list[int]]], dict[int, list[list[int]]]]
+
+
+def table(buckets: SeriesBuckets) -> Table:
+    """Everything a series holds, as plain lists (the arrays may be shared)."""
+    return (
+        {h: b.tolist() for h, b in sorted(buckets.blocks.items())},
+        {h: b.tolist() for h, b in sorted(buckets.coarse.items())},
+    )
+
+
+def window_sums(buckets: SeriesBuckets) -> list[list[int]]:
+    """Sums of every hour and of a few windows across hour boundaries."""
+    spans = [(h * 60, h * 60 + 60) for h in range(8)] + [(7, 68), (55, 65), (100, 400), (0, 480)]
+    return [buckets.sum(start, end).tolist() for start, end in spans]
+
+
+op_st = st.one_of(
+    st.tuples(
+        st.just("add"),
+        st.integers(0, 8 * 60 - 1),
+        st.lists(st.integers(0, 99), min_size=N, max_size=N),
+    ),
+    st.tuples(st.just("snapshot")),
+    st.tuples(st.just("expire"), st.integers(0, 8 * 60)),
+    st.tuples(st.just("expire_view"), st.integers(0, 8 * 60)),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops=st.lists(op_st, max_size=80))
+def test_snapshots_keep_their_sums_while_the_series_moves_on(ops: list[tuple[Any, ...]]) -> None:
+    """Writes (into minute blocks, new blocks and folded hours) and expiry of the live
+    series never show in a snapshot taken before them, and the live series stays
+    exactly what it would be had no snapshot been taken."""
+    retention = Retention(fine_hours=2, total_hours=5)
+    live, twin = SeriesBuckets(retention), SeriesBuckets(retention)
+    views: list[tuple[SeriesBuckets, Table, list[list[int]]]] = []
+    for op in ops:
+        if op[0] == "add":
+            live.add(op[1], op[2])
+            twin.add(op[1], op[2])
+        elif op[0] == "expire":
+            assert live.expire(op[1]) == twin.expire(op[1])
+        elif op[0] == "snapshot":
+            view = live.snapshot()
+            views.append((view, table(view), window_sums(view)))
+        elif views:  # the evaluation folds its own snapshot: never the live series
+            view, _, _ = views.pop()
+            view.expire(op[1])
+        assert table(live) == table(twin)
+        assert live.dirty == twin.dirty
+    assert window_sums(live) == window_sums(twin)
+    for view, held, sums in views:
+        assert table(view) == held
+        assert window_sums(view) == sums
+
+
+def test_a_block_is_copied_once_per_snapshot_and_only_when_written() -> None:
+    live = SeriesBuckets(Retention())
+    live.add(0, [1] * N)
+    live.add(70, [1] * N)
+    first, second = live.blocks[0], live.blocks[1]
+    view = live.snapshot()
+    live.add(1, [1] * N)
+    copied = live.blocks[0]
+    assert copied is not first and view.blocks[0] is first
+    live.add(2, [1] * N)
+    assert live.blocks[0] is copied, "written in place until the next snapshot"
+    assert live.blocks[1] is second is view.blocks[1], "an unwritten block stays shared"
+    assert view.sum(0, 60).tolist() == [1] * N and live.sum(0, 60).tolist() == [3] * N
