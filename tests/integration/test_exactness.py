@@ -242,19 +242,26 @@ def _produce_phase(
     )  # fmt: skip
 
 
+def feed_and_check(
+    env: dict[str, str], workers: list[WorkerProcess], data: Dataset, consumed: int = 0
+) -> None:
+    """Produce the phases in turn (each consumed before the next), then check every sum
+    and the duplicate and too-late counts."""
+    for phase in data.phases:
+        consumed += len(phase)
+        _produce_phase(env["KPIMON_KAFKA_BOOTSTRAP"], phase, workers, consumed)
+    check_exact(workers, data)
+    assert pipeline_counter(workers, "kpimon_events_duplicate_total") == data.duplicates
+    assert pipeline_counter(workers, "kpimon_events_late_total") == data.late
+
+
 def test_one_worker_exact(
     start_worker: Callable[..., WorkerProcess], exact_env: dict[str, str]
 ) -> None:
     data = build_dataset(exact_env, time.time(), seed=11)
     worker = start_worker("w1")
     worker.wait_ready()
-    consumed = 0
-    for phase in data.phases:
-        consumed += len(phase)
-        _produce_phase(exact_env["KPIMON_KAFKA_BOOTSTRAP"], phase, [worker], consumed)
-    check_exact([worker], data)
-    assert pipeline_counter([worker], "kpimon_events_duplicate_total") == data.duplicates
-    assert pipeline_counter([worker], "kpimon_events_late_total") == data.late
+    feed_and_check(exact_env, [worker], data)
 
 
 def test_shuffled_50_minute_backlog_exact(
@@ -275,13 +282,7 @@ def test_shuffled_50_minute_backlog_exact(
     _produce_phase(kafka_bootstrap,
                    [(exact_env["KPIMON_TOPIC_IMPRESSIONS"], None, json.dumps(live).encode())],
                    [worker], 1)  # fmt: skip
-    consumed = 1
-    for phase in data.phases:
-        consumed += len(phase)
-        _produce_phase(exact_env["KPIMON_KAFKA_BOOTSTRAP"], phase, [worker], consumed)
-    check_exact([worker], data)
-    assert pipeline_counter([worker], "kpimon_events_duplicate_total") == data.duplicates
-    assert pipeline_counter([worker], "kpimon_events_late_total") == data.late
+    feed_and_check(exact_env, [worker], data, consumed=1)
     counted = data.valid - data.duplicates - data.late
     out_of_order = pipeline_counter([worker], "kpimon_events_out_of_order_total")
     assert 0.9 * counted < out_of_order <= counted, "nearly all minutes were shown already"
@@ -302,13 +303,7 @@ def test_two_workers_exact(
     workers = [start_worker("w1"), start_worker("w2")]
     for w in workers:
         w.wait_ready()
-    consumed = 0
-    for phase in data.phases:
-        consumed += len(phase)
-        _produce_phase(exact_env["KPIMON_KAFKA_BOOTSTRAP"], phase, workers, consumed)
-    check_exact(workers, data)
-    assert pipeline_counter(workers, "kpimon_events_duplicate_total") == data.duplicates
-    assert pipeline_counter(workers, "kpimon_events_late_total") == data.late
+    feed_and_check(exact_env, workers, data)
 
 
 def test_kill_9_halfway_and_restart_exact(
