@@ -560,8 +560,8 @@ class ScopeStore:
         view.totals = {key: list(counts) for key, counts in self.totals.items()}
         view.reporters = dict(self.reporters)  # report() replaces entries, never mutates one
         view.latency_counts = list(self.latency_counts)
-        view.campaign_guard = copy.deepcopy(self.campaign_guard)  # evaluate reads their counts
-        view.channel_guard = copy.deepcopy(self.channel_guard)
+        view.campaign_guard = self.campaign_guard.view()  # evaluate reads their counts
+        view.channel_guard = self.channel_guard.view()
         view.dirty_totals = set()
         view._expiry_queue = []
         return view

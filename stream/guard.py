@@ -115,6 +115,13 @@ class Guard(Generic[K]):
             self.candidates[down] = down_score
             yield Swap(up, down)
 
+    def view(self) -> Guard[K]:
+        """What readers of an evaluation snapshot use (kept ids, fold counts): copied, so
+        the live guard can go on; the candidate table, which only admission reads, is not."""
+        copy: Guard[K] = Guard(self.limit, self._source)
+        copy.kept, copy.folded, copy._hour = dict(self.kept), dict(self.folded), self._hour
+        return copy
+
     # -- changelog ------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {
