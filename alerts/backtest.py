@@ -1,10 +1,11 @@
-"""Offline replay of recorded events through the live aggregation and rule engine.
+"""Offline replay of recorded events through the worker's own stages and alert decision.
 
-Events (JSON lines, each with its ``type``) go through the same parser,
-deduplication, attribution, lateness, buckets and alert engine as in the
-worker, in event time: the watermark is the event time reached, and rules are
-evaluated every ``eval_every`` seconds of it. The alerts that would have fired
-come out as the same JSON objects the worker writes to ``kpimon.alerts``.
+Events (JSON lines, each with its ``type``) go through the same stage objects as in the
+worker (``stream.stages``, run in memory by ``stream.local``: parser, routing, dedup,
+attribution, lateness, scope sums) and the same decision (``alerts.stage.decide`` on the
+scope store's evaluation), in event time: the clock is the event time reached, and rules
+are evaluated every ``eval_every`` seconds of it. The alerts that would have fired come
+out as the same JSON objects the worker writes to ``kpimon.alerts``.
 """
 
 from __future__ import annotations
@@ -12,16 +13,23 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+import orjson
 
 from alerts.engine import AlertEngine
 from alerts.rules import RulesFile
-from stream import codec
-from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
-from stream.events import Event, EventParser
+from alerts.stage import decide
+from stream.aggregate import ScopeStore
+from stream.events import timestamp_ms
+from stream.local import LocalRuntime
 from stream.settings import Settings
 
-NO_FUTURE = 4_102_444_800_000  # the recorded stream is its own clock: nothing is "future"
+TOPIC = "backtest"
+"""The one shared topic the recorded events are replayed from (each line has its type)."""
+NO_FUTURE_S = 366 * 86400.0
+"""A recording is its own clock: an event is never "from the future" of it."""
 
 
 @dataclass
@@ -37,9 +45,9 @@ class BacktestStats:
 class Replay:
     """A backtest in progress: feed it lines in event-time order, get alert records.
 
-    Its whole state (dedup, buckets, alert lifecycles) is plain Python, so
-    :meth:`fork` can branch a replay to play "what if" continuations of the same
-    history, e.g. the same traffic with and without an incident.
+    Its whole state (stages, alert lifecycles) is plain Python, so :meth:`fork` can
+    branch a replay to play "what if" continuations of the same history, e.g. the same
+    traffic with and without an incident.
     """
 
     def __init__(
@@ -51,74 +59,91 @@ class Replay:
         stats: BacktestStats | None = None,
     ) -> None:
         self.stats = stats if stats is not None else BacktestStats()
-        self.parser = EventParser(
-            rates=settings.rates,
-            reporting_currency=settings.reporting_currency,
-            max_bytes=settings.max_message_bytes,
-            max_future_skew_ms=0,
+        replay_settings = settings.model_copy(
+            update={"shared_topics": [TOPIC], "max_future_skew_seconds": NO_FUTURE_S}
         )
-        self.state = PartitionState(
-            Horizons(
-                dedup_minutes=settings.horizon_minutes,
-                settle_ms=int(settings.settle_seconds * 1000),
-            )
-        )
-        self.store = ScopeStore(
-            settle_ms=int(settings.settle_seconds * 1000),
-            max_campaigns=settings.max_campaigns,
-            max_channels=settings.max_channels,
-        )
+        self.runtime = LocalRuntime(replay_settings, retain=False)
         self.engine = AlertEngine(
             rules, grafana_url=settings.grafana_url, runbook_base_url=settings.runbook_base_url
         )
         self.step_ms = int(eval_every_s * 1000)
-        self.settle_ms = int(settings.settle_seconds * 1000)
         self.next_eval: int | None = None
-        self.rows: list[list[Any]] = []
+        self.newest = 0
+        self._pending = 0
+
+    @property
+    def store(self) -> ScopeStore:
+        assert self.runtime.stages.scope is not None
+        return self.runtime.stages.scope.store
 
     def feed(self, lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
         """Apply events; yields the records of every evaluation their event time passes."""
-        stats = self.stats
+        stats, runtime = self.stats, self.runtime
         for line in lines:
             stats.lines += 1
             line = line.strip()
             if not line:
                 continue
-            event = self.parser.parse(line, topic_type=None, now_ms=NO_FUTURE)
-            if not isinstance(event, Event):
-                stats.rejected += 1
-                continue
-            stats.events += 1
-            if self.next_eval is None:
-                self.next_eval = event.ts_ms - event.ts_ms % self.step_ms + self.step_ms
-            while event.ts_ms >= self.next_eval:
-                self._flush()
-                yield from self._tick(max(self.state.max_ts, self.next_eval))
-                self.next_eval += self.step_ms
-            self.rows.append(codec.routed_row(event, event.ts_ms))
+            ts = _event_ms(line)
+            if ts is not None:
+                if self.next_eval is None:
+                    self.next_eval = ts - ts % self.step_ms + self.step_ms
+                while ts >= self.next_eval:
+                    yield from self._tick(max(self.newest, self.next_eval))
+                    self.next_eval += self.step_ms
+                self.newest = max(self.newest, ts)
+            runtime.produce(TOPIC, line)
+            self._pending += 1
 
     def finish(self) -> Iterator[dict[str, Any]]:
         """The last evaluation, at the event time reached."""
-        self._flush()
         if self.next_eval is not None:
-            yield from self._tick(max(self.state.max_ts, self.next_eval))
+            yield from self._tick(max(self.newest, self.next_eval))
+        else:
+            self._run(0)
 
     def fork(self) -> Replay:
         """An independent copy of this replay (rules and parser are shared: immutable)."""
-        shared = {id(self.parser): self.parser, id(self.engine.rules): self.engine.rules}
+        parser = self.runtime.stages.ingest.handler.parser
+        shared = {id(parser): parser, id(self.engine.rules): self.engine.rules}
         shared.update({id(rule): rule for rule in self.engine.rules})
         return copy.deepcopy(self, shared)
 
-    def _flush(self) -> None:
-        if self.rows:
-            out = self.state.apply(self.rows, NO_FUTURE, BatchOutput())
-            self.stats.too_late += len(out.too_late)
-            self.store.apply_cells((ch, camp, m, v) for (ch, camp, m), v in out.cells.items())
-            self.rows.clear()
-            self.state.drain_changes()  # no changelog offline: the log would grow forever
+    def _run(self, now_ms: int) -> None:
+        """Every event fed so far through the stages, as of ``now_ms``."""
+        if self._pending:
+            self.runtime.run(now_ms)
+            self._pending = 0
+        counts, stats = self.runtime.stats, self.stats
+        stats.events = sum(counts.events.values())
+        stats.rejected = sum(counts.rejected.values())
+        stats.too_late = sum(counts.late.values())
 
-    def _tick(self, watermark: int) -> Iterator[dict[str, Any]]:
-        yield from _tick(self.engine, self.store, watermark, self.settle_ms, self.stats)
+    def _tick(self, now_ms: int) -> Iterator[dict[str, Any]]:
+        self._run(now_ms)
+        store = self.store
+        self.stats.evaluations += 1
+        for record in decide(store, self.engine, store.evaluate(now_ms)):
+            self.stats.alerts += 1
+            yield record
+
+
+def _event_ms(line: bytes) -> int | None:
+    """The event time of a line, to know which evaluations it passes (the stages parse it
+    again, and reject it if it is not an event)."""
+    try:
+        ts = orjson.loads(line).get("ts")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(ts, int | float) and not isinstance(ts, bool):
+        return int(ts)
+    if isinstance(ts, str):
+        try:
+            moment = datetime.fromisoformat(ts)
+        except ValueError:
+            return None
+        return timestamp_ms(moment) if moment.tzinfo is not None else None
+    return None
 
 
 def run_backtest(
@@ -133,16 +158,3 @@ def run_backtest(
     replay = Replay(rules, settings, eval_every_s=eval_every_s, stats=stats)
     yield from replay.feed(lines)
     yield from replay.finish()
-
-
-def _tick(
-    engine: AlertEngine, store: ScopeStore, watermark: int, settle_ms: int, stats: BacktestStats
-) -> Iterator[dict[str, Any]]:
-    end_minute = (watermark - settle_ms) // 60_000
-    if stats.evaluations % 60 == 0:
-        for buckets in store.series.values():
-            buckets.expire(watermark // 60_000)
-    stats.evaluations += 1
-    for record in engine.evaluate(store, end_minute, watermark / 1000):
-        stats.alerts += 1
-        yield record

@@ -346,8 +346,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 
 @dataclass
 class _Reporter:
-    max_ts: int = 0
-    worker: str = ""
+    watermark_ms: int = 0
     caught_up: bool = False
     seen_ms: int = 0
 
@@ -461,11 +460,9 @@ class ScopeStore:
         into.merge(buckets)
         self._deleted.append((source, sorted({*buckets.blocks, *buckets.coarse})))
 
-    def report(
-        self, partition: int, max_ts: int, worker: str, caught_up: bool, now_ms: int
-    ) -> None:
+    def report(self, partition: int, watermark_ms: int, *, caught_up: bool, now_ms: int) -> None:
         """Progress of one routed-events partition, as its owner last reported it."""
-        self.reporters[partition] = _Reporter(max_ts, worker, caught_up, now_ms)
+        self.reporters[partition] = _Reporter(watermark_ms, caught_up, now_ms)
 
     def observe_latency(self, source_ts: Iterable[int], now_ms: int) -> None:
         counts, bounds = self.latency_counts, LATENCY_BUCKETS
@@ -488,7 +485,7 @@ class ScopeStore:
         if hold:
             return self.watermark_ms
         behind = [
-            r.max_ts
+            r.watermark_ms
             for r in self.reporters.values()
             if not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
         ]

@@ -6,13 +6,11 @@ import base64
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from stream.events import Event
-
-META_KEY = b'"meta"'
 
 
 def route_partition(event: Event, partitions: int) -> int:
@@ -98,8 +96,8 @@ class Partial:
     """Cell deltas of one routed partition for one transaction, plus its progress."""
 
     partition: int
-    worker: str
-    max_ts: int
+    watermark_ms: int
+    """The event time its worker had passed on everything up to (``"wm"`` on the wire)."""
     caught_up: bool
     cells: list[list[Any]]  # [channel, campaign, minute, *measures]
     source_ts: list[list[int]]  # [ts rounded to 100 ms, count]
@@ -108,8 +106,7 @@ class Partial:
         return orjson.dumps(
             {
                 "p": self.partition,
-                "w": self.worker,
-                "wm": self.max_ts,
+                "wm": self.watermark_ms,
                 "cu": self.caught_up,
                 "c": self.cells,
                 "s": self.source_ts,
@@ -119,7 +116,7 @@ class Partial:
     @staticmethod
     def decode(value: bytes) -> Partial:
         data = orjson.loads(value)
-        return Partial(data["p"], data["w"], data["wm"], data["cu"], data["c"], data["s"])
+        return Partial(data["p"], data["wm"], data["cu"], data["c"], data["s"])
 
 
 def cells_list(cells: Mapping[tuple[str, str, int], Sequence[int]]) -> list[list[Any]]:
@@ -158,3 +155,48 @@ def reached_of(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
         if name == REACHED:
             return int(value)
     return None
+
+
+# -- changelog keys -------------------------------------------------------------
+# The scope changelog (one compacted partition) holds four kinds of entry; this is
+# the one place that spells their keys. The dedup changelog is keyed by partition.
+
+ScopeLogKind = Literal["meta", "alerts", "outbox", "state"]
+"""``meta``: the partials offset the scope state covers; ``alerts``: the alert engine's
+state; ``outbox``: one undelivered notification, ``("outbox", channel, id)``; ``state``:
+one entry of the scope store (``stream.aggregate.StateKey``)."""
+
+META_KEY = b'"meta"'
+ALERTS_KEY = b'"alerts"'
+
+
+def scope_log_key(kind: ScopeLogKind, key: Sequence[Any] = ()) -> bytes:
+    """The changelog key of an entry: ``meta`` and ``alerts`` are single entries; an
+    outbox key or store key is a list (its first item tells them apart)."""
+    if kind == "meta":
+        return META_KEY
+    if kind == "alerts":
+        return ALERTS_KEY
+    return orjson.dumps(list(key))
+
+
+def scope_log_entry(raw_key: bytes) -> tuple[ScopeLogKind, tuple[Any, ...]]:
+    """The kind of a scope changelog entry and its key (empty for ``meta``/``alerts``)."""
+    key = orjson.loads(raw_key)
+    if key == "meta":
+        return "meta", ()
+    if key == "alerts":
+        return "alerts", ()
+    if key[0] == "outbox":
+        return "outbox", tuple(key)
+    return "state", tuple(key)
+
+
+def dedup_log_key(partition: int) -> bytes:
+    """Key of a routed partition's dedup changelog entries (its partition is the same)."""
+    return f"p{partition}".encode()
+
+
+def alert_key(record: Mapping[str, Any]) -> bytes:
+    """Key of an alert record on the alerts topic: one alert's records stay in order."""
+    return "|".join(record[k] for k in ("rule", "scope", "channel", "campaign")).encode()

@@ -8,7 +8,7 @@ retried batch is never counted twice.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -63,6 +63,8 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
     @property
     def timestamp(self) -> int: ...
+    @property
+    def headers(self) -> Sequence[tuple[str, bytes]] | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +77,7 @@ class SourceRecord:
     key: bytes | None
     value: bytes | None
     timestamp: int
+    headers: Sequence[tuple[str, bytes]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

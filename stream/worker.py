@@ -1,24 +1,22 @@
-"""The stream worker: a faust-streaming app hosting kpimon's transactional pipeline.
+"""The stream worker: the runtime that runs kpimon's stages in a faust-streaming app.
 
-Faust provides the worker's lifecycle, web server (``/metrics``), signal
-handling and logging. The pipeline is a faust/mode ``Service`` with one aiokafka
-consumer (one consumer group) and one transactional producer, running three
-stages in the same loop, each stage on the partitions the group gave it:
+Faust provides the worker's lifecycle, web server (``/metrics``), signal handling and
+logging. The pipeline is a faust/mode ``Service`` with one aiokafka consumer (one consumer
+group) and one transactional producer. The work itself is done by pure stage objects
+(``stream.stages``: ingest, partition, scope; ``alerts.stage``: alerts), each on the
+partitions the group gave it; this module only moves records and messages between them
+and Kafka:
 
-1. *ingest* (source topics): parse, dead-letter, route valid events to the
-   ``<group>.routed`` topic by click id / dedup key (one message per batch);
-2. *partition* (``<group>.routed``): dedup, attribution, lateness, per-minute
-   cell deltas to ``<group>.partials``; its state's changes go to
-   ``<group>.changelog.dedup`` in the same transaction;
-3. *scope* (``<group>.partials``, one partition, so exactly one worker): sums
-   cells into global/channel/campaign series and serves them; its state is
-   snapshotted to the compacted ``<group>.changelog.scopes`` with the partials
-   offset it covers.
+- consume a batch, hand each partition's records to its stage, and commit every message
+  they return plus the consumed offsets in one transaction (``stream.checkpoint``), so a
+  crash at any point keeps all of a step or none of it: nothing is lost or counted twice;
+- on a rebalance, restore each new partition's stage from its changelog;
+- on a failed transaction, rebuild every stage from the committed changelogs and offsets;
+- on the evaluation timer, run the alert stage on a snapshot of the scope stage, off the
+  event loop, and commit its decisions the same way.
 
-Each loop iteration is one Kafka transaction holding every output and every
-consumed offset, so a crash at any point either keeps all of an iteration or
-none of it: nothing is lost or counted twice. Per-event faust agents cap near
-50k events/s and faust's exactly-once mode has open bugs (see ANCHORS.md).
+Per-event faust agents cap near 50k events/s and faust's exactly-once mode has open bugs
+(see ANCHORS.md), hence one consumer and one producer of our own.
 """
 
 from __future__ import annotations
@@ -31,9 +29,7 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import aiohttp
@@ -51,27 +47,19 @@ from faust.app.base import BootStrategy
 from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from alerts.engine import AlertEngine
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
-from stream import codec, logs
-from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
-from stream.metrics import build_registry, render, render_alerts, render_evaluation
-from stream.pipeline import (
-    BatchResult,
-    DeadLetter,
-    PipelineStats,
-    RecordHandler,
-    fit_for_dlq,
-    too_late_letter,
-)
+from alerts.stage import AlertStage, Tick, compute_tick
+from stream import checkpoint, codec, logs
+from stream.metrics import build_registry, render
+from stream.pipeline import PipelineStats
 from stream.settings import Settings
 from stream.shutdown import Watchdog
+from stream.stages import Stages, Topology
 from stream.stalls import Stalls, locate, positions, rewind
 
 log = logging.getLogger("kpimon.worker")
-HEARTBEAT_MS = 1000
 COMMIT_INTERVAL_S = 0.1
 PARTIALS_HOLD_LAG = 50
 """Unapplied partials records beyond which the scope stage holds its watermark."""
@@ -82,8 +70,6 @@ STOP_RESERVE_S = 1.5
 STOP_CLOSE_S = 2.0
 """Longest wait for one Kafka client to close: with the broker up it takes milliseconds,
 with the broker down it never ends (the producer's pending abort has nowhere to go)."""
-ALERTS_STATE_KEY = codec.encode_json("alerts")
-CARRY_MARGIN_MS = 5 * 60_000
 DLQ_FALLBACK_LIMIT = 1 << 20
 """Kafka's default max.message.bytes, assumed when the DLQ topic's own cannot be read."""
 DLQ_RECORD_OVERHEAD = 1024
@@ -92,55 +78,6 @@ EXPIRE_SERIES_PER_TICK = 1000
 """Series whose old blocks one evaluation tick folds in the live scope state (~20 ms)."""
 GIL_SWITCH_INTERVAL_S = 0.001
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Names of the internal topics, namespaced by consumer group."""
-
-    routed: str
-    partials: str
-    dedup_log: str
-    scope_log: str
-
-    @classmethod
-    def of(cls, settings: Settings) -> Topology:
-        g = settings.group_id
-        return cls(f"{g}.routed", f"{g}.partials", f"{g}.changelog.dedup", f"{g}.changelog.scopes")
-
-
-@dataclass(frozen=True)
-class Tick:
-    """One evaluation computed off the event loop, waiting to be committed on it."""
-
-    engine: AlertEngine
-    """A clone of the live engine, stepped by this tick."""
-    records: list[dict[str, Any]]
-    state: bytes
-    """The stepped engine's state, as the scope changelog holds it."""
-    exposition: bytes
-    evaluate_s: float
-    alert_s: float
-    render_s: float
-
-
-def compute_tick(view: ScopeStore, engine: AlertEngine, now_ms: int, hold: bool) -> Tick:
-    """Windows and KPIs of a scope snapshot, alert decisions on a clone of ``engine`` and
-    the exposition: everything of a tick that takes time, touching no live state (it runs
-    in a thread while the event loop goes on)."""
-    started = time.perf_counter()
-    evaluation = view.evaluate(now_ms, hold=hold)
-    evaluated = time.perf_counter()
-    stepped = engine.clone()
-    records = stepped.evaluate(view, evaluation.end_minute, evaluation.watermark_ms / 1000,
-                               replaying=evaluation.hold_alerts)  # fmt: skip
-    state = codec.encode_json(stepped.to_dict())
-    alerted = time.perf_counter()
-    exposition = render_evaluation(evaluation, view, now_ms) + render_alerts(
-        stepped.firing_labels(), stepped.baselines, evaluation
-    )
-    return Tick(stepped, records, state, exposition, evaluated - started, alerted - evaluated,
-                time.perf_counter() - alerted)  # fmt: skip
 
 
 def in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
@@ -253,7 +190,13 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class PipelineService(Service):
-    """Ingest, partition and scope stages, one Kafka transaction per iteration."""
+    """The runtime: Kafka clients, rebalances and recovery around the pure stages.
+
+    Each loop iteration consumes a batch, hands each partition's records to its stage
+    (``Stages.step``) and commits every message plus the consumed offsets in one
+    transaction (``checkpoint.commit``). The evaluation timer runs the alert stage on a
+    snapshot of the scope stage and commits its decisions the same way.
+    """
 
     mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
 
@@ -266,34 +209,15 @@ class PipelineService(Service):
         self.stats = stats
         self.stalls = Stalls(stats)
         self.topology = Topology.of(settings)
-        self.handler = RecordHandler(settings)
-        self.horizons = Horizons(
-            dedup_minutes=settings.horizon_minutes, settle_ms=int(settings.settle_seconds * 1000)
-        )
-        # Events this much younger than their horizon can't be too late when they reach
-        # their routed partition (its horizon clock trails this worker's wall clock by
-        # less than a transaction), so only older ones carry their original bytes.
-        self._carry_before = {
-            kind: minutes * 60_000 - CARRY_MARGIN_MS
-            for kind, minutes in settings.horizon_minutes.items()
-        }
-        self._dlq_limit = DLQ_FALLBACK_LIMIT
-        self.partitions: dict[int, PartitionState] = {}
-        self.scope: ScopeStore | None = None
-        self.engine: AlertEngine | None = None
-        self.outbox: Outbox | None = None
-        self._engine_state = b""
+        self.stages = Stages(settings, self.topology)
+        self.alerting: AlertStage | None = None
+        """The alert stage, beside the scope stage (None while this worker has none)."""
         self._session: aiohttp.ClientSession | None = None
         self._alertmanager: AlertmanagerSink | None = None
         self._senders: list[Sender] = []
         self._sender_tasks: list[asyncio.Task[None]] = []
         self.kpi_exposition = b""
-        self._partials_position = 0
-        self._last_report: dict[int, int] = {}
-        self._source_reached: dict[TopicPartition, int] = {}
-        self._reached_before = 0  # as of the end of the previous transaction
         self._next_snapshot = 0.0
-        self._routed_partitions = settings.topic_partitions
         self._lock = asyncio.Lock()
         self._closing = False
         self._recovering = False
@@ -301,7 +225,6 @@ class PipelineService(Service):
         self.stop_deadline: float | None = None
         """``time.monotonic()`` by which a stop must be done (set on SIGTERM)."""
         self.stopped_cleanly = True
-        self._sent: list[asyncio.Future[Any]] = []
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
 
@@ -332,14 +255,14 @@ class PipelineService(Service):
         await self._producer.start()
 
     async def on_start(self) -> None:
-        s, topo = self.settings, self.topology
+        s, topo, ingest = self.settings, self.topology, self.stages.ingest
         # An evaluation tick computes in a thread: the event loop waits up to one
         # switch interval for the GIL at each wake-up (5 ms by default; a scrape wakes
         # it a dozen times). The computing thread barely notices the shorter slices.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        topic_limit = await ensure_topics(s, topo, self.handler.topics)
+        topic_limit = await ensure_topics(s, topo, ingest.topics)
         self._producer = self._new_producer()
-        self._dlq_limit = min(topic_limit, _request_size(s)) - DLQ_RECORD_OVERHEAD
+        self.stages.dead_letters.limit = min(topic_limit, _request_size(s)) - DLQ_RECORD_OVERHEAD
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=s.kafka_bootstrap,
             client_id=f"kpimon-{s.worker_id}",
@@ -351,15 +274,15 @@ class PipelineService(Service):
         )
         await self._producer.start()
         self._start_senders()
-        self._routed_partitions = len(await self._producer.partitions_for(topo.routed))
+        ingest.routed_partitions = len(await self._producer.partitions_for(topo.routed))
         await self._consumer.start()
         self._consumer.subscribe(
-            topics=[*self.handler.topics, topo.routed, topo.partials], listener=_Rebalance(self)
+            topics=[*ingest.topics, topo.routed, topo.partials], listener=_Rebalance(self)
         )
         log.info(
             "worker %s in group %s: ingesting %s; dead letters to %s; metrics on %s:%d; "
             "%d alert rules from %s; notifications to %s",
-            s.worker_id, s.group_id, ", ".join(self.handler.topics), s.dlq_topic,
+            s.worker_id, s.group_id, ", ".join(ingest.topics), s.dlq_topic,
             s.metrics_host, s.metrics_port, len(self.rules.rules), s.rules,
             ", ".join([s.alerts_topic, *self._channels]),
         )  # fmt: skip
@@ -377,7 +300,7 @@ class PipelineService(Service):
         if s.console_alerts:
             sinks.append(ConsoleSink())
         self._senders = [
-            Sender(sink, lambda: self.outbox, self._count,
+            Sender(sink, self._outbox, self._count,
                    min_interval=s.notify_min_interval_seconds,
                    max_backoff=s.notify_max_backoff_seconds,
                    resend=self._resend_firing if sink is self._alertmanager else None,
@@ -392,12 +315,16 @@ class PipelineService(Service):
     def _channels(self) -> tuple[str, ...]:
         return tuple(sender.sink.channel for sender in self._senders)
 
+    def _outbox(self) -> Outbox | None:
+        return self.alerting.outbox if self.alerting is not None else None
+
     def _count(self, channel: str, outcome: str) -> None:
         self.stats.notified(channel, outcome)
         self._outbox_changed()
 
     def _outbox_changed(self) -> None:
-        self.stats.outbox_pending = self.outbox.counts() if self.outbox is not None else {}
+        outbox = self._outbox()
+        self.stats.outbox_pending = outbox.counts() if outbox is not None else {}
 
     async def on_stop(self) -> None:
         """Stop within the bound (``stop_deadline``), in every state.
@@ -455,18 +382,16 @@ class PipelineService(Service):
         self.stopped_cleanly = clean
 
     # -- rebalance: state follows partitions ----------------------------------------
+    # -- rebalance: state follows partitions ----------------------------------------
     async def revoke(self, revoked: list[TopicPartition]) -> None:
         if self._closing:
             return  # on_stop holds the lock; the state goes with the process
         async with self._lock:  # waits for the transaction in flight
             for tp in revoked:
                 self.stats.consumer_lag.pop((tp.topic, tp.partition), None)
-                self._source_reached.pop(tp, None)
-                if tp.topic == self.topology.routed:
-                    self.partitions.pop(tp.partition, None)
-                    self._last_report.pop(tp.partition, None)
-                elif tp.topic == self.topology.partials:
-                    self.scope, self.engine, self.outbox = None, None, None
+                self.stages.revoke(tp)
+                if tp.topic == self.topology.partials:
+                    self.alerting = None
                     self.kpi_exposition = b""
                     self._outbox_changed()
             if revoked:
@@ -483,68 +408,50 @@ class PipelineService(Service):
         """Rebuild the state of newly assigned partitions; given up when the worker stops
         (nothing is processed after that, and the next owner restores it anew)."""
         started = time.monotonic()
+        stages = self.stages
         for tp in assigned:
             if self.should_stop:
                 log.info("stopping: state restore abandoned")
                 return
-            if tp.topic == self.topology.routed and tp.partition not in self.partitions:
-                state = PartitionState(self.horizons)
+            if tp.topic == self.topology.routed and tp.partition not in stages.partitions:
+                stage = stages.new_partition(tp.partition)
                 n = 0
                 async for record in self._read_log(self.topology.dedup_log, tp.partition):
-                    state.load_changes(codec.decode_json(record.value))
+                    stage.restore(record.value)
                     n += 1
                 if self.should_stop:
                     continue  # half restored: never installed
-                self.partitions[tp.partition] = state
+                stages.partitions[tp.partition] = stage
                 log.info("restored routed partition %d from %d changelog entries", tp.partition, n)
-            elif tp.topic == self.topology.partials and self.scope is None:
+            elif tp.topic == self.topology.partials and stages.scope is None:
                 await self._restore_scope(tp)
         if assigned:
             log.info("state ready in %.2f s", time.monotonic() - started)
 
     async def _restore_scope(self, tp: TopicPartition) -> None:
-        s = self.settings
-        scope = ScopeStore(
-            settle_ms=int(s.settle_seconds * 1000),
-            max_campaigns=s.max_campaigns,
-            max_channels=s.max_channels,
-            replay_lag_ms=int(s.replay_lag_seconds * 1000),
-        )
-        engine = AlertEngine(
-            self.rules, grafana_url=s.grafana_url, runbook_base_url=s.runbook_base_url
-        )
-        outbox = Outbox(self._channels)
-        position, n, alerts = 0, 0, None
+        """The scope and alert stages share one changelog: each takes its kinds of entry."""
+        scope = self.stages.new_scope()
+        alerting = AlertStage(self.rules, self.settings, self.topology, self._channels)
+        n = 0
         async for record in self._read_log(self.topology.scope_log, 0):
-            key = codec.decode_json(record.key)
+            kind, key = codec.scope_log_entry(record.key)
             value = None if record.value is None else codec.decode_json(record.value)
-            if key == "meta":
-                position = int(value["offset"]) if value else 0
-            elif key == "alerts":
-                alerts = value
-            elif key[0] == "outbox":
-                outbox.load(key, value)
+            if kind in ("meta", "state"):
+                scope.restore(kind, key, value)
             else:
-                scope.load(tuple(key), value)
+                alerting.restore(kind, key, value)
             n += 1
         if self.should_stop:
             return  # half restored: never installed
-        if alerts:
-            try:
-                engine.load(alerts)
-            except ValueError as exc:  # e.g. a rule changed meaning: start its alerts afresh
-                log.error("alert state not restored (%s): alerts start inactive", exc)
-        outbox.loaded()
-        self.scope, self.engine, self.outbox = scope, engine, outbox
-        self._engine_state = codec.encode_json(engine.to_dict())
+        alerting.restored()
+        self.stages.scope, self.alerting = scope, alerting
         self._outbox_changed()
         for sender in self._senders:
             sender.wake()
-        self._partials_position = position
         assert self._consumer is not None
-        self._consumer.seek(tp, position)
+        self._consumer.seek(tp, scope.position)
         log.info("restored scope state from %d changelog entries; replaying partials from %d",
-                 n, position)  # fmt: skip
+                 n, scope.position)  # fmt: skip
 
     async def _read_log(self, topic: str, partition: int) -> Any:
         """Every committed record of one changelog partition, oldest first."""
@@ -660,9 +567,9 @@ class PipelineService(Service):
 
     def _held_positions(self) -> dict[TopicPartition, int]:
         """Where the scope state stands (a restore during the failed fetch moves it)."""
-        if self.scope is None:
+        if self.stages.scope is None:
             return {}
-        return {TopicPartition(self.topology.partials, 0): self._partials_position}
+        return {TopicPartition(self.topology.partials, 0): self.stages.scope.position}
 
     async def _recover(self) -> None:
         """Fresh producer, committed offsets and state; retried until the broker answers
@@ -686,8 +593,8 @@ class PipelineService(Service):
         """After an aborted transaction: back to committed offsets and state."""
         assert self._consumer is not None
         assigned = list(self._consumer.assignment())
-        self.partitions.clear()
-        self.scope, self.engine, self.outbox = None, None, None
+        self.stages.clear()
+        self.alerting = None
         for tp in assigned:
             if tp.topic != self.topology.partials:
                 committed = await self._consumer.committed(tp)
@@ -698,202 +605,48 @@ class PipelineService(Service):
         await self._restore(assigned)
 
     async def _transact(self, batches: dict[TopicPartition, list[Any]]) -> None:
-        producer, topo, s = self._producer, self.topology, self.settings
+        """One step of the stages, committed with its offsets in one transaction."""
+        producer = self._producer
         assert producer is not None
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        ingest = BatchResult()
-        routed: dict[int, list[list[Any]]] = {}
-        outputs: dict[int, BatchOutput] = {}
-        for tp, records in batches.items():
-            if tp.topic == topo.routed:
-                state = self.partitions[tp.partition]
-                out = outputs.setdefault(tp.partition, BatchOutput())
-                for record in records:
-                    state.apply(codec.decode_rows(record.value), now_ms, out,
-                                reached_ms=codec.reached_of(record.headers))  # fmt: skip
-            elif tp.topic == topo.partials:
-                self._apply_partials(records, now_ms)
-            else:
-                result = self.handler.handle(records, now_ms)
-                if result.events:
-                    newest = max(event.ts_ms for event in result.events)
-                    if newest > self._source_reached.get(tp, 0):
-                        self._source_reached[tp] = newest
-                carry = self._carry_before
-                for event, source in zip(result.events, result.event_sources, strict=True):
-                    p = codec.route_partition(event, self._routed_partitions)
-                    if event.ts_ms < now_ms - carry[event.type]:
-                        where = codec.origin(tp.topic, tp.partition, source.offset,
-                                             source.key, source.value)  # fmt: skip
-                    else:
-                        where = codec.origin(tp.topic, tp.partition, source.offset)
-                    routed.setdefault(p, []).append(
-                        codec.routed_row(event, source.timestamp, where)
-                    )
-                ingest.merge(result)
-        reached = await self._reached(now_ms)
-        due = [
-            p for p in self.partitions
-            if p not in outputs and now_ms - self._last_report.get(p, 0) >= HEARTBEAT_MS
-        ]  # fmt: skip
-        snapshot = self.scope is not None and time.monotonic() >= self._next_snapshot
-        delivered = self.outbox is not None and self.outbox.changed
-        if not batches and not due and not snapshot and not delivered:
+        lags = await self._lags()
+        snapshot = time.monotonic() >= self._next_snapshot
+        alerting = self.alerting
+        extra = alerting.outbox_changes() if alerting and alerting.outbox.changed else []
+        step = self.stages.step(batches, now_ms, lags, snapshot=snapshot, extra=extra)
+        if step is None:
             return
-        self._sent = []
         processed = time.perf_counter()
-        async with producer.transaction():
-            stamp = codec.reached_header(self._reached_before)
-            for p, rows in routed.items():
-                for chunk in codec.chunks(rows):
-                    await self._send(topo.routed, codec.encode_rows(chunk), partition=p,
-                                     headers=stamp)  # fmt: skip
-            for letter in self._dead_letters(ingest, outputs.values()):
-                await self._send(s.dlq_topic, letter.value, key=letter.key, headers=letter.headers)
-            for p in [*outputs, *due]:
-                await self._send_partial(p, outputs.get(p), reached, now_ms)
-            if snapshot and self.scope is not None:
-                await self._send_snapshot(self.scope)
-            if delivered:
-                await self._send_outbox_changes()
-            # Every send must have succeeded before the commit: a failed one raises
-            # here, the transaction is aborted and the batch is redone.
-            await asyncio.gather(*self._sent)
-            offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
-            if offsets:
-                await producer.send_offsets_to_transaction(offsets, s.group_id)
-        self.stats.transactions += 1
-        self._reached_before = reached
+        await checkpoint.commit(producer, step.messages, step.offsets, self.settings.group_id)
+        if snapshot and self.stages.scope is not None:
+            self._next_snapshot = time.monotonic() + self.settings.snapshot_interval_seconds
+        self.stages.committed(step, self.stats)
         log.debug(
             "transaction: %d records in %.0f ms, committed in %.0f ms",
             sum(map(len, batches.values())), (processed - started) * 1000,
             (time.perf_counter() - processed) * 1000,
         )  # fmt: skip
-        self.stats.apply(ingest)
-        dups: Counter[str] = Counter()
-        late: Counter[str] = Counter()
-        out_of_order: Counter[str] = Counter()
-        for out in outputs.values():
-            dups.update(out.duplicates)
-            late.update(out.late)
-            out_of_order.update(out.out_of_order)
-        self.stats.apply_stateful(dups, late, out_of_order)
 
-    def _dead_letters(
-        self, ingest: BatchResult, outputs: Iterable[BatchOutput]
-    ) -> Iterator[DeadLetter]:
-        """Rejected inputs and too-late events, each cut to a marker if it cannot fit."""
-        s, limit = self.settings, self._dlq_limit
-        for letter in ingest.dead_letters:
-            yield fit_for_dlq(letter, limit)
-        for out in outputs:
-            for late in out.too_late:
-                letter = too_late_letter(late, s.horizon_minutes, s.reporting_currency)
-                yield fit_for_dlq(letter, limit)
-
-    def _apply_partials(self, records: list[Any], now_ms: int) -> None:
-        scope = self.scope
-        assert scope is not None
-        for record in records:
-            partial = codec.Partial.decode(record.value)
-            scope.apply_cells((c[0], c[1], c[2], c[3:]) for c in partial.cells)
-            scope.report(partial.partition, partial.max_ts, partial.worker, partial.caught_up,
-                         now_ms)  # fmt: skip
-            for ts, n in partial.source_ts:
-                scope.observe_latency([ts] * n, now_ms)
-        self._partials_position = records[-1].offset + 1
-
-    async def _send(
-        self,
-        topic: str,
-        value: bytes | None,
-        *,
-        key: bytes | None = None,
-        partition: int | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
-    ) -> None:
-        assert self._producer is not None
-        future = await self._producer.send(
-            topic, value, key=key, partition=partition, headers=headers
-        )
-        self._sent.append(future)
-
-    async def _send_partial(
-        self, p: int, out: BatchOutput | None, reached: int, now_ms: int
-    ) -> None:
-        assert self._producer is not None
-        state = self.partitions[p]
-        cells = codec.cells_list(out.cells) if out else []
-        source_ts = codec.source_histogram(out.source_ts) if out else []
-        for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):
-            partial = codec.Partial(
-                partition=p,
-                worker=self.settings.worker_id,
-                max_ts=reached,
-                caught_up=reached >= now_ms,
-                cells=chunk,
-                source_ts=source_ts if i == 0 else [],
-            )
-            await self._send(self.topology.partials, partial.encode(), partition=0)
-        if out is not None:
-            for change in codec.split_changes(state.drain_changes()):
-                key = f"p{p}".encode()
-                await self._send(
-                    self.topology.dedup_log, codec.encode_json(change), key=key, partition=p
-                )
-        self._last_report[p] = now_ms
-
-    async def _send_snapshot(self, scope: ScopeStore) -> None:
-        assert self._producer is not None
-        topic = self.topology.scope_log
-        for key, value in scope.drain_dirty():
-            encoded = None if value is None else codec.encode_json(value)
-            await self._send(topic, encoded, key=codec.encode_json(list(key)), partition=0)
-        meta = codec.encode_json({"offset": self._partials_position})
-        await self._send(topic, meta, key=codec.META_KEY, partition=0)
-        self._next_snapshot = time.monotonic() + self.settings.snapshot_interval_seconds
-
-    async def _send_outbox_changes(self) -> None:
-        assert self.outbox is not None
-        for key, value in self.outbox.drain_changes():
-            encoded = None if value is None else codec.encode_json(value)
-            await self._send(self.topology.scope_log, encoded, key=codec.encode_json(list(key)),
-                             partition=0)  # fmt: skip
-
-    async def _reached(self, now_ms: int) -> int:
-        """Event time up to which this worker has passed on everything: ``now_ms`` when
-        every assigned source and routed partition is consumed to its end, else the
-        least event time reached among those that are not.
-
-        Per partition, because topics are consumed at different speeds: counting a
-        lagging clicks partition as caught up would show its missing clicks as a CTR
-        drop. Also records every partition's lag for ``kpimon_consumer_lag_records``.
-        """
+    async def _lags(self) -> dict[TopicPartition, int | None]:
+        """Records behind per assigned partition (None when unknown), also exported as
+        ``kpimon_consumer_lag_records``."""
         consumer = self._consumer
         assert consumer is not None
-        reached = now_ms
+        lags: dict[TopicPartition, int | None] = {}
         for tp in consumer.assignment():
             highwater = consumer.highwater(tp)
             lag = None if highwater is None else highwater - await consumer.position(tp)
             if lag is not None:
                 self.stats.consumer_lag[(tp.topic, tp.partition)] = lag
-            if tp.topic == self.topology.partials:
-                continue
-            # A routed partition ends with a transaction marker the position may not pass.
-            if lag is None or lag > (1 if tp.topic == self.topology.routed else 0):
-                if tp.topic == self.topology.routed:
-                    state = self.partitions.get(tp.partition)
-                    reached = min(reached, state.max_ts if state else 0)
-                else:
-                    reached = min(reached, self._source_reached.get(tp, 0))
-        return reached
+            lags[tp] = lag
+        return lags
 
     def _partials_lag(self) -> int:
         """Partials records not yet applied to the scope state (large when unknown)."""
-        assert self._consumer is not None
-        highwater = self._consumer.highwater(TopicPartition(self.topology.partials, 0))
-        return 1 << 30 if highwater is None else highwater - self._partials_position
+        assert self._consumer is not None and self.stages.scope is not None
+        tp = TopicPartition(self.topology.partials, 0)
+        return self.stages.scope.lag(self._consumer.highwater(tp))
 
     @Service.task
     async def _probe_loop(self) -> None:
@@ -908,6 +661,7 @@ class PipelineService(Service):
                 if stall > 1.0:
                     log.warning("event loop blocked for %.1f s", stall)
 
+    # -- evaluation ---------------------------------------------------------------
     # -- evaluation ---------------------------------------------------------------
     async def _evaluate(self) -> None:
         while not self.should_stop:
@@ -928,36 +682,38 @@ class PipelineService(Service):
         Returns "fenced" when the worker must stop.
         """
         async with self._lock:
-            scope, engine = self.scope, self.engine
-            if scope is None or engine is None or self._closing or self.should_stop:
+            scope, alerting = self.stages.scope, self.alerting
+            if scope is None or alerting is None or self._closing or self.should_stop:
                 return None
+            engine = alerting.engine
             now_ms = int(time.time() * 1000)
             # Until the scope stage has applied its input, progress reports are
             # stale: windows would look partial (false drops), so hold the watermark.
             hold = self._partials_lag() > PARTIALS_HOLD_LAG
-            if hold and scope.watermark_ms == 0:
+            if hold and scope.store.watermark_ms == 0:
                 return None  # nothing shown yet rather than half-filled windows
             started = time.perf_counter()
-            scope.advance(now_ms, hold=hold)
-            view = scope.snapshot()
+            scope.store.advance(now_ms, hold=hold)
+            view = scope.store.snapshot()
             snapped = time.perf_counter()
         tick = await in_thread(compute_tick, view, engine, now_ms, hold)
         computed = time.perf_counter()
         async with self._lock:
             locked = time.perf_counter()
             if (
-                self.scope is not scope
-                or self.engine is not engine
+                self.stages.scope is not scope
+                or self.alerting is not alerting
+                or alerting.engine is not engine
                 or self._closing
-                or (self.should_stop)
+                or self.should_stop
             ):
                 log.info("evaluation discarded: the scope state moved or was rebuilt meanwhile")
                 return None
-            failed = await self._failed(self._alert(tick))
+            failed = await self._failed(self._alert(alerting, tick))
             if failed:
                 return failed
             self.kpi_exposition = tick.exposition
-            scope.expire_blocks(EXPIRE_SERIES_PER_TICK)
+            scope.store.expire_blocks(EXPIRE_SERIES_PER_TICK)
             done = time.perf_counter()
         log.debug(
             "evaluation tick: snapshot %.1f ms (%d series), then off the loop for %.0f ms "
@@ -969,46 +725,33 @@ class PipelineService(Service):
         )  # fmt: skip
         return None
 
-    async def _alert(self, tick: Tick) -> None:
-        """Commit a tick's alert decisions: its records, the stepped engine's state and the
-        outbox entries in one transaction; then its engine becomes the live one.
+    async def _alert(self, alerting: AlertStage, tick: Tick) -> None:
+        """Commit a tick's alert decisions, the stepped engine's state and the outbox
+        entries in one transaction; then its engine becomes the live one.
 
         A crash before the commit redoes the evaluation from the previous state (no
         notification was released yet); after it, the outbox holds what to deliver.
         """
-        outbox, producer = self.outbox, self._producer
-        assert outbox is not None and producer is not None
-        records, state = tick.records, tick.state
-        if records or state != self._engine_state:
-            outbox.add(records)
-            self._sent = []
-            async with producer.transaction():
-                for record in records:
-                    key = "|".join(record[k] for k in ("rule", "scope", "channel", "campaign"))
-                    await self._send(self.settings.alerts_topic, codec.encode_json(record),
-                                     key=key.encode())  # fmt: skip
-                await self._send(self.topology.scope_log, state, key=ALERTS_STATE_KEY,
-                                 partition=0)  # fmt: skip
-                await self._send_outbox_changes()
-                await asyncio.gather(*self._sent)
-            self._engine_state = state
-            outbox.commit()
-            self.stats.notified("kafka", "sent", len(records))
-            self._outbox_changed()
-        self.engine = tick.engine
+        assert self._producer is not None
+        messages = alerting.messages(tick)
+        if messages:
+            await checkpoint.commit(self._producer, messages)
+            self.stats.notified("kafka", "sent", len(tick.records))
+        alerting.committed(tick)
+        self._outbox_changed()
         level = logging.DEBUG if self.settings.console_alerts else logging.INFO  # printed anyway
-        for record in records:
+        for record in tick.records:
             log.log(level, "alert %s: %s", record["notification"], record["summary"])
-        if records:
+        if tick.records:
             for sender in self._senders:
                 sender.wake()
 
     async def _resend_firing(self) -> int:
         """Alertmanager forgets an alert not re-sent within its resolve timeout."""
-        sink, engine = self._alertmanager, self.engine
-        if sink is None or engine is None:
+        sink, alerting = self._alertmanager, self.alerting
+        if sink is None or alerting is None:
             return 0
-        records = engine.firing_records(time.time())
+        records = alerting.engine.firing_records(time.time())
         await sink.deliver_many(records)
         return len(records)
 

@@ -232,7 +232,7 @@ def _backlog_run(*, hold: bool, real_drop: bool) -> list[dict[str, Any]]:
                 cell = [2000, 0, 0, 0, 0, 0, 0] if step < 4 else [0, 16 if real_drop else 40]
                 store.apply_cells([("social", "c1", m, cell + [0] * (7 - len(cell)))])
         now_ms = (minute + 1) * 60_000 + 30_000
-        store.report(0, now_ms, "w1", caught_up=not 0 <= step < 8, now_ms=now_ms)
+        store.report(0, now_ms, caught_up=not 0 <= step < 8, now_ms=now_ms)
         evaluation = store.evaluate(now_ms)
         wait = evaluation.hold_alerts if hold else evaluation.replaying
         records += engine.evaluate(store, evaluation.end_minute, now_ms / 1000, replaying=wait)

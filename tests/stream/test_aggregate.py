@@ -407,17 +407,17 @@ def test_state_and_work_stay_bounded_by_the_guards() -> None:
 def test_watermark_follows_event_time_while_a_worker_replays() -> None:
     store = ScopeStore()
     now = T0 + 10 * 60 * MIN
-    store.report(0, T0 + 60 * MIN, "w1", caught_up=False, now_ms=now)
-    store.report(1, T0 + 90 * MIN, "w1", caught_up=False, now_ms=now)
-    store.report(2, now, "w2", caught_up=True, now_ms=now)
+    store.report(0, T0 + 60 * MIN, caught_up=False, now_ms=now)
+    store.report(1, T0 + 90 * MIN, caught_up=False, now_ms=now)
+    store.report(2, now, caught_up=True, now_ms=now)
     assert store.advance_watermark(now) == T0 + 60 * MIN
     assert store.replaying(now)
     for p in (0, 1):
-        store.report(p, now - 1000, "w1", caught_up=True, now_ms=now)
+        store.report(p, now - 1000, caught_up=True, now_ms=now)
     assert store.advance_watermark(now) == now
     assert not store.replaying(now)
     # a worker that stopped reporting no longer holds the watermark back
-    store.report(3, T0, "w3", caught_up=False, now_ms=now)
+    store.report(3, T0, caught_up=False, now_ms=now)
     assert store.advance_watermark(now + 31_000) == now + 31_000
 
 
@@ -462,10 +462,10 @@ def test_lateness_also_waits_for_the_slowest_source_the_router_reads() -> None:
 def test_replaying_means_the_watermark_lags_beyond_the_replay_lag() -> None:
     store = ScopeStore(replay_lag_ms=120_000)
     now = T0 + 60 * MIN
-    store.report(0, now - 60_000, "w1", caught_up=False, now_ms=now)
+    store.report(0, now - 60_000, caught_up=False, now_ms=now)
     assert not store.evaluate(now).replaying, "a minute behind is a hiccup, not a replay"
     assert store.evaluate(now, hold=True).replaying, "held: the store's own input lags"
-    store.report(0, now - 60_000, "w1", caught_up=False, now_ms=now + 10 * MIN)
+    store.report(0, now - 60_000, caught_up=False, now_ms=now + 10 * MIN)
     assert store.evaluate(now + 10 * MIN).replaying
 
 
@@ -473,21 +473,21 @@ def test_restating_holds_alerts_while_a_backlog_of_late_events_is_applied() -> N
     store = ScopeStore()
     now = T0 + 120 * MIN
     minute = now // MIN
-    store.report(0, now, "w1", caught_up=True, now_ms=now)
+    store.report(0, now, caught_up=True, now_ms=now)
     assert not store.evaluate(now).hold_alerts
     store.apply_cells([("search", "c1", minute - 30, [1] * N)])  # a late event, no backlog
     assert not store.evaluate(now + 10_000).restating, "caught up: the restatement is whole"
     for step in range(1, 13):  # a backlog: restated minutes while the worker lags
         t = now + step * MIN
         store.apply_cells([("search", "c1", minute - 30 + step, [1] * N)])
-        store.report(0, t, "w1", caught_up=False, now_ms=t)
+        store.report(0, t, caught_up=False, now_ms=t)
         held = store.evaluate(t)
         assert held.restating == (step <= 11), "held for at most RESTATING_HOLD_MS"
         assert held.hold_alerts == held.restating and not held.replaying
     t = now + 13 * MIN
-    store.report(0, t, "w1", caught_up=True, now_ms=t)
+    store.report(0, t, caught_up=True, now_ms=t)
     assert not store.evaluate(t).restating
-    store.report(0, t + 1000, "w1", caught_up=False, now_ms=t + 1000)
+    store.report(0, t + 1000, caught_up=False, now_ms=t + 1000)
     assert not store.evaluate(t + 1000).restating, "lagging alone, with no restatement, is no hold"
 
 
@@ -603,20 +603,20 @@ def test_a_snapshot_evaluates_as_the_store_did_when_taken(
     old = [("search", "c1", T0 // MIN - 50 * 60, [1] * N)]  # folded at this watermark
     store = ScopeStore(max_campaigns=max_campaigns, settle_ms=MIN)
     store.apply_cells(old + before)
-    store.report(0, now - 3 * MIN, "w1", caught_up=False, now_ms=now)
+    store.report(0, now - 3 * MIN, caught_up=False, now_ms=now)
     store.observe_latency([now - 1000], now)
     as_taken = copy.deepcopy(store)
     store.advance(now)
     view = store.snapshot()
     store.apply_cells(during)
-    store.report(0, now + MIN, "w1", caught_up=True, now_ms=now + MIN)
+    store.report(0, now + MIN, caught_up=True, now_ms=now + MIN)
     store.observe_latency([now - 5000] * 3, now)
     store.expire_blocks(10**6)
     assert evaluation_of(view.evaluate(now)) == evaluation_of(as_taken.evaluate(now))
     assert view.latency_counts == as_taken.latency_counts
 
     as_taken.apply_cells(during)
-    as_taken.report(0, now + MIN, "w1", caught_up=True, now_ms=now + MIN)
+    as_taken.report(0, now + MIN, caught_up=True, now_ms=now + MIN)
     assert store.restated == as_taken.restated
     later = now + 2 * MIN
     store.advance(later)
@@ -628,7 +628,7 @@ def test_a_snapshot_evaluates_as_the_store_did_when_taken(
 def test_advancing_the_clock_twice_at_one_time_changes_nothing() -> None:
     now = T0 + 120 * MIN
     store = ScopeStore()
-    store.report(0, now - 10 * MIN, "w1", caught_up=False, now_ms=now)
+    store.report(0, now - 10 * MIN, caught_up=False, now_ms=now)
     store.apply_cells([("search", "c1", now // MIN - 30, [1] * N)])
     store.evaluate(now - MIN)
     store.apply_cells([("search", "c1", now // MIN - 31, [1] * N)])  # restates a shown minute
@@ -643,9 +643,9 @@ def test_restated_cells_applied_during_an_evaluation_count_at_the_next() -> None
     now = T0 + 120 * MIN
     minute = now // MIN
     store = ScopeStore()
-    store.report(0, now, "w1", caught_up=True, now_ms=now)
+    store.report(0, now, caught_up=True, now_ms=now)
     store.evaluate(now)
-    store.report(0, now, "w1", caught_up=False, now_ms=now)  # a backlog of late events
+    store.report(0, now, caught_up=False, now_ms=now)  # a backlog of late events
     store.advance(now + 1000)
     view = store.snapshot()
     store.apply_cells([("search", "c1", minute - 29, [1] * N)] * 2)  # during the evaluation
@@ -660,7 +660,7 @@ def test_expiry_of_the_live_store_goes_in_slices_and_ends_as_evaluate_leaves_it(
     store, evaluated = ScopeStore(), ScopeStore()
     for s in (store, evaluated):
         s.apply_cells(cells)
-        s.report(0, now, "w1", caught_up=True, now_ms=now)
+        s.report(0, now, caught_up=True, now_ms=now)
     evaluated.evaluate(now)
     store.advance(now)
     store.snapshot().evaluate(now)

@@ -37,6 +37,6 @@ def test_changelog_split_keeps_everything_and_fits() -> None:
 
 
 def test_partial_round_trip() -> None:
-    partial = codec.Partial(2, "w1", 123, True, [["search", "c1", 7, 1, 2, 3, 4, 5, 6, 7]],
+    partial = codec.Partial(2, 123, True, [["search", "c1", 7, 1, 2, 3, 4, 5, 6, 7]],
                             [[1000, 3]])  # fmt: skip
     assert codec.Partial.decode(partial.encode()) == partial

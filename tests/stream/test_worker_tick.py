@@ -15,15 +15,18 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
-import stream.worker
+import alerts.stage
 from alerts.engine import AlertEngine
-from alerts.outbox import Outbox
 from alerts.rules import parse_rules
+from alerts.stage import AlertStage
 from stream import codec
 from stream.aggregate import ScopeStore
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
-from stream.worker import ALERTS_STATE_KEY, PipelineService, in_thread
+from stream.stages import ScopeStage
+from stream.worker import PipelineService, in_thread
+
+ALERTS_STATE_KEY = codec.scope_log_key("alerts")
 
 RULES = parse_rules("""
 rules:
@@ -81,7 +84,7 @@ def scope_with_a_ctr_drop(now_ms: int) -> ScopeStore:
         for channel, campaign in (("social", "c1"), ("social", "c2"), ("search", "c3")):
             clicks = 16 if campaign == "c1" and minute >= now_minute - 20 else 40
             store.apply_cells([(channel, campaign, minute, [2000, clicks, 0, 0, 0, 0, 0])])
-    store.report(0, now_ms, "w1", caught_up=True, now_ms=now_ms)
+    store.report(0, now_ms, caught_up=True, now_ms=now_ms)
     return store
 
 
@@ -90,11 +93,20 @@ def service() -> PipelineService:
     svc = PipelineService(Settings(), PipelineStats(), RULES)
     svc._producer = FakeProducer()
     svc._consumer = FakeConsumer()
-    svc.scope = scope_with_a_ctr_drop(int(time.time() * 1000))
-    svc.engine = AlertEngine(RULES)
-    svc.outbox = Outbox(("console",))
-    svc._engine_state = codec.encode_json(svc.engine.to_dict())
+    install(svc, scope_with_a_ctr_drop(int(time.time() * 1000)), AlertEngine(RULES))
     return svc
+
+
+def install(svc: PipelineService, store: ScopeStore, engine: AlertEngine) -> None:
+    """The scope and alert stages as ``_restore_scope`` leaves them."""
+    svc.stages.scope = ScopeStage(store, svc.topology)
+    svc.alerting = AlertStage(RULES, svc.settings, svc.topology, ("console",))
+    svc.alerting.engine = engine
+    svc.alerting.state = codec.encode_json(engine.to_dict())
+
+
+def live_engine(svc: PipelineService) -> AlertEngine | None:
+    return svc.alerting.engine if svc.alerting is not None else None
 
 
 class Gate:
@@ -103,7 +115,7 @@ class Gate:
     def __init__(self) -> None:
         self.entered, self.release = threading.Event(), threading.Event()
         self.thread: str | None = None
-        self.real = stream.worker.compute_tick
+        self.real = alerts.stage.compute_tick
 
     def compute(self, *args: Any) -> Any:
         self.thread = threading.current_thread().name
@@ -115,7 +127,7 @@ class Gate:
 @pytest.fixture
 def gate(monkeypatch: pytest.MonkeyPatch) -> Iterator[Gate]:
     gate = Gate()
-    monkeypatch.setattr(stream.worker, "compute_tick", gate.compute)
+    monkeypatch.setattr("stream.worker.compute_tick", gate.compute)
     yield gate
     gate.release.set()
 
@@ -127,7 +139,7 @@ async def entered(gate: Gate) -> None:
 async def test_a_tick_commits_its_decisions_with_their_state_in_one_transaction(
     service: PipelineService,
 ) -> None:
-    engine = service.engine
+    engine = live_engine(service)
     assert engine is not None
     before = engine.to_dict()
     assert await service._tick() is None
@@ -139,10 +151,12 @@ async def test_a_tick_commits_its_decisions_with_their_state_in_one_transaction(
     states = [v for t, k, v in sent if t == service.topology.scope_log and k == ALERTS_STATE_KEY]
     outbox = [k for t, k, _ in sent if t == service.topology.scope_log and k != ALERTS_STATE_KEY]
     assert len(states) == 1 and len(outbox) == 1  # one entry for the one sink
-    assert service.engine is not None and service.engine is not engine, "the clone is in place"
-    assert states[0] == codec.encode_json(service.engine.to_dict()) == service._engine_state
+    live = live_engine(service)
+    assert live is not None and live is not engine, "the clone is in place"
+    assert service.alerting is not None
+    assert states[0] == codec.encode_json(live.to_dict()) == service.alerting.state
     assert engine.to_dict() == before, "the engine it cloned was never changed"
-    assert service.outbox is not None and service.outbox.counts() == {"console": 1}
+    assert service.alerting.outbox.counts() == {"console": 1}
     assert FIRING in service.kpi_exposition.decode()
     assert b'kpimon_kpi{kpi="ctr",scope="campaign",channel="social",campaign="c1"' in (
         service.kpi_exposition
@@ -162,15 +176,16 @@ async def test_the_event_loop_and_the_lock_are_free_while_a_tick_computes(
     assert gate.thread is not None and gate.thread != threading.current_thread().name
     async with asyncio.timeout(5):
         async with service._lock:  # as a transaction would
-            assert service.scope is not None
+            assert service.stages.scope is not None
             minute = int(time.time()) // 60 - 5
-            service.scope.apply_cells([("social", "newcomer", minute, [9, 1, 0, 0, 0, 0, 0])])
+            cell = ("social", "newcomer", minute, [9, 1, 0, 0, 0, 0, 0])
+            service.stages.scope.store.apply_cells([cell])
     assert not tick.done()
     gate.release.set()
     assert await tick is None
     assert FIRING in service.kpi_exposition.decode()
     assert b'campaign="newcomer"' not in service.kpi_exposition, "the snapshot predates it"
-    assert ("campaign", "social", "newcomer") in service.scope.series
+    assert ("campaign", "social", "newcomer") in service.stages.scope.store.series
     assert await service._tick() is None
     assert b'campaign="newcomer"' in service.kpi_exposition
 
@@ -186,15 +201,14 @@ async def test_a_tick_is_discarded_when_the_scope_partition_moves_meanwhile(
     await service.revoke([TopicPartition(service.topology.partials, 0)])
     fresh_engine = AlertEngine(RULES)
     if rebuilt:  # as _restore_scope leaves it, from the changelog
-        service.scope = scope_with_a_ctr_drop(int(time.time() * 1000))
-        service.engine, service.outbox = fresh_engine, Outbox(("console",))
+        install(service, scope_with_a_ctr_drop(int(time.time() * 1000)), fresh_engine)
     gate.release.set()
     with caplog.at_level(logging.INFO, logger="kpimon.worker"):
         assert await tick is None
     producer: FakeProducer = service._producer  # type: ignore[assignment]
     assert producer.committed == []
     assert service.kpi_exposition == b""
-    assert service.engine is (fresh_engine if rebuilt else None)
+    assert live_engine(service) is (fresh_engine if rebuilt else None)
     assert fresh_engine.firing_labels() == []
     assert "evaluation discarded" in caplog.text
     if rebuilt:  # the next tick decides on the new state, once

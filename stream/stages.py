@@ -1,0 +1,392 @@
+"""The worker's three stages as pure objects: records in, messages out.
+
+Each stage takes the records of the partitions it owns and returns the messages to
+send; its state changes leave as changelog messages, and it rebuilds itself from
+changelog records. No Kafka client here: the runtime (``stream.worker``) consumes,
+hands each partition's records to its stage through :class:`Stages`, and sends every
+message of a :class:`Step` plus the consumed offsets in one transaction
+(``stream.checkpoint``).
+
+1. :class:`IngestStage` (source topics): parse, dead-letter, route valid events to the
+   routed topic by click id / dedup key;
+2. :class:`PartitionStage` (one per routed partition): dedup, attribution, lateness,
+   per-minute cell deltas to the partials topic, dedup state to its changelog;
+3. :class:`ScopeStage` (the one partials partition, so exactly one worker): sums cells
+   into global/channel/campaign series, with its state in the compacted scope changelog.
+
+The alert stage (``alerts.stage``) runs beside the scope stage, on the evaluation timer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stream import codec
+from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore, StateKey
+from stream.pipeline import (
+    BatchResult,
+    DeadLetter,
+    PipelineStats,
+    Record,
+    RecordHandler,
+    fit_for_dlq,
+    too_late_letter,
+)
+from stream.settings import Settings
+
+HEARTBEAT_MS = 1000
+"""A routed partition with no new events still reports its progress this often."""
+CARRY_MARGIN_MS = 5 * 60_000
+DLQ_FALLBACK_LIMIT = 1 << 20
+"""Kafka's default max.message.bytes, assumed until the DLQ topic's own is known."""
+
+Partition = tuple[str, int]
+"""(topic, partition); aiokafka's ``TopicPartition`` is one."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names of the internal topics, namespaced by consumer group."""
+
+    routed: str
+    partials: str
+    dedup_log: str
+    scope_log: str
+
+    @classmethod
+    def of(cls, settings: Settings) -> Topology:
+        g = settings.group_id
+        return cls(f"{g}.routed", f"{g}.partials", f"{g}.changelog.dedup", f"{g}.changelog.scopes")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One record a stage wants sent, in the transaction of the step that made it."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    partition: int | None = None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+class DeadLetters:
+    """Where dead letters go, and how big one may be (the topic's own limit, read by the
+    runtime at start; a letter that cannot fit is cut to a marker, see ``fit_for_dlq``)."""
+
+    def __init__(self, settings: Settings, limit: int = DLQ_FALLBACK_LIMIT) -> None:
+        self.topic = settings.dlq_topic
+        self.limit = limit
+        self._horizon_minutes = settings.horizon_minutes
+        self._currency = settings.reporting_currency
+
+    def messages(self, letters: Iterable[DeadLetter]) -> Iterator[Message]:
+        for letter in letters:
+            fit = fit_for_dlq(letter, self.limit)
+            yield Message(self.topic, fit.value, key=fit.key, headers=fit.headers)
+
+    def too_late(self, output: BatchOutput) -> Iterator[Message]:
+        return self.messages(
+            too_late_letter(late, self._horizon_minutes, self._currency) for late in output.too_late
+        )
+
+
+@dataclass
+class Ingested:
+    """What the ingest stage made of one step's source records."""
+
+    result: BatchResult = field(default_factory=BatchResult)
+    routed: dict[int, list[list[Any]]] = field(default_factory=dict)
+    """Routed rows by routed partition, from every source partition of the step."""
+
+
+class IngestStage:
+    """Stage 1: parse source records, dead-letter the bad ones, route the rest."""
+
+    def __init__(self, settings: Settings, topology: Topology, dead_letters: DeadLetters) -> None:
+        self.handler = RecordHandler(settings)
+        self.topology = topology
+        self.dead_letters = dead_letters
+        self.routed_partitions = settings.topic_partitions
+        self.reached: dict[Partition, int] = {}
+        """Newest event time seen per source partition (the watermark of one that lags)."""
+        # Events this much younger than their horizon can't be too late when they reach
+        # their routed partition (its horizon clock trails this worker's wall clock by
+        # less than a transaction), so only older ones carry their original bytes.
+        self._carry_before = {
+            kind: minutes * 60_000 - CARRY_MARGIN_MS
+            for kind, minutes in settings.horizon_minutes.items()
+        }
+
+    @property
+    def topics(self) -> list[str]:
+        return self.handler.topics
+
+    def apply(self, tp: Partition, records: Sequence[Record], now_ms: int, into: Ingested) -> None:
+        topic, partition = tp
+        result = self.handler.handle(records, now_ms)
+        if result.events:
+            newest = max(event.ts_ms for event in result.events)
+            if newest > self.reached.get(tp, 0):
+                self.reached[tp] = newest
+        carry, routed, n = self._carry_before, into.routed, self.routed_partitions
+        for event, source in zip(result.events, result.event_sources, strict=True):
+            if event.ts_ms < now_ms - carry[event.type]:
+                where = codec.origin(topic, partition, source.offset, source.key, source.value)
+            else:
+                where = codec.origin(topic, partition, source.offset)
+            rows = routed.setdefault(codec.route_partition(event, n), [])
+            rows.append(codec.routed_row(event, source.timestamp, where))
+        into.result.merge(result)
+
+    def messages(self, ingested: Ingested, reached_before: int) -> Iterator[Message]:
+        """Routed rows (stamped with the event time this worker had reached before the
+        step: the lateness reference of the partition stage) and dead letters."""
+        stamp = codec.reached_header(reached_before)
+        for p, rows in ingested.routed.items():
+            for chunk in codec.chunks(rows):
+                yield Message(self.topology.routed, codec.encode_rows(chunk), partition=p,
+                              headers=stamp)  # fmt: skip
+        yield from self.dead_letters.messages(ingested.result.dead_letters)
+
+
+class PartitionStage:
+    """Stage 2 for one routed partition: dedup, attribution and lateness, as cell deltas."""
+
+    def __init__(self, partition: int, horizons: Horizons, topology: Topology) -> None:
+        self.partition = partition
+        self.state = PartitionState(horizons)
+        self.topology = topology
+        self.last_report = 0
+        self._output: BatchOutput | None = None
+
+    def restore(self, value: bytes) -> None:
+        """Re-apply one dedup changelog entry."""
+        self.state.load_changes(codec.decode_json(value))
+
+    def apply(self, records: Iterable[Record], now_ms: int) -> None:
+        out = self._output = self._output or BatchOutput()
+        for record in records:
+            assert record.value is not None  # our own producer writes every routed message
+            self.state.apply(codec.decode_rows(record.value), now_ms, out,
+                             reached_ms=codec.reached_of(record.headers))  # fmt: skip
+
+    def due(self, now_ms: int) -> bool:
+        """Something to report: new cells, or a heartbeat of progress."""
+        return self._output is not None or now_ms - self.last_report >= HEARTBEAT_MS
+
+    def flush(self, reached: int, now_ms: int) -> tuple[list[Message], BatchOutput | None]:
+        """The step's partials (cells and progress) and dedup changelog entries."""
+        out, self._output = self._output, None
+        cells = codec.cells_list(out.cells) if out else []
+        source_ts = codec.source_histogram(out.source_ts) if out else []
+        messages = []
+        for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):
+            partial = codec.Partial(
+                partition=self.partition,
+                watermark_ms=reached,
+                caught_up=reached >= now_ms,
+                cells=chunk,
+                source_ts=source_ts if i == 0 else [],
+            )
+            messages.append(Message(self.topology.partials, partial.encode(), partition=0))
+        if out is not None:
+            key = codec.dedup_log_key(self.partition)
+            for change in codec.split_changes(self.state.drain_changes()):
+                messages.append(Message(self.topology.dedup_log, codec.encode_json(change),
+                                        key=key, partition=self.partition))  # fmt: skip
+        self.last_report = now_ms
+        return messages, out
+
+
+class ScopeStage:
+    """Stage 3: the scope store fed by every partition's partials, and its changelog."""
+
+    def __init__(self, store: ScopeStore, topology: Topology) -> None:
+        self.store = store
+        self.topology = topology
+        self.position = 0
+        """The next partials offset to apply (what a snapshot covers)."""
+
+    def restore(self, kind: codec.ScopeLogKind, key: tuple[Any, ...], value: Any) -> None:
+        """One scope changelog entry of the store's own kinds (``meta``, ``state``)."""
+        if kind == "meta":
+            self.position = int(value["offset"]) if value else 0
+        elif kind == "state":
+            state_key: StateKey = (key[0], key[1], key[2], key[3], int(key[4]))
+            self.store.load(state_key, value)
+
+    def apply(self, records: Sequence[Record], now_ms: int) -> None:
+        store = self.store
+        for record in records:
+            assert record.value is not None
+            partial = codec.Partial.decode(record.value)
+            store.apply_cells((c[0], c[1], c[2], c[3:]) for c in partial.cells)
+            store.report(partial.partition, partial.watermark_ms, caught_up=partial.caught_up,
+                         now_ms=now_ms)  # fmt: skip
+            for ts, n in partial.source_ts:
+                store.observe_latency([ts] * n, now_ms)
+        if records:
+            self.position = records[-1].offset + 1
+
+    def lag(self, highwater: int | None) -> int:
+        """Partials records not yet applied (large when unknown)."""
+        return 1 << 30 if highwater is None else highwater - self.position
+
+    def changes(self) -> Iterator[Message]:
+        """The store's changed entries since the last call, then the offset they cover."""
+        topic = self.topology.scope_log
+        for key, value in self.store.drain_dirty():
+            encoded = None if value is None else codec.encode_json(value)
+            yield Message(topic, encoded, key=codec.scope_log_key("state", key), partition=0)
+        meta = codec.encode_json({"offset": self.position})
+        yield Message(topic, meta, key=codec.scope_log_key("meta"), partition=0)
+
+
+@dataclass
+class Step:
+    """One transaction's worth of work: the messages to send and the offsets to commit,
+    plus what to count once it is committed (a retried step is never counted twice)."""
+
+    messages: list[Message]
+    offsets: dict[Any, int]
+    """Consumed partition -> next offset (keys as the runtime gave them)."""
+    reached: int
+    ingested: Ingested
+    outputs: list[BatchOutput]
+
+    @property
+    def records(self) -> int:
+        return len(self.ingested.result.events) + len(self.ingested.result.dead_letters)
+
+
+class Stages:
+    """The stages one worker runs, for the partitions its group gave it."""
+
+    def __init__(self, settings: Settings, topology: Topology) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.horizons = Horizons(
+            dedup_minutes=settings.horizon_minutes, settle_ms=int(settings.settle_seconds * 1000)
+        )
+        self.dead_letters = DeadLetters(settings)
+        self.ingest = IngestStage(settings, topology, self.dead_letters)
+        self.partitions: dict[int, PartitionStage] = {}
+        self.scope: ScopeStage | None = None
+        self.reached_before = 0
+        """The watermark this worker had reached as of its last committed step."""
+
+    def new_partition(self, partition: int) -> PartitionStage:
+        return PartitionStage(partition, self.horizons, self.topology)
+
+    def new_scope(self) -> ScopeStage:
+        s = self.settings
+        store = ScopeStore(
+            settle_ms=int(s.settle_seconds * 1000),
+            max_campaigns=s.max_campaigns,
+            max_channels=s.max_channels,
+            replay_lag_ms=int(s.replay_lag_seconds * 1000),
+        )
+        return ScopeStage(store, self.topology)
+
+    def revoke(self, tp: Partition) -> None:
+        topic, partition = tp
+        self.ingest.reached.pop(tp, None)
+        if topic == self.topology.routed:
+            self.partitions.pop(partition, None)
+        elif topic == self.topology.partials:
+            self.scope = None
+
+    def clear(self) -> None:
+        """Forget every partition's state (to be restored from the changelogs)."""
+        self.partitions.clear()
+        self.scope = None
+
+    def watermark(self, lags: Mapping[Partition, int | None], now_ms: int) -> int:
+        """Event time up to which this worker has passed on everything: ``now_ms`` when
+        every assigned source and routed partition is consumed to its end (``lags``:
+        records behind, None when unknown), else the least event time reached among those
+        that are not.
+
+        Per partition, because topics are consumed at different speeds: counting a
+        lagging clicks partition as caught up would show its missing clicks as a CTR drop.
+        """
+        reached, routed = now_ms, self.topology.routed
+        for tp, lag in lags.items():
+            topic, partition = tp
+            if topic == self.topology.partials:
+                continue
+            # A routed partition ends with a transaction marker the position may not pass.
+            if lag is None or lag > (1 if topic == routed else 0):
+                if topic == routed:
+                    stage = self.partitions.get(partition)
+                    reached = min(reached, stage.state.max_ts if stage else 0)
+                else:
+                    reached = min(reached, self.ingest.reached.get(tp, 0))
+        return reached
+
+    def step(
+        self,
+        batches: Mapping[Any, Sequence[Record]],
+        now_ms: int,
+        lags: Mapping[Partition, int | None],
+        *,
+        snapshot: bool = False,
+        extra: Iterable[Message] = (),
+    ) -> Step | None:
+        """Hand each partition's records to its stage; the step to commit, or None when
+        there is nothing to send (no records, no heartbeat due, no snapshot, no extra).
+
+        ``lags``: records behind per assigned partition, for :meth:`watermark`;
+        ``snapshot`` asks for the scope store's changes; ``extra`` is sent too (the alert
+        stage's outbox changes).
+        """
+        topo = self.topology
+        ingested = Ingested()
+        for tp, records in batches.items():
+            topic, partition = tp
+            if topic == topo.routed:
+                self.partitions[partition].apply(records, now_ms)
+            elif topic == topo.partials:
+                assert self.scope is not None
+                self.scope.apply(records, now_ms)
+            else:
+                self.ingest.apply(tp, records, now_ms, ingested)
+        due = [stage for stage in self.partitions.values() if stage.due(now_ms)]
+        extra = list(extra)
+        snapshot = snapshot and self.scope is not None
+        if not batches and not due and not snapshot and not extra:
+            return None
+        reached = self.watermark(lags, now_ms)
+        messages = list(self.ingest.messages(ingested, self.reached_before))
+        outputs = []
+        partials = []
+        for stage in due:
+            sent, out = stage.flush(reached, now_ms)
+            partials += sent
+            if out is not None:
+                outputs.append(out)
+                messages += self.dead_letters.too_late(out)
+        messages += partials
+        if snapshot and self.scope is not None:
+            messages += self.scope.changes()
+        messages += extra
+        offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
+        return Step(messages, offsets, reached, ingested, outputs)
+
+    def committed(self, step: Step, stats: PipelineStats) -> None:
+        """The step's transaction committed: count it."""
+        self.reached_before = step.reached
+        stats.transactions += 1
+        stats.apply(step.ingested.result)
+        dups: Counter[str] = Counter()
+        late: Counter[str] = Counter()
+        out_of_order: Counter[str] = Counter()
+        for out in step.outputs:
+            dups.update(out.duplicates)
+            late.update(out.late)
+            out_of_order.update(out.out_of_order)
+        stats.apply_stateful(dups, late, out_of_order)
