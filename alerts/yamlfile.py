@@ -181,10 +181,13 @@ def validation_issues(
     return issues
 
 
-def read_yaml(text: str, source: str, empty: str) -> tuple[yaml.Node | None, Any, list[Issue]]:
+def read_yaml(
+    text: str, source: str, empty: str | None
+) -> tuple[yaml.Node | None, Any, list[Issue]]:
     """Parse YAML keeping its node tree (for line numbers): ``(root, data, duplicate keys)``.
 
-    Raises FileError for a syntax error (at its place) or an empty document (``empty``).
+    Raises FileError for a syntax error (at its place), or for an empty document
+    (only comments) with the message ``empty`` unless that is None (data is then None).
     """
     loader = yaml.SafeLoader(text)
     try:
@@ -201,7 +204,7 @@ def read_yaml(text: str, source: str, empty: str) -> tuple[yaml.Node | None, Any
         raise FileError([Issue(1, 1, "", str(exc))], source) from None
     finally:
         loader.dispose()
-    if data is None:
+    if data is None and empty is not None:
         raise FileError([Issue(1, 1, "", empty)], source)
     return root, data, duplicate_keys(root) if root is not None else []
 

@@ -55,6 +55,7 @@ from alerts.engine import AlertEngine
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
+from alerts.targets_export import tick_exposition
 from stream import codec, logs
 from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
 from stream.metrics import build_registry, render, render_alerts, render_evaluation
@@ -139,6 +140,7 @@ def compute_tick(view: ScopeStore, engine: AlertEngine, now_ms: int, hold: bool)
     exposition = render_evaluation(evaluation, view, now_ms) + render_alerts(
         stepped.firing_labels(), stepped.baselines, evaluation
     )
+    exposition += tick_exposition(view.series, evaluation.end_minute, now_ms / 1000)
     return Tick(stepped, records, state, exposition, evaluated - started, alerted - evaluated,
                 time.perf_counter() - alerted)  # fmt: skip
 
