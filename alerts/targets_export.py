@@ -17,7 +17,7 @@ from typing import Protocol
 
 from alerts.pacing import Shape, SpendSum, day_of, local_day, own_shape, pace
 from alerts.targets import SeriesKey, Targets, TargetsWatcher
-from stream.windows import MICROS, SPEND
+from stream.windows import MICROS, SPEND, Totals
 
 OTHER = "__other__"
 
@@ -25,7 +25,7 @@ OTHER = "__other__"
 class Summable(Protocol):
     """A series' minute store: sums of every measure over minutes [start, end)."""
 
-    def sum(self, start: int, end: int) -> Sequence[int]: ...
+    def sum(self, start: int, end: int) -> Totals | Sequence[int]: ...
 
 
 def spend_of(buckets: Summable) -> SpendSum:
