@@ -1,4 +1,4 @@
-"""``kpimon rules check FILE``: validate a rules file before a worker loads it.
+"""``kpimon rules check FILE`` and ``kpimon targets check FILE``: validate before a worker loads.
 
 Kept apart from ``stream.cli`` so it imports only the pure rules module and
 answers instantly, e.g. in a pre-commit hook or CI step.
@@ -34,6 +34,34 @@ def add_rules_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     check.add_argument("file", metavar="FILE", help="rules YAML, e.g. alerts/rules.yml")
     check.set_defaults(func=cmd_rules)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    """Print ``FILE: OK`` with what it sets (exit 0) or every issue on stderr (exit 1)."""
+    from alerts.targets import TargetsError, load_targets
+
+    try:
+        targets = load_targets(Path(args.file))
+    except TargetsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    spec = targets.spec
+    print(
+        f"{args.file}: OK ({'global, ' if spec.global_ else ''}{len(spec.channels)} channels, "
+        f"{len(spec.campaigns)} campaign ids or patterns)"
+    )
+    return 0
+
+
+def add_targets_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``targets check FILE`` on the ``kpimon`` sub-command parser."""
+    targets = sub.add_parser("targets", help="work with the targets file (goals, budgets)")
+    actions = targets.add_subparsers(dest="targets_command", required=True)
+    check = actions.add_parser(
+        "check", help="validate a targets file; every problem is reported as FILE:LINE:COL"
+    )
+    check.add_argument("file", metavar="FILE", help="targets YAML, e.g. alerts/targets.yml")
+    check.set_defaults(func=cmd_targets)
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:

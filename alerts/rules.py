@@ -16,10 +16,8 @@ load quickly.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,6 +34,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from alerts.yamlfile import (
+    FileError,
+    Issue,
+    number_hint,
+    one_of,
+    pydantic_issue,
+    read_text,
+    read_yaml,
+    validation_issues,
+)
 from stream.windows import KPI_BAD_DIRECTION, KPI_RATIOS, MEASURES, WINDOWS
 
 Kind = Literal["rate", "count", "cost"]
@@ -73,12 +81,6 @@ _MAX_DURATION = 7 * 86400.0
 assert set(CONVERSION_MEASURE) == COST_KPIS and set(CONVERSION_MEASURE.values()) <= set(MEASURES)
 
 
-def _one_of(options: Sequence[str]) -> str:
-    """Pydantic's wording for literals, so custom choices read like built-in ones."""
-    quoted = [f"'{o}'" for o in options]
-    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
-
-
 def parse_duration(text: str) -> float:
     """``30s``, ``5m``, ``1h30m``, ``1d`` (Prometheus style) -> seconds."""
     if not _DURATION.match(text):
@@ -96,26 +98,9 @@ def _duration(text: str) -> str:
     return text
 
 
-def _number_hint(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-3`` as text; say so instead of "should be a valid number"."""
-    if isinstance(value, str):
-        try:
-            number = float(value)
-        except ValueError:
-            return value
-        if not math.isfinite(number):
-            return value
-        raise PydanticCustomError(
-            "yaml_number",
-            "{text} is text in YAML, not a number; write {number}",
-            {"text": repr(value), "number": repr(int(number) if number.is_integer() else number)},
-        )
-    return value
-
-
 Duration = Annotated[str, Field(min_length=1)]
-Number = Annotated[float, BeforeValidator(_number_hint)]
-Count = Annotated[int, BeforeValidator(_number_hint), Field(ge=0)]
+Number = Annotated[float, BeforeValidator(number_hint)]
+Count = Annotated[int, BeforeValidator(number_hint), Field(ge=0)]
 
 
 class Rule(BaseModel):
@@ -180,7 +165,7 @@ class Rule(BaseModel):
     @classmethod
     def _kpi(cls, value: str) -> str:
         if value not in RULE_KPIS:
-            raise PydanticCustomError("literal_error", f"Input should be {_one_of(RULE_KPIS)}")
+            raise PydanticCustomError("literal_error", f"Input should be {one_of(RULE_KPIS)}")
         return value
 
     @field_validator("scopes")
@@ -196,7 +181,7 @@ class Rule(BaseModel):
     @classmethod
     def _window(cls, value: str) -> str:
         if value not in WINDOWS:
-            raise PydanticCustomError("literal_error", f"Input should be {_one_of(list(WINDOWS))}")
+            raise PydanticCustomError("literal_error", f"Input should be {one_of(list(WINDOWS))}")
         return value
 
     @field_validator("for_", "keep_firing_for", "repeat_interval")
@@ -375,124 +360,24 @@ def _direction(kpi: object) -> str | None:
     return "down" if kpi in VOLUME_MEASURES else KPI_BAD_DIRECTION.get(kpi)
 
 
-@dataclass(frozen=True)
-class RuleIssue:
-    """One problem in a rules file; ``line``/``column`` are 1-based (0: the whole file)."""
-
-    line: int
-    column: int
-    path: str
-    message: str
-
-    def format(self, source: str) -> str:
-        where = f"{source}:{self.line}:{self.column}:" if self.line else f"{source}:"
-        return f"{where} {self.path}: {self.message}" if self.path else f"{where} {self.message}"
+RuleIssue = Issue
+"""One problem in a rules file (the shared ``alerts.yamlfile.Issue``)."""
 
 
-class RulesError(Exception):
+class RulesError(FileError):
     """An invalid rules file; ``str()`` is one ``FILE:LINE:COL: path: message`` per issue."""
 
-    def __init__(self, issues: Sequence[RuleIssue], source: str = "<string>") -> None:
-        self.issues = sorted(issues, key=lambda i: (i.line, i.column))
-        self.source = source
-        super().__init__(str(self))
 
-    def __str__(self) -> str:
-        return "\n".join(issue.format(self.source) for issue in self.issues)
-
-
-def _path(loc: Sequence[int | str]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        else:
-            text += f".{part}" if text else str(part)
-    return text
+def _issue(root: yaml.Node | None, kind: str, loc: tuple[int | str, ...], message: str) -> Issue:
+    """A pydantic error as an Issue at its place in the YAML, in the user's words."""
+    return pydantic_issue(
+        root, kind, loc, message, key_message="label names must be strings",
+        missing={("rules",): "no rules: define at least one rule under 'rules:'"},
+    )  # fmt: skip
 
 
-def _locate(root: yaml.Node | None, loc: Sequence[int | str], key: bool) -> tuple[int, int]:
-    """1-based line/column of the deepest YAML node along ``loc``.
-
-    A mapping entry resolves to its value when that is a scalar (the thing to fix)
-    and to its key when the value is a block or the key itself is wrong (unknown
-    keys, ``[key]`` errors). A path that leaves the document stops at the last
-    node found, so a missing field points at the mapping that lacks it.
-    """
-    if root is None:
-        return 1, 1
-    parts = list(loc)
-    if parts[-1:] == ["[key]"]:
-        parts.pop()
-        key = True
-    node, mark = root, root.start_mark
-    for i, part in enumerate(parts):
-        if isinstance(node, yaml.MappingNode):
-            entries = [(k, v) for k, v in node.value if _scalar(k) == str(part)]
-            if not entries:
-                break
-            key_node, node = entries[-1]  # PyYAML keeps the last of equal keys
-            on_key = (key and i == len(parts) - 1) or not isinstance(node, yaml.ScalarNode)
-            mark = key_node.start_mark if on_key else node.start_mark
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if not 0 <= part < len(node.value):
-                break
-            node = node.value[part]
-            mark = node.start_mark
-        else:
-            break
-    return mark.line + 1, mark.column + 1
-
-
-def _scalar(node: yaml.Node) -> str | None:
-    return node.value if isinstance(node, yaml.ScalarNode) else None
-
-
-def _duplicate_keys(node: yaml.Node, path: str = "") -> list[RuleIssue]:
-    """PyYAML silently keeps the last of two equal keys; a rules file must not."""
-    issues: list[RuleIssue] = []
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for k, v in node.value:
-            name = _scalar(k)
-            if name is not None and name in seen:
-                line, column = k.start_mark.line + 1, k.start_mark.column + 1
-                issues.append(RuleIssue(line, column, path, f"duplicate key {name!r}"))
-            if name is not None:
-                seen.add(name)
-            issues += _duplicate_keys(v, f"{path}.{name}" if path else str(name))
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            issues += _duplicate_keys(item, f"{path}[{index}]")
-    return issues
-
-
-def _issue(
-    root: yaml.Node | None, kind: str, loc: tuple[int | str, ...], message: str
-) -> RuleIssue:
-    """A pydantic error as a RuleIssue at its place in the YAML, in the user's words."""
-    line, column = _locate(root, loc, key=kind == "extra_forbidden")
-    message = message.removeprefix("Value error, ")
-    if loc[-1:] == ("[key]",):
-        loc = loc[:-1]
-        message = f"label names must be strings ({message})"
-    if kind == "tuple_type":
-        message = "Input should be a list"
-    elif kind == "extra_forbidden":
-        message = "unknown key"
-    elif kind == "model_type":
-        message = "expected a mapping of key: value"
-    elif kind == "missing" and loc == ("rules",):
-        message = "no rules: define at least one rule under 'rules:'"
-    return RuleIssue(line, column, _path(loc), message)
-
-
-def _issues(exc: ValidationError, root: yaml.Node | None, data: object) -> list[RuleIssue]:
-    issues = []
-    for err in exc.errors(include_url=False, include_input=False):
-        ctx = err.get("ctx") or {}
-        loc = tuple(ctx.get("at") or err["loc"])
-        issues.append(_issue(root, err["type"], loc, err["msg"]))
+def _issues(exc: ValidationError, root: yaml.Node | None, data: object) -> list[Issue]:
+    issues = validation_issues(exc, root, _issue)
     # The uniqueness check only runs once every rule is valid; report duplicates anyway.
     if isinstance(data, Mapping) and isinstance(data.get("rules"), list):
         names = [r.get("name") if isinstance(r, Mapping) else None for r in data["rules"]]
@@ -506,24 +391,10 @@ def _issues(exc: ValidationError, root: yaml.Node | None, data: object) -> list[
 
 def parse_rules(text: str, source: str = "<string>") -> RulesFile:
     """Validate rules from YAML text; raise RulesError listing every problem."""
-    loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
-        data = loader.construct_document(root) if root is not None else None
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        message = exc.problem or "invalid YAML"
-        if exc.context:
-            message += f" ({exc.context})"
-        raise RulesError([RuleIssue(line, column, "", message)], source) from None
-    except yaml.YAMLError as exc:
-        raise RulesError([RuleIssue(1, 1, "", str(exc))], source) from None
-    finally:
-        loader.dispose()
-    if data is None:
-        raise RulesError([RuleIssue(1, 1, "", "no rules: the file is empty")], source)
-    issues = _duplicate_keys(root) if root is not None else []
+        root, data, issues = read_yaml(text, source, "no rules: the file is empty")
+    except FileError as exc:
+        raise RulesError(exc.issues, source) from None
     try:
         rules = RulesFile.model_validate(data)
     except ValidationError as exc:
@@ -537,10 +408,9 @@ def parse_rules(text: str, source: str = "<string>") -> RulesFile:
 def load_rules(path: Path) -> RulesFile:
     """Read and validate a rules file; unreadable files are a RulesError too."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise RulesError([RuleIssue(0, 0, "", f"cannot read: {reason}")], str(path)) from None
+        text = read_text(path)
+    except FileError as exc:
+        raise RulesError(exc.issues, str(path)) from None
     return parse_rules(text, str(path))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from alerts.engine import AlertEngine
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
+from alerts.targets_export import TargetsExporter
 from stream import codec
 from stream.aggregate import Evaluation, ScopeStore
 from stream.metrics import render_alerts, render_evaluation
@@ -50,10 +51,17 @@ def decide(view: ScopeStore, engine: AlertEngine, evaluation: Evaluation) -> lis
                            replaying=evaluation.hold_alerts)  # fmt: skip
 
 
-def compute_tick(view: ScopeStore, engine: AlertEngine, now_ms: int, hold: bool) -> Tick:
+def compute_tick(
+    view: ScopeStore,
+    engine: AlertEngine,
+    now_ms: int,
+    hold: bool,
+    targets: TargetsExporter | None = None,
+) -> Tick:
     """Windows and KPIs of a scope snapshot, alert decisions on a clone of ``engine`` and
-    the exposition: everything of a tick that takes time, touching no live state (it runs
-    in a thread while the event loop goes on)."""
+    the exposition (with goals, budgets and pacing when ``targets`` is given): everything
+    of a tick that takes time, touching no live state (it runs in a thread while the event
+    loop goes on)."""
     started = time.perf_counter()
     evaluation = view.evaluate(now_ms, hold=hold)
     evaluated = time.perf_counter()
@@ -64,6 +72,8 @@ def compute_tick(view: ScopeStore, engine: AlertEngine, now_ms: int, hold: bool)
     exposition = render_evaluation(evaluation, view, now_ms) + render_alerts(
         stepped.firing_labels(), stepped.baselines, evaluation
     )
+    if targets is not None:
+        exposition += targets.render(view.series, evaluation.end_minute, now_ms / 1000)
     return Tick(stepped, records, state, exposition, evaluated - started, alerted - evaluated,
                 time.perf_counter() - alerted)  # fmt: skip
 
@@ -72,12 +82,18 @@ class AlertStage:
     """The live alert engine, its committed state and the outbox of one scope partition."""
 
     def __init__(
-        self, rules: RulesFile, settings: Settings, topology: Topology, channels: Sequence[str]
+        self,
+        rules: RulesFile,
+        settings: Settings,
+        topology: Topology,
+        channels: Sequence[str],
+        targets: TargetsExporter | None = None,
     ) -> None:
         self.engine = AlertEngine(
             rules, grafana_url=settings.grafana_url, runbook_base_url=settings.runbook_base_url
         )
         self.outbox = Outbox(tuple(channels))
+        self.targets = targets
         self.alerts_topic = settings.alerts_topic
         self.topology = topology
         self.state = codec.encode_json(self.engine.to_dict())
@@ -115,7 +131,7 @@ class AlertStage:
 
     # -- ticks --------------------------------------------------------------------
     def tick(self, view: ScopeStore, now_ms: int, hold: bool) -> Tick:
-        return compute_tick(view, self.engine, now_ms, hold)
+        return compute_tick(view, self.engine, now_ms, hold, self.targets)
 
     def messages(self, tick: Tick) -> list[Message]:
         """What committing ``tick`` writes: its alert records, the engine's new state and

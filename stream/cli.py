@@ -20,8 +20,12 @@ def _settings() -> Settings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    """Refuses to start (exit 2) on invalid settings or an invalid rules file."""
+    """Refuses to start (exit 2) on invalid settings, rules or targets file."""
+    import time
+
     from alerts.rules import RulesError, load_rules
+    from alerts.targets import TargetsError, TargetsWatcher
+    from alerts.targets_export import TargetsExporter
 
     settings = _settings()
     try:
@@ -29,9 +33,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except RulesError as exc:
         print(f"kpimon worker: invalid rules file (KPIMON_RULES)\n{exc}", file=sys.stderr)
         return 2
+    try:
+        watcher = TargetsWatcher.load(settings.targets, time.time())
+    except TargetsError as exc:
+        print(f"kpimon worker: invalid targets file (KPIMON_TARGETS)\n{exc}", file=sys.stderr)
+        return 2
     from stream.worker import run_worker  # faust is slow to import: only here
 
-    return run_worker(settings, rules)
+    return run_worker(settings, rules, TargetsExporter(watcher, settings.tz))
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -255,9 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--incident-after", default="1m", help="when the CTR drop starts")
     demo.set_defaults(func=cmd_demo)
-    from alerts.cli import add_backtest_parser, add_rules_parser
+    from alerts.cli import add_backtest_parser, add_rules_parser, add_targets_parser
 
     add_rules_parser(sub)
+    add_targets_parser(sub)
     add_backtest_parser(sub)
     dev = sub.add_parser("dev", help="local stack without Docker (Kafka, Prometheus, Alertmanager)")
     dev.add_argument("action", choices=["up", "down", "fetch"])

@@ -16,12 +16,15 @@ import socket
 import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, get_args
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from alerts.rules import DEFAULT_RULES
 
+DEFAULT_TARGETS = Path(__file__).resolve().parents[1] / "alerts" / "targets.yml"
+"""The shipped targets file (it sets no goal and no budget)."""
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
@@ -151,6 +154,8 @@ class Settings(BaseSettings):
     dev_prometheus_port: int = Field(9090, ge=1, le=65535)
     dev_alertmanager_port: int = Field(9093, ge=1, le=65535)
     rules: Path = DEFAULT_RULES
+    targets: Path = DEFAULT_TARGETS
+    timezone: str = "UTC"
     slack_webhook_url: SecretStr | None = None
     alertmanager_url: str | None = None
     grafana_url: str | None = None
@@ -205,6 +210,18 @@ class Settings(BaseSettings):
                 "it (KPIMON_HORIZON_<TYPE>_SECONDS, e.g. KPIMON_HORIZON_CLICK_SECONDS)"
             )
 
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        """Days ("spend today", daily budgets) run from midnight in this zone."""
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                "unknown time zone: use an IANA name such as UTC or Europe/Berlin"
+            ) from None
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -244,6 +261,11 @@ class Settings(BaseSettings):
             "spend": self.horizon_spend_seconds,
         }
         return {kind: math.ceil(s / 60) for kind, s in seconds.items()}
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The zone of ``timezone``, in which days start at midnight."""
+        return ZoneInfo(self.timezone)
 
     @property
     def rates(self) -> dict[str, float]:

@@ -51,6 +51,7 @@ from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
 from alerts.stage import AlertStage, Tick, compute_tick
+from alerts.targets_export import TargetsExporter
 from stream import checkpoint, codec, logs
 from stream.metrics import build_registry, render
 from stream.pipeline import PipelineStats
@@ -201,11 +202,17 @@ class PipelineService(Service):
     mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
 
     def __init__(
-        self, settings: Settings, stats: PipelineStats, rules: RulesFile, **kwargs: Any
+        self,
+        settings: Settings,
+        stats: PipelineStats,
+        rules: RulesFile,
+        targets: TargetsExporter | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.settings = settings
         self.rules = rules
+        self.targets = targets
         self.stats = stats
         self.stalls = Stalls(stats)
         self.topology = Topology.of(settings)
@@ -431,7 +438,8 @@ class PipelineService(Service):
     async def _restore_scope(self, tp: TopicPartition) -> None:
         """The scope and alert stages share one changelog: each takes its kinds of entry."""
         scope = self.stages.new_scope()
-        alerting = AlertStage(self.rules, self.settings, self.topology, self._channels)
+        alerting = AlertStage(self.rules, self.settings, self.topology, self._channels,
+                              self.targets)  # fmt: skip
         n = 0
         async for record in self._read_log(self.topology.scope_log, 0):
             kind, key = codec.scope_log_entry(record.key)
@@ -696,7 +704,7 @@ class PipelineService(Service):
             scope.store.advance(now_ms, hold=hold)
             view = scope.store.snapshot()
             snapped = time.perf_counter()
-        tick = await in_thread(compute_tick, view, engine, now_ms, hold)
+        tick = await in_thread(compute_tick, view, engine, now_ms, hold, alerting.targets)
         computed = time.perf_counter()
         async with self._lock:
             locked = time.perf_counter()
@@ -866,7 +874,7 @@ class KpimonWorker(faust.Worker):
         await asyncio.sleep(0)
 
 
-def run_worker(settings: Settings, rules: RulesFile) -> int:
+def run_worker(settings: Settings, rules: RulesFile, targets: TargetsExporter | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     # Each batch allocates ~10 containers per event and the dedup state holds
@@ -876,7 +884,7 @@ def run_worker(settings: Settings, rules: RulesFile) -> int:
     gc.set_threshold(200_000, 50, 1000)
     gc.freeze()
     stats = PipelineStats()
-    pipeline = PipelineService(settings, stats, rules)
+    pipeline = PipelineService(settings, stats, rules, targets)
     app = create_app(settings, stats, pipeline)
     KpimonWorker(app, pipeline, settings).execute_from_commandline()
     return 0
