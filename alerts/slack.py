@@ -129,7 +129,7 @@ def delivery_error(method: str, exc: SlackApiError) -> DeliveryError:
             wait = None
         return DeliveryError("rate_limited", detail, retry_after=wait)
     if error in DROP:
-        return DeliveryError("error", f"{detail} ({DROP[error]})", permanent=True)
+        return DeliveryError("error", f"{detail}: {DROP[error]}", permanent=True)
     if status >= 500 or error in RETRY or not error:
         return DeliveryError("error", detail)
     return DeliveryError("error", detail, permanent=True)  # e.g. invalid_arguments
