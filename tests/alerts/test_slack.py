@@ -269,3 +269,23 @@ def test_every_message_passes_slacks_block_kit_models(
     valid_blocks(slack_incident_message(rec, silence_url=link, worst=-0.7, updates=3,
                                         duration_s=7200.0))  # fmt: skip
     valid_blocks(slack_thread_note(rec, duration_s=60.0))
+
+
+def test_the_worker_settings_choose_the_slack_mode_and_hide_the_token() -> None:
+    from alerts.sinks import SlackSink
+    from alerts.slack import slack_setup
+    from stream.settings import load_settings
+
+    async def build(**env: Any) -> Any:
+        async with aiohttp.ClientSession() as session:
+            return slack_setup(session, lambda: None, load_settings(**env))
+
+    api = asyncio.run(build(slack_bot_token=TOKEN, slack_channel=CHANNEL_ID,
+                            alertmanager_url="http://am:9093"))  # fmt: skip
+    assert isinstance(api.sink, SlackApiSink) and api.watcher is not None
+    assert TOKEN not in repr(api.sink) and TOKEN not in repr(
+        load_settings(slack_bot_token=TOKEN, slack_channel="#x")
+    )
+    hook = asyncio.run(build(slack_webhook_url="https://hooks.example/T/B/x"))
+    assert isinstance(hook.sink, SlackSink) and hook.watcher is None
+    assert asyncio.run(build()) is None
