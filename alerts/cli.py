@@ -111,3 +111,72 @@ def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
         "--eval-every", type=float, default=60.0, help="seconds of event time between evaluations"
     )
     backtest.set_defaults(func=cmd_backtest)
+
+
+def cmd_silence(args: argparse.Namespace) -> int:
+    """``silence add|list|expire`` against Alertmanager's API v2 (exit 1 if it fails)."""
+    from alerts.silences import (
+        SilenceError,
+        add_silence,
+        expire_silence,
+        format_silences,
+        list_silences,
+        parse_duration,
+        parse_matcher,
+    )
+
+    url = args.alertmanager_url
+    if not url.startswith(("http://", "https://")):
+        print("kpimon silence: KPIMON_ALERTMANAGER_URL (or --alertmanager-url) must be an "
+              "http(s) URL", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        if args.silence_command == "add":
+            try:
+                matchers = [parse_matcher(m) for m in args.matchers]
+                duration = parse_duration(args.duration)
+            except ValueError as exc:
+                print(f"kpimon silence add: {exc}", file=sys.stderr)
+                return 2
+            sid = add_silence(url, matchers, duration_s=duration, comment=args.comment,
+                              author=args.author)  # fmt: skip
+            print(sid)
+        elif args.silence_command == "list":
+            print(format_silences(list_silences(url)))
+        else:
+            expire_silence(url, args.id)
+            print(f"expired {args.id}")
+    except SilenceError as exc:
+        print(f"kpimon silence {args.silence_command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_silence_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register ``silence add|list|expire`` (Alertmanager silences, for people without amtool)."""
+    import getpass
+    import os
+
+    def author() -> str:
+        try:
+            return os.environ.get("USER") or getpass.getuser()
+        except OSError:
+            return "kpimon"
+
+    silence = sub.add_parser("silence", help="Alertmanager silences (they also mute Slack)")
+    silence.add_argument(
+        "--alertmanager-url",
+        default=os.environ.get("KPIMON_ALERTMANAGER_URL") or "http://127.0.0.1:9093",
+        help="default: KPIMON_ALERTMANAGER_URL, else the dev stack's http://127.0.0.1:9093",
+    )
+    actions = silence.add_subparsers(dest="silence_command", required=True)
+    add = actions.add_parser("add", help="silence the alerts all MATCHERS match; prints its id")
+    add.add_argument("matchers", nargs="+", metavar="MATCHER",
+                     help='e.g. rule=ctr_drop campaign=c1 channel=~"soc.*" kpi!=cpa')  # fmt: skip
+    add.add_argument("--duration", default="2h", help="e.g. 30m, 2h, 1d (default 2h)")
+    add.add_argument("--comment", default="silenced with kpimon silence add")
+    add.add_argument("--author", default=author(), help="default: $USER")
+    actions.add_parser("list", help="active and pending silences")
+    expire = actions.add_parser("expire", help="end a silence now")
+    expire.add_argument("id", metavar="ID")
+    silence.set_defaults(func=cmd_silence)

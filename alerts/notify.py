@@ -21,6 +21,8 @@ MAX_SECTION = 3000
 MAX_FIELDS = 10
 MAX_FIELD = 2000
 MAX_FALLBACK = 3000
+MAX_BUTTON_TEXT = 75
+MAX_URL = 3000
 ELLIPSIS = "…"
 
 
@@ -40,8 +42,28 @@ def _link(url: str | None, label: str) -> str | None:
     return f"<{url}|{label}>"
 
 
-def slack_payload(record: Mapping[str, Any]) -> dict[str, Any]:
-    """One Block Kit message for a firing, repeat or resolved alert."""
+def _buttons(record: Mapping[str, Any], silence_url: str | None) -> dict[str, Any] | None:
+    """The "Silence 2h" (Alertmanager's new-silence form, pre-filled) and "Dashboard" buttons."""
+    annotations = record.get("annotations") or {}
+    links = [("Silence 2h", silence_url, "silence"),
+             ("Dashboard", annotations.get("dashboard_url"), "dashboard")]  # fmt: skip
+    elements = [
+        {"type": "button", "text": {"type": "plain_text", "text": clip(label, MAX_BUTTON_TEXT)},
+         "url": str(url), "action_id": action}
+        for label, url, action in links
+        if _link(url, label) and len(str(url)) <= MAX_URL
+    ]  # fmt: skip
+    return {"type": "actions", "elements": elements} if elements else None
+
+
+def slack_payload(
+    record: Mapping[str, Any], *, silence_url: str | None = None, note: str | None = None
+) -> dict[str, Any]:
+    """One Block Kit message for a firing, repeat or resolved alert.
+
+    ``note`` (mrkdwn, e.g. how long an incident lasted) goes under the summary;
+    ``silence_url`` adds the "Silence 2h" button next to "Dashboard".
+    """
     firing = record["status"] == "firing"
     icon = ":rotating_light:" if firing else ":white_check_mark:"
     kpi = str(record["kpi"])
@@ -64,7 +86,8 @@ def slack_payload(record: Mapping[str, Any]) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = [
         {"type": "header", "text": {"type": "plain_text", "text": header, "emoji": True}},
         {"type": "section", "text": {"type": "mrkdwn",
-                                      "text": clip(f"{icon} {_escape(summary)}", MAX_SECTION)}},
+                                      "text": clip(f"{icon} {_escape(summary)}"
+                                                   + (f"\n{note}" if note else ""), MAX_SECTION)}},
         {"type": "section", "fields": [
             {"type": "mrkdwn", "text": clip(_escape(f), MAX_FIELD)} for f in fields[:MAX_FIELDS]
         ]},
@@ -92,6 +115,9 @@ def slack_payload(record: Mapping[str, Any]) -> dict[str, Any]:
         blocks.append({"type": "context", "elements": [
             {"type": "mrkdwn", "text": clip(" · ".join(context), MAX_SECTION)}
         ]})  # fmt: skip
+    buttons = _buttons(record, silence_url)
+    if buttons:
+        blocks.append(buttons)
     return {"text": clip(f"{icon} {summary}", MAX_FALLBACK), "blocks": blocks[:MAX_BLOCKS]}
 
 
@@ -115,3 +141,68 @@ def alertmanager_alerts(
             alert["generatorURL"] = url
         out.append(alert)
     return out
+
+
+def duration_text(seconds: float) -> str:
+    """``42 min``, ``3 h 05 min``, ``2 d 4 h``: how long an incident lasted."""
+    minutes = max(0, round(seconds / 60))
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours} h {minutes:02d} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+def _now_line(record: Mapping[str, Any]) -> str:
+    kpi, change = str(record["kpi"]), record.get("change")
+    moved = "" if change is None else f" ({change:+.0%})"
+    return (
+        f"{kpi.upper()} now {format_value(kpi, record.get('value'))} vs "
+        f"{format_value(kpi, record.get('baseline'))}{moved}"
+    )
+
+
+def slack_incident_message(
+    record: Mapping[str, Any], *, silence_url: str | None, worst: float | None, updates: int,
+    duration_s: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The one living message of an incident (Web API mode): edited in place at every
+    repeat and at the resolve, which says how long it lasted and where the KPI is now."""
+    kpi = str(record["kpi"])
+    bits = []
+    if record["status"] == "resolved":
+        if duration_s is not None:
+            bits.append(f"*Resolved after {duration_text(duration_s)}*")
+        bits.append(_escape(_now_line(record)))
+    if worst is not None:
+        bits.append(f"worst {worst:+.0%}")
+    if updates:
+        bits.append(f"{updates} update{'s' if updates > 1 else ''} in the thread")
+    note = " · ".join(bits) if bits else None
+    payload = slack_payload(record, silence_url=silence_url, note=note)
+    if record["status"] == "firing" and record.get("notification") == "repeat":
+        now = format_value(kpi, record.get("value"))
+        payload["text"] = clip(f"{payload['text']} (still firing, {kpi.upper()} {now})",
+                               MAX_FALLBACK)  # fmt: skip
+    return payload
+
+
+def slack_thread_note(record: Mapping[str, Any], *, duration_s: float | None) -> dict[str, Any]:
+    """A short reply in the incident's thread for a repeat or the resolve."""
+    if record["status"] == "resolved":
+        lasted = f" after {duration_text(duration_s)}" if duration_s is not None else ""
+        text = f":white_check_mark: Resolved{lasted}: {_now_line(record)}"
+    else:
+        text = f":repeat: Still firing: {_now_line(record)}"
+    contributors = list(record.get("contributors") or [])
+    if contributors and record["status"] == "firing":
+        text += "; most from " + ", ".join(
+            where(c["scope"], c["channel"], c["campaign"]) for c in contributors[:5]
+        )
+    return {
+        "text": clip(text, MAX_FALLBACK),
+        "blocks": [{"type": "section",
+                    "text": {"type": "mrkdwn", "text": clip(_escape(text), MAX_SECTION)}}],
+    }  # fmt: skip

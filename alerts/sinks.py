@@ -16,12 +16,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
 from alerts.notify import alertmanager_alerts, slack_payload
-from alerts.outbox import Outbox
+from alerts.outbox import Entry, Outbox
+from alerts.silences import SilenceWatcher, silence_url
 
 log = logging.getLogger("kpimon.alerts")
 TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -46,9 +47,20 @@ class DeliveryError(Exception):
 
 
 class Sink(Protocol):
+    """Delivers one record; may return an outcome other than "sent" (e.g. "silenced")."""
+
     channel: str
 
-    async def deliver(self, record: Mapping[str, Any]) -> None: ...
+    async def deliver(self, record: Mapping[str, Any]) -> str | None: ...
+
+
+@runtime_checkable
+class EntrySink(Protocol):
+    """A sink that needs the outbox entry itself (whether it was restored after a restart)."""
+
+    channel: str
+
+    async def deliver_entry(self, entry: Entry) -> str | None: ...
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: Any, what: str) -> None:
@@ -78,16 +90,32 @@ def _seconds(value: str | None) -> float:
 
 
 class SlackSink:
-    """Slack incoming webhook: one Block Kit message per notification."""
+    """Slack incoming webhook: one Block Kit message per notification.
+
+    With ``silences``, an alert an active Alertmanager silence matches is skipped
+    (outcome "silenced"); with ``silence_ui``, every message links a silence form.
+    """
 
     channel = "slack"
 
-    def __init__(self, session: aiohttp.ClientSession, webhook_url: str) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, webhook_url: str, *,
+        silences: SilenceWatcher | None = None, silence_ui: str | None = None,
+    ) -> None:  # fmt: skip
         self._session = session
         self._url = webhook_url
+        self._silences = silences
+        self._silence_ui = silence_ui
 
-    async def deliver(self, record: Mapping[str, Any]) -> None:
-        await _post(self._session, self._url, slack_payload(record), "slack webhook")
+    async def deliver(self, record: Mapping[str, Any]) -> str | None:
+        if self._silences is not None and self._silences.matching(record["labels"]) is not None:
+            return "silenced"
+        link = None
+        if self._silence_ui is not None:
+            link = silence_url(self._silence_ui, record.get("labels") or {})
+        await _post(self._session, self._url, slack_payload(record, silence_url=link),
+                    "slack webhook")  # fmt: skip
+        return None
 
     def __repr__(self) -> str:
         return "SlackSink(<webhook url hidden>)"
@@ -102,8 +130,9 @@ class AlertmanagerSink:
         self._session = session
         self._url = base_url.rstrip("/") + "/api/v2/alerts"
 
-    async def deliver(self, record: Mapping[str, Any]) -> None:
+    async def deliver(self, record: Mapping[str, Any]) -> str | None:
         await self.deliver_many([record])
+        return None
 
     async def deliver_many(self, records: Sequence[Mapping[str, Any]]) -> None:
         if records:
@@ -115,8 +144,9 @@ class ConsoleSink:
 
     channel = "console"
 
-    async def deliver(self, record: Mapping[str, Any]) -> None:
+    async def deliver(self, record: Mapping[str, Any]) -> str | None:
         print(readable(record), flush=True)
+        return None
 
 
 def readable(record: Mapping[str, Any]) -> str:
@@ -192,7 +222,10 @@ class Sender:
                     await asyncio.wait_for(self._wake.wait(), timeout=1.0)
                 continue
             try:
-                await self.sink.deliver(entry.record)
+                if isinstance(self.sink, EntrySink):
+                    outcome = await self.sink.deliver_entry(entry) or "sent"
+                else:
+                    outcome = await self.sink.deliver(entry.record) or "sent"
             except DeliveryError as exc:
                 self._count(channel, exc.outcome)
                 if exc.permanent:
@@ -209,8 +242,9 @@ class Sender:
                 await asyncio.sleep(delay)
                 continue
             backoff = 1.0
-            self._count(channel, "sent")
+            self._count(channel, outcome)
             current = self._outbox()  # the outbox may have been rebuilt meanwhile
             if current is not None:
                 current.done(entry)
-            await asyncio.sleep(self.min_interval)
+            if outcome == "sent":
+                await asyncio.sleep(self.min_interval)

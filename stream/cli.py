@@ -264,11 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--incident-after", default="1m", help="when the CTR drop starts")
     demo.set_defaults(func=cmd_demo)
-    from alerts.cli import add_backtest_parser, add_rules_parser, add_targets_parser
+    from alerts.cli import (
+        add_backtest_parser,
+        add_rules_parser,
+        add_silence_parser,
+        add_targets_parser,
+    )
 
     add_rules_parser(sub)
     add_targets_parser(sub)
     add_backtest_parser(sub)
+    add_silence_parser(sub)
     dev = sub.add_parser("dev", help="local stack without Docker (Kafka, Prometheus, Alertmanager)")
     dev.add_argument("action", choices=["up", "down", "fetch"])
     dev.set_defaults(func=cmd_dev)

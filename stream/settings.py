@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from alerts.rules import DEFAULT_RULES
@@ -30,9 +37,11 @@ _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 
 URL_FIELDS: tuple[str, ...] = (
-    "slack_webhook_url", "alertmanager_url", "grafana_url", "runbook_base_url",
+    "slack_webhook_url", "slack_api_url", "alertmanager_url", "alertmanager_ui_url",
+    "grafana_url", "runbook_base_url",
 )  # fmt: skip
 _HOST = re.compile(r"[A-Za-z0-9._-]+")
+_SLACK_CHANNEL = re.compile(r"[CGD][A-Z0-9]{6,}|#?[a-z0-9][a-z0-9._-]{0,79}")
 
 
 class ConfigError(Exception):
@@ -157,7 +166,12 @@ class Settings(BaseSettings):
     targets: Path = DEFAULT_TARGETS
     timezone: str = "UTC"
     slack_webhook_url: SecretStr | None = None
+    slack_bot_token: SecretStr | None = None
+    slack_channel: str | None = None
+    slack_api_url: str | None = None
     alertmanager_url: str | None = None
+    alertmanager_ui_url: str | None = None
+    silences_refresh_seconds: float = Field(30.0, gt=0, le=3600)
     grafana_url: str | None = None
     runbook_base_url: str | None = None
     console_alerts: bool = False
@@ -179,6 +193,37 @@ class Settings(BaseSettings):
     def _http_url(cls, value: Any) -> Any:
         if value is not None:
             check_http_url(value.get_secret_value() if isinstance(value, SecretStr) else value)
+        return value
+
+    @field_validator("slack_bot_token", "slack_channel", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("slack_bot_token")
+    @classmethod
+    def _one_slack_mode(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value()
+        if any(c.isspace() or not c.isprintable() for c in token):
+            raise ValueError("must not contain spaces or control characters")
+        if info.data.get("slack_webhook_url") is not None:
+            raise ValueError("set either it (Web API mode) or KPIMON_SLACK_WEBHOOK_URL, not both")
+        return value
+
+    @field_validator("slack_channel")
+    @classmethod
+    def _slack_channel(cls, value: str | None, info: ValidationInfo) -> str | None:
+        has_token = info.data.get("slack_bot_token") is not None
+        if value is None:
+            if has_token:
+                raise ValueError("is required with KPIMON_SLACK_BOT_TOKEN (a channel id, C...)")
+            return None
+        if not has_token and "slack_bot_token" in info.data:
+            raise ValueError("is only used with KPIMON_SLACK_BOT_TOKEN, which is not set")
+        if not _SLACK_CHANNEL.fullmatch(value):
+            raise ValueError("must be a channel id (C0123ABCD) or a channel name (#kpi-alerts)")
         return value
 
     _rates = field_validator("currency_rates", mode="before")(_parse_rates)

@@ -49,7 +49,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
-from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
+from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink
+from alerts.slack import slack_setup
 from alerts.stage import AlertStage, Tick, compute_tick
 from alerts.targets_export import TargetsExporter
 from stream import checkpoint, codec, logs
@@ -299,8 +300,9 @@ class PipelineService(Service):
         s = self.settings
         self._session = aiohttp.ClientSession()
         sinks: list[Sink] = []
-        if s.slack_webhook_url is not None:
-            sinks.append(SlackSink(self._session, s.slack_webhook_url.get_secret_value()))
+        slack = slack_setup(self._session, self._outbox, s)
+        if slack is not None:
+            sinks.append(slack.sink)
         if s.alertmanager_url:
             self._alertmanager = AlertmanagerSink(self._session, s.alertmanager_url)
             sinks.append(self._alertmanager)
@@ -317,6 +319,7 @@ class PipelineService(Service):
         for channel in ("kafka", *self._channels):
             self.stats.notified(channel, "sent", 0)
         self._sender_tasks = [asyncio.create_task(sender.run()) for sender in self._senders]
+        self._sender_tasks += slack.start() if slack is not None else []
 
     @property
     def _channels(self) -> tuple[str, ...]:
