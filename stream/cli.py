@@ -224,8 +224,8 @@ kpimon demo: worker pid {worker.pid}, live traffic at {args.rate:g} events/s
 async def _create_topics(settings: Settings) -> None:
     """The worker's topic layout, before the history is produced (auto-created topics
     would have one partition)."""
+    from stream.clients import ensure_topics
     from stream.stages import Topology
-    from stream.worker import ensure_topics
 
     await ensure_topics(settings, Topology.of(settings), list(settings.type_topics.values()))
 

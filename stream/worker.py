@@ -29,19 +29,22 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 import aiohttp
 import faust
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    ConsumerRecord,
+    TopicPartition,
+)
 from aiokafka.errors import (
     ConsumerStoppedError,
     KafkaError,
     ProducerFenced,
-    TopicAlreadyExistsError,
 )
 from faust.app.base import BootStrategy
 from mode import Service
@@ -53,7 +56,7 @@ from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink
 from alerts.slack import slack_setup
 from alerts.stage import AlertStage, Tick, compute_tick
 from alerts.targets_export import TargetsExporter
-from stream import checkpoint, codec, logs
+from stream import checkpoint, clients, codec, logs
 from stream.metrics import build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
@@ -110,74 +113,6 @@ def in_thread(fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
 
     threading.Thread(target=run, name=f"kpimon-{fn.__name__}", daemon=True).start()
     return future
-
-
-def _names(partitions: Any) -> str:
-    """``events.clicks[0-2], g.partials[0]``: one entry per topic, partition ranges."""
-    by_topic: dict[str, list[int]] = {}
-    for tp in partitions:
-        by_topic.setdefault(tp.topic, []).append(tp.partition)
-    parts = []
-    for topic, numbers in sorted(by_topic.items()):
-        numbers.sort()
-        runs: list[list[int]] = []
-        for n in numbers:
-            if runs and n == runs[-1][1] + 1:
-                runs[-1][1] = n
-            else:
-                runs.append([n, n])
-        spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-        parts.append(f"{topic}[{spans}]")
-    return ", ".join(parts) or "none"
-
-
-async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> int:
-    """Create missing topics with the layout the pipeline relies on; returns the largest
-    record the dead-letter topic takes (it may predate us, with a smaller limit)."""
-    n, rf = settings.topic_partitions, settings.topic_replication_factor
-    wanted = [NewTopic(t, n, rf) for t in dict.fromkeys(sources)]
-    big = {"max.message.bytes": str(4 << 20)}  # room for a DLQ'd message plus headers
-    wanted += [
-        NewTopic(settings.dlq_topic, n, rf, topic_configs=big),
-        NewTopic(settings.alerts_topic, 1, rf),
-        NewTopic(topology.routed, n, rf, topic_configs=big),
-        NewTopic(topology.partials, 1, rf, topic_configs=big),
-        NewTopic(topology.dedup_log, n, rf,
-                 topic_configs={**big, "retention.ms": str(26 * 3600_000)}),
-        NewTopic(topology.scope_log, 1, rf, topic_configs={**big, "cleanup.policy": "compact"}),
-    ]  # fmt: skip
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        missing = [t for t in wanted if t.name not in existing]
-        if missing:
-            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
-                await admin.create_topics(missing)
-            log.info("created topics %s", ", ".join(t.name for t in missing))
-        return await _max_message_bytes(admin, settings.dlq_topic)
-    finally:
-        await admin.close()
-
-
-async def _max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
-    try:
-        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
-        for response in await admin.describe_configs([resource]):
-            for _code, _msg, _type, _name, entries, *_ in response.resources:
-                for name, value, *_ in entries:
-                    if name == "max.message.bytes":
-                        return int(value)
-    except (KafkaError, ValueError, TypeError) as exc:
-        log.warning("could not read the max.message.bytes of %s (%r): assuming %d",
-                    topic, exc, DLQ_FALLBACK_LIMIT)  # fmt: skip
-    return DLQ_FALLBACK_LIMIT
-
-
-def _request_size(settings: Settings) -> int:
-    """The producer's request limit: room for a batch of internal messages, or an input
-    of the largest accepted size re-sent as a dead letter with its headers."""
-    return max(4 << 20, 2 * settings.max_message_bytes)
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -238,20 +173,7 @@ class PipelineService(Service):
 
     # -- lifecycle ----------------------------------------------------------------
     def _new_producer(self) -> AIOKafkaProducer:
-        s = self.settings
-        return AIOKafkaProducer(
-            bootstrap_servers=s.kafka_bootstrap,
-            client_id=f"kpimon-{s.worker_id}",
-            transactional_id=f"{s.group_id}-{s.worker_id}",
-            enable_idempotence=True,
-            acks="all",
-            linger_ms=5,
-            # Several internal messages per produce request: with the default 16 kB
-            # every ~100 kB message was its own batch, each awaiting the previous ack.
-            max_batch_size=900_000,
-            max_request_size=_request_size(s),
-            transaction_timeout_ms=30_000,
-        )
+        return clients.new_producer(self.settings)
 
     async def _reset_producer(self) -> None:
         """A failed transaction can leave the producer unusable: start a fresh one
@@ -268,18 +190,11 @@ class PipelineService(Service):
         # switch interval for the GIL at each wake-up (5 ms by default; a scrape wakes
         # it a dozen times). The computing thread barely notices the shorter slices.
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        topic_limit = await ensure_topics(s, topo, ingest.topics)
+        topic_limit = await clients.ensure_topics(s, topo, ingest.topics)
         self._producer = self._new_producer()
-        self.stages.dead_letters.limit = min(topic_limit, _request_size(s)) - DLQ_RECORD_OVERHEAD
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
-            client_id=f"kpimon-{s.worker_id}",
-            group_id=s.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=4 << 20,
-        )
+        limit = min(topic_limit, clients.request_size(s))
+        self.stages.dead_letters.limit = limit - DLQ_RECORD_OVERHEAD
+        self._consumer = clients.new_consumer(s)
         await self._producer.start()
         self._start_senders()
         ingest.routed_partitions = len(await self._producer.partitions_for(topo.routed))
@@ -405,13 +320,13 @@ class PipelineService(Service):
                     self.kpi_exposition = b""
                     self._outbox_changed()
             if revoked:
-                log.info("partitions revoked: %s", _names(revoked))
+                log.info("partitions revoked: %s", clients.describe(revoked))
 
     async def assign(self, assigned: list[TopicPartition]) -> None:
         if self._closing:
             return
         async with self._lock:
-            log.info("partitions assigned: %s", _names(assigned))
+            log.info("partitions assigned: %s", clients.describe(assigned))
             await self._restore(assigned)
 
     async def _restore(self, assigned: list[TopicPartition]) -> None:
@@ -464,26 +379,8 @@ class PipelineService(Service):
         log.info("restored scope state from %d changelog entries; replaying partials from %d",
                  n, scope.position)  # fmt: skip
 
-    async def _read_log(self, topic: str, partition: int) -> Any:
-        """Every committed record of one changelog partition, oldest first."""
-        reader = AIOKafkaConsumer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-            max_partition_fetch_bytes=8 << 20,
-        )
-        await reader.start()
-        try:
-            tp = TopicPartition(topic, partition)
-            reader.assign([tp])
-            await reader.seek_to_beginning(tp)
-            end = (await reader.end_offsets([tp]))[tp]
-            while not self.should_stop and await reader.position(tp) < end:
-                batch = await reader.getmany(tp, timeout_ms=500)
-                for record in batch.get(tp, []):
-                    yield record
-        finally:
-            await reader.stop()
+    def _read_log(self, topic: str, partition: int) -> AsyncIterator[ConsumerRecord[Any, Any]]:
+        return clients.read_log(self.settings, topic, partition, lambda: self.should_stop)
 
     # -- the loop -----------------------------------------------------------------
     async def on_started(self) -> None:
@@ -498,29 +395,9 @@ class PipelineService(Service):
                 async with self._lock:
                     if self.should_stop:
                         return  # no new transaction once stopping (nothing of it is committed)
-                    batches = await self._still_current(consumer, batches)
+                    batches = await clients.still_current(consumer, batches)
                     if await self._failed(self._transact(batches)) == "fenced":
                         return
-
-    @staticmethod
-    async def _still_current(
-        consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]
-    ) -> dict[TopicPartition, list[Any]]:
-        """The records of a batch whose partition has not moved since they were fetched.
-
-        aiokafka applies a new assignment before it runs the rebalance listener, so a
-        batch fetched while ``assign`` restores state can hold records the restore made
-        stale: the scope stage seeks back to its snapshot's offset (applying the
-        batch too would count those partials twice), a partition may be revoked
-        meanwhile, and a kept one restarts from its committed offset. Such records are
-        dropped; the consumer delivers them again from the partition's new position.
-        """
-        assigned = consumer.assignment()
-        current: dict[TopicPartition, list[Any]] = {}
-        for tp, records in batches.items():
-            if records and tp in assigned and await consumer.position(tp) > records[-1].offset:
-                current[tp] = records
-        return current
 
     async def _failed(self, transaction: Coroutine[Any, Any, None]) -> str | None:
         """Run one transaction: None when it committed; "aborted" after a Kafka error
@@ -640,17 +517,10 @@ class PipelineService(Service):
         )  # fmt: skip
 
     async def _lags(self) -> dict[TopicPartition, int | None]:
-        """Records behind per assigned partition (None when unknown), also exported as
-        ``kpimon_consumer_lag_records``."""
-        consumer = self._consumer
-        assert consumer is not None
-        lags: dict[TopicPartition, int | None] = {}
-        for tp in consumer.assignment():
-            highwater = consumer.highwater(tp)
-            lag = None if highwater is None else highwater - await consumer.position(tp)
-            if lag is not None:
+        lags = await clients.lags(self._consumer) if self._consumer else {}
+        for tp, lag in lags.items():
+            if lag is not None:  # kpimon_consumer_lag_records
                 self.stats.consumer_lag[(tp.topic, tp.partition)] = lag
-            lags[tp] = lag
         return lags
 
     def _partials_lag(self) -> int:

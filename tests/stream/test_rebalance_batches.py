@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from stream.worker import PipelineService
+from stream.clients import still_current
 
 PARTIALS = TopicPartition("g.partials", 0)
 ROUTED = TopicPartition("g.routed", 1)
@@ -41,13 +41,11 @@ async def test_stale_records_are_dropped_current_ones_kept() -> None:
         ROUTED: 31,  # consumed normally: the position is past the batch
     })  # fmt: skip
     batches = {PARTIALS: batch(24, 30), ROUTED: batch(20, 30), REVOKED: batch(5, 9)}
-    kept = await PipelineService._still_current(cast(AIOKafkaConsumer, consumer), batches)
+    kept = await still_current(cast(AIOKafkaConsumer, consumer), batches)
     assert kept == {ROUTED: batches[ROUTED]}
 
 
 async def test_a_kept_partition_restarting_from_its_commit_is_fetched_again() -> None:
     consumer = FakeConsumer({ROUTED: 20})  # reassigned: back at the committed offset
-    kept = await PipelineService._still_current(
-        cast(AIOKafkaConsumer, consumer), {ROUTED: batch(20, 30)}
-    )
+    kept = await still_current(cast(AIOKafkaConsumer, consumer), {ROUTED: batch(20, 30)})
     assert kept == {}

@@ -1,0 +1,176 @@
+"""Kafka clients of the worker's runtime: topic layout, the consumer and the
+transactional producer as the pipeline configures them, changelog reads, and what the
+consumer knows of its partitions (lags, positions). Only the runtime imports this."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from stream.settings import Settings
+from stream.stages import Topology
+
+log = logging.getLogger("kpimon.worker")
+DLQ_FALLBACK_LIMIT = 1 << 20
+"""Kafka's default max.message.bytes, assumed when the DLQ topic's own cannot be read."""
+
+
+def describe(partitions: Any) -> str:
+    """``events.clicks[0-2], g.partials[0]``: one entry per topic, partition ranges."""
+    by_topic: dict[str, list[int]] = {}
+    for tp in partitions:
+        by_topic.setdefault(tp.topic, []).append(tp.partition)
+    parts = []
+    for topic, numbers in sorted(by_topic.items()):
+        numbers.sort()
+        runs: list[list[int]] = []
+        for n in numbers:
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+        parts.append(f"{topic}[{spans}]")
+    return ", ".join(parts) or "none"
+
+
+async def ensure_topics(settings: Settings, topology: Topology, sources: list[str]) -> int:
+    """Create missing topics with the layout the pipeline relies on; returns the largest
+    record the dead-letter topic takes (it may predate us, with a smaller limit)."""
+    n, rf = settings.topic_partitions, settings.topic_replication_factor
+    wanted = [NewTopic(t, n, rf) for t in dict.fromkeys(sources)]
+    big = {"max.message.bytes": str(4 << 20)}  # room for a DLQ'd message plus headers
+    wanted += [
+        NewTopic(settings.dlq_topic, n, rf, topic_configs=big),
+        NewTopic(settings.alerts_topic, 1, rf),
+        NewTopic(topology.routed, n, rf, topic_configs=big),
+        NewTopic(topology.partials, 1, rf, topic_configs=big),
+        NewTopic(topology.dedup_log, n, rf,
+                 topic_configs={**big, "retention.ms": str(26 * 3600_000)}),
+        NewTopic(topology.scope_log, 1, rf, topic_configs={**big, "cleanup.policy": "compact"}),
+    ]  # fmt: skip
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [t for t in wanted if t.name not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
+                await admin.create_topics(missing)
+            log.info("created topics %s", ", ".join(t.name for t in missing))
+        return await max_message_bytes(admin, settings.dlq_topic)
+    finally:
+        await admin.close()
+
+
+async def max_message_bytes(admin: AIOKafkaAdminClient, topic: str) -> int:
+    try:
+        resource = ConfigResource(ConfigResourceType.TOPIC, topic, {"max.message.bytes": None})
+        for response in await admin.describe_configs([resource]):
+            for _code, _msg, _type, _name, entries, *_ in response.resources:
+                for name, value, *_ in entries:
+                    if name == "max.message.bytes":
+                        return int(value)
+    except (KafkaError, ValueError, TypeError) as exc:
+        log.warning("could not read the max.message.bytes of %s (%r): assuming %d",
+                    topic, exc, DLQ_FALLBACK_LIMIT)  # fmt: skip
+    return DLQ_FALLBACK_LIMIT
+
+
+def request_size(settings: Settings) -> int:
+    """The producer's request limit: room for a batch of internal messages, or an input
+    of the largest accepted size re-sent as a dead letter with its headers."""
+    return max(4 << 20, 2 * settings.max_message_bytes)
+
+
+def new_producer(settings: Settings) -> AIOKafkaProducer:
+    """The worker's transactional producer (its id fences an older process of the same
+    worker id)."""
+    s = settings
+    return AIOKafkaProducer(
+        bootstrap_servers=s.kafka_bootstrap,
+        client_id=f"kpimon-{s.worker_id}",
+        transactional_id=f"{s.group_id}-{s.worker_id}",
+        enable_idempotence=True,
+        acks="all",
+        linger_ms=5,
+        # Several internal messages per produce request: with the default 16 kB
+        # every ~100 kB message was its own batch, each awaiting the previous ack.
+        max_batch_size=900_000,
+        max_request_size=request_size(s),
+        transaction_timeout_ms=30_000,
+    )
+
+
+def new_consumer(settings: Settings) -> AIOKafkaConsumer:
+    """The worker's one consumer: every topic of every stage, committed records only;
+    offsets are committed only through the producer's transactions."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id=f"kpimon-{settings.worker_id}",
+        group_id=settings.group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=4 << 20,
+    )
+
+
+async def read_log(
+    settings: Settings, topic: str, partition: int, stopping: Callable[[], bool]
+) -> AsyncIterator[ConsumerRecord[Any, Any]]:
+    """Every committed record of one changelog partition, oldest first (until ``stopping``)."""
+    reader = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_partition_fetch_bytes=8 << 20,
+    )
+    await reader.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        reader.assign([tp])
+        await reader.seek_to_beginning(tp)
+        end = (await reader.end_offsets([tp]))[tp]
+        while not stopping() and await reader.position(tp) < end:
+            batch = await reader.getmany(tp, timeout_ms=500)
+            for record in batch.get(tp, []):
+                yield record
+    finally:
+        await reader.stop()
+
+
+async def lags(consumer: AIOKafkaConsumer) -> dict[TopicPartition, int | None]:
+    """Records behind per assigned partition (None when not known yet)."""
+    behind: dict[TopicPartition, int | None] = {}
+    for tp in consumer.assignment():
+        highwater = consumer.highwater(tp)
+        behind[tp] = None if highwater is None else highwater - await consumer.position(tp)
+    return behind
+
+
+async def still_current(
+    consumer: AIOKafkaConsumer, batches: dict[TopicPartition, list[Any]]
+) -> dict[TopicPartition, list[Any]]:
+    """The records of a batch whose partition has not moved since they were fetched.
+
+    aiokafka applies a new assignment before it runs the rebalance listener, so a
+    batch fetched while ``assign`` restores state can hold records the restore made
+    stale: the scope stage seeks back to its snapshot's offset (applying the
+    batch too would count those partials twice), a partition may be revoked
+    meanwhile, and a kept one restarts from its committed offset. Such records are
+    dropped; the consumer delivers them again from the partition's new position.
+    """
+    assigned = consumer.assignment()
+    current: dict[TopicPartition, list[Any]] = {}
+    for tp, records in batches.items():
+        if records and tp in assigned and await consumer.position(tp) > records[-1].offset:
+            current[tp] = records
+    return current
