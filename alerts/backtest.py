@@ -19,6 +19,7 @@ from alerts.rules import RulesFile
 from stream import codec
 from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
 from stream.events import Event, EventParser
+from stream.segments import SegmentView
 from stream.settings import Settings
 
 NO_FUTURE = 4_102_444_800_000  # the recorded stream is its own clock: nothing is "future"
@@ -143,6 +144,6 @@ def _tick(
         for buckets in store.series.values():
             buckets.expire(watermark // 60_000)
     stats.evaluations += 1
-    for record in engine.evaluate(store, end_minute, watermark / 1000):
+    for record in engine.evaluate(SegmentView(store.series), end_minute, watermark / 1000):
         stats.alerts += 1
         yield record

@@ -20,9 +20,8 @@ from typing import Annotated, Any, get_args
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from alerts.rules import DEFAULT_RULES
-
-EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
+DEFAULT_RULES = Path(__file__).resolve().parents[1] / "alerts" / "rules.yml"
+"""The rules shipped with kpimon; a path, not an import: the core does not import alerts."""
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 

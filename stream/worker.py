@@ -52,12 +52,13 @@ from mode import Service
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from alerts.engine import AlertEngine
+from alerts.exposition import render_alerts
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink, SlackSink
 from stream import codec, logs
 from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore
-from stream.metrics import build_registry, render, render_alerts, render_evaluation
+from stream.metrics import build_registry, render, render_evaluation
 from stream.pipeline import (
     BatchResult,
     DeadLetter,
@@ -66,6 +67,7 @@ from stream.pipeline import (
     fit_for_dlq,
     too_late_letter,
 )
+from stream.segments import SegmentView
 from stream.settings import Settings
 from stream.shutdown import Watchdog
 from stream.stalls import Stalls, locate, positions, rewind
@@ -132,7 +134,8 @@ def compute_tick(view: ScopeStore, engine: AlertEngine, now_ms: int, hold: bool)
     evaluation = view.evaluate(now_ms, hold=hold)
     evaluated = time.perf_counter()
     stepped = engine.clone()
-    records = stepped.evaluate(view, evaluation.end_minute, evaluation.watermark_ms / 1000,
+    segments = SegmentView(view.series)
+    records = stepped.evaluate(segments, evaluation.end_minute, evaluation.watermark_ms / 1000,
                                replaying=evaluation.hold_alerts)  # fmt: skip
     state = codec.encode_json(stepped.to_dict())
     alerted = time.perf_counter()

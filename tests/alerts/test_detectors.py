@@ -16,10 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from alerts.detectors import (
-    COST_KPIS,
-    COUNT_KPIS,
     ORDER_VALUE_CV,
-    RATE_KPIS,
     Thresholds,
     Verdict,
     bonferroni,
@@ -29,11 +26,10 @@ from alerts.detectors import (
     poisson_sf,
     two_proportion_z,
 )
+from stream.kpis import COST_KPIS, COUNT_KPIS, KPI_BAD_DIRECTION, KPI_RATIOS, RATE_KPIS
 from stream.windows import (
     CLICKS,
     IMPRESSIONS,
-    KPI_BAD_DIRECTION,
-    KPI_RATIOS,
     MEASURES,
     MICROS,
     ORDERS,

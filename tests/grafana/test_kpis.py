@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from grafana.kpis import KPI, KPIS, alert_line, baseline, ratio
-from stream.windows import KPI_BAD_DIRECTION, KPI_RATIOS, MEASURES
+from stream.kpis import KPI_BAD_DIRECTION, KPI_RATIOS, MEASURES
 from tests.conftest import require_binary
 
 

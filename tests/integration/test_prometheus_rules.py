@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
+from stream.kpis import KPI_RATIOS
 from stream.simulate import SimConfig, Simulator
-from stream.windows import KPI_RATIOS, WINDOWS
+from stream.windows import WINDOWS
 from tests.conftest import require_binary
 from tests.helpers import (
     REPO,
