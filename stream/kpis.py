@@ -139,14 +139,6 @@ KPI: dict[str, Kpi] = {k.name: k for k in KPIS}
 RATIOS: tuple[Kpi, ...] = tuple(k for k in KPIS if k.denominator is not None)
 """The KPIs computed from a window's sums and exported as ``kpimon_kpi``."""
 
-# Views of the table for callers that want a mapping or a set.
-KPI_RATIOS: dict[str, tuple[int, int]] = {k.name: (k.num, k.den) for k in RATIOS}
-KPI_BAD_DIRECTION: dict[str, Direction] = {k.name: k.bad for k in RATIOS}
-RATE_KPIS: frozenset[str] = frozenset(k.name for k in KPIS if k.kind == "rate")
-COST_KPIS: frozenset[str] = frozenset(k.name for k in KPIS if k.kind == "cost")
-COUNT_KPIS: dict[str, int] = {k.name: k.num for k in KPIS if k.kind == "count"}
-"""Count KPI -> the measure (index) it counts."""
-
 
 def unshifted(kpi: Kpi) -> Kpi:
     """The plain ratio a shifted KPI is shifted from (ROI -> ROAS); the KPI itself if none."""

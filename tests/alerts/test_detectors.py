@@ -26,7 +26,6 @@ from alerts.detectors import (
     poisson_sf,
     two_proportion_z,
 )
-from stream.kpis import COST_KPIS, COUNT_KPIS, KPI_BAD_DIRECTION, KPI_RATIOS, RATE_KPIS
 from stream.windows import (
     CLICKS,
     IMPRESSIONS,
@@ -36,6 +35,7 @@ from stream.windows import (
     REVENUE,
     SPEND,
 )
+from tests.kpis import COST_KPIS, COUNT_KPIS, KPI_BAD_DIRECTION, KPI_RATIOS, RATE_KPIS
 
 ALL_KPIS = sorted(RATE_KPIS | set(COUNT_KPIS) | COST_KPIS)
 DRAWS = 2000

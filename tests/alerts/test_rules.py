@@ -20,8 +20,8 @@ from alerts.rules import (
     load_rules,
     parse_rules,
 )
-from stream.kpis import COUNT_KPIS as VOLUME_MEASURES
-from stream.kpis import KPI_BAD_DIRECTION, KPI_RATIOS
+from tests.kpis import COUNT_KPIS as VOLUME_MEASURES
+from tests.kpis import KPI_BAD_DIRECTION, KPI_RATIOS
 
 RULE = """\
   - name: {name}

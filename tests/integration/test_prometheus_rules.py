@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from stream.kpis import KPI_RATIOS
 from stream.simulate import SimConfig, Simulator
 from stream.windows import WINDOWS
 from tests.conftest import require_binary
@@ -33,6 +32,7 @@ from tests.helpers import (
     run,
     wait_for,
 )
+from tests.kpis import KPI_RATIOS
 
 pytestmark = pytest.mark.integration
 
