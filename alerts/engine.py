@@ -22,7 +22,7 @@ from alerts.lifecycle import AlertKey, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
 from alerts.text import iso, summary
 from stream.aggregate import OTHER, SeriesKey
-from stream.kpis import KPI, MEASURES
+from stream.kpis import KPI
 from stream.segments import SegmentView
 
 DAY, WEEK = 1440, 7 * 1440
@@ -68,11 +68,6 @@ def thresholds(rule: Rule, segments: int = 1) -> Thresholds:
         min_conversions=rule.min_conversions,
         min_spend=rule.min_spend,
     )
-
-
-def _worse_by(verdict: Verdict) -> float:
-    """How far the verdict's change went in its KPI's bad direction (negative: improved)."""
-    return KPI[verdict.kpi].worse_by(verdict.change)
 
 
 def _covers(segments: SegmentView, key: SeriesKey, span: Baseline) -> bool:
@@ -150,7 +145,7 @@ class AlertEngine:
             now_at[alert_key] = verdict
             if verdict.bad:
                 bad[alert_key] = self._details(rule, key, verdict, span, segments, end)
-            elif _worse_by(verdict) >= rule.resolve_change:
+            elif KPI[rule.kpi].worse_by(verdict.change) >= rule.resolve_change:
                 still_bad.add(alert_key)
         notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
         for note in notes:
@@ -184,7 +179,7 @@ class AlertEngine:
             if v.change is None or v.value is None:
                 continue
             weight = segments.sum(child, end - rule.window_minutes, end)
-            volume = int(weight[MEASURES.index(rule.volume_measure)])
+            volume = int(weight[KPI[rule.kpi].volume_index])
             contributors.append(
                 {
                     "scope": child[0],
@@ -193,7 +188,7 @@ class AlertEngine:
                     "value": v.value,
                     "baseline": v.baseline,
                     "change": v.change,
-                    "impact": _worse_by(v) * max(volume, 1),
+                    "impact": KPI[rule.kpi].worse_by(v.change) * max(volume, 1),
                 }
             )
         contributors.sort(key=lambda c: -float(c["impact"]))  # type: ignore[arg-type]
