@@ -20,7 +20,7 @@ from typing import Annotated, Any, get_args
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-DEFAULT_RULES = Path(__file__).resolve().parents[1] / "alerts" / "rules.yml"
+DEFAULT_RULES = Path(__file__).parents[1] / "alerts" / "rules.yml"
 """The rules shipped with kpimon; a path, not an import: the core does not import alerts."""
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
