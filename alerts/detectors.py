@@ -42,30 +42,19 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stream.windows import (
-    CLICKS,
-    IMPRESSIONS,
-    KPI_BAD_DIRECTION,
-    KPI_RATIOS,
-    LEADS,
+from stream.kpis import (
+    KPI,
     MEASURES,
     N_MEASURES,
     ORDERS,
     REVENUE,
     SPEND,
-    kpis,
+    Kpi,
     measure_value,
+    unshifted,
 )
+from stream.windows import kpis
 
-RATE_KPIS: frozenset[str] = frozenset({"ctr", "conversion_rate", "lead_rate"})
-COUNT_KPIS: dict[str, int] = {
-    "impressions": IMPRESSIONS, "clicks": CLICKS, "leads": LEADS, "orders": ORDERS,
-}  # fmt: skip
-COST_KPIS: frozenset[str] = frozenset(KPI_RATIOS) - RATE_KPIS
-# Cost ratio -> the count whose volume makes it trustworthy (roas/roi: revenue comes from orders).
-CONVERSION_MEASURE: dict[str, int] = {
-    kpi: ORDERS if kpi in {"roas", "roi"} else KPI_RATIOS[kpi][1] for kpi in sorted(COST_KPIS)
-}
 # Coefficient of variation of one order's revenue, assumed by the revenue tests (window sums
 # carry no sum of squares). Baskets are right-skewed: 1.0 is a lognormal with sigma 0.83, more
 # spread than most shops (the simulator draws sigma 0.6, i.e. 0.66); heavier tails need larger
@@ -266,25 +255,21 @@ def judge(
         raise ValueError(f"expected {N_MEASURES} measures, got {len(current)} and {len(baseline)}")
     if not (math.isfinite(baseline_scale) and baseline_scale > 0):
         raise ValueError(f"baseline_scale must be finite and > 0, got {baseline_scale}")
-    if kpi in RATE_KPIS:
-        return _judge_rate(kpi, current, baseline, th)
-    if kpi in COUNT_KPIS:
-        index = COUNT_KPIS[kpi]
-        return _judge_count(kpi, current[index], baseline[index], baseline_scale, th)
-    if kpi in COST_KPIS:
-        return _judge_cost(kpi, current, baseline, th)
-    raise ValueError(f"unknown kpi {kpi!r}")
+    known = KPI.get(kpi)
+    if known is None:
+        raise ValueError(f"unknown kpi {kpi!r}")
+    if known.kind == "rate":
+        return _judge_rate(known, current, baseline, th)
+    if known.kind == "count":
+        index = known.num
+        return _judge_count(known, current[index], baseline[index], baseline_scale, th)
+    return _judge_cost(known, current, baseline, th)
 
 
-def _worsening(change: float, direction: str) -> float:
-    """The change signed so that positive means worse."""
-    return change if direction == "up" else -change
-
-
-def _is_bad_move(change: float | None, direction: str, th: Thresholds) -> bool:
+def _is_bad_move(kpi: Kpi, change: float | None, th: Thresholds) -> bool:
     if change is None:
         return False
-    worse = _worsening(change, direction)
+    worse = kpi.worse_by(change)
     return worse > 0 and worse >= th.min_change - _CHANGE_TOLERANCE
 
 
@@ -298,9 +283,9 @@ def _moved(change: float | None) -> str:
 
 
 def _judge_rate(
-    kpi: str, current: Sequence[int], baseline: Sequence[int], th: Thresholds
+    known: Kpi, current: Sequence[int], baseline: Sequence[int], th: Thresholds
 ) -> Verdict:
-    num, den = KPI_RATIOS[kpi]
+    kpi, num, den = known.name, known.num, known.den
     x1, n1, x2, n2 = int(current[num]), int(current[den]), int(baseline[num]), int(baseline[den])
     value = x1 / n1 if n1 > 0 else None
     base = x2 / n2 if n2 > 0 else None
@@ -311,9 +296,8 @@ def _judge_rate(
         why = f"{MEASURES[num]} exceed {MEASURES[den]}, not a proportion"
         return _cannot_tell(kpi, "rate", value, base, why)
     change = (value - base) / base if base > 0 else None
-    direction = KPI_BAD_DIRECTION[kpi]
     z = two_proportion_z(x1, n1, x2, n2)
-    p = normal_sf(-z) if direction == "down" else normal_sf(z)
+    p = normal_sf(known.worse_by(z))  # one-sided: z signed like the change
     pooled = (x1 + x2) / (n1 + n2)
     n_min = min(n1, n2)
     enough = (
@@ -321,14 +305,17 @@ def _judge_rate(
         and n_min * pooled >= TEXTBOOK_FLOOR
         and n_min * (1.0 - pooled) >= TEXTBOOK_FLOOR
     )
-    bad = enough and _is_bad_move(change, direction, th) and p < th.p_value
+    bad = enough and _is_bad_move(known, change, th) and p < th.p_value
     reason = f"{kpi} {value:.2%} vs {base:.2%}{_moved(change)}, z={z:.1f}, p={p:.2g}"
     if not enough:
         reason += f"; not enough data ({MEASURES[den]} {n1} / {n2}, {MEASURES[num]} {x1} / {x2})"
     return Verdict(kpi, "rate", value, base, change, bad, z, p, enough, reason)
 
 
-def _judge_count(kpi: str, observed: int, base_count: int, scale: float, th: Thresholds) -> Verdict:
+def _judge_count(
+    known: Kpi, observed: int, base_count: int, scale: float, th: Thresholds
+) -> Verdict:
+    kpi = known.name
     observed, base_count = int(observed), int(base_count)
     expected = base_count * scale
     if observed < 0 or expected <= 0:
@@ -338,7 +325,7 @@ def _judge_count(kpi: str, observed: int, base_count: int, scale: float, th: Thr
     p = poisson_cdf(observed, expected)  # a volume drop is the bad direction of every count
     floor = max(th.min_volume, MIN_EXPECTED_COUNT)
     enough = expected >= floor
-    bad = enough and _is_bad_move(change, "down", th) and p < th.p_value
+    bad = enough and _is_bad_move(known, change, th) and p < th.p_value
     reason = f"{kpi} {observed} vs expected {expected:.1f}{_moved(change)}, p={p:.2g}"
     if not enough:
         reason += f"; not enough data (expected < {floor})"
@@ -346,20 +333,15 @@ def _judge_count(kpi: str, observed: int, base_count: int, scale: float, th: Thr
 
 
 def _judge_cost(
-    kpi: str, current: Sequence[int], baseline: Sequence[int], th: Thresholds
+    known: Kpi, current: Sequence[int], baseline: Sequence[int], th: Thresholds
 ) -> Verdict:
+    kpi = known.name
     value = kpis(current).get(kpi)
     base = kpis(baseline).get(kpi)
-    if kpi == "roi":
-        # ROI hovers around 0, where a relative change means nothing (-3% -> -12% is
-        # "-300%"): judge it as the relative change of ROAS = 1 + ROI instead.
-        change = (
-            (value - base) / (1 + base) if value is not None and base is not None and base > -1
-            else None
-        )  # fmt: skip
-    else:
-        change = (value - base) / abs(base) if value is not None and base else None
-    conversion = CONVERSION_MEASURE[kpi]
+    # ROI hovers around 0, where a relative change means nothing (-3% -> -12% is "-300%"):
+    # a shifted KPI is judged by the relative change of its ratio (ROAS = 1 + ROI) instead.
+    change = known.change(value, base)
+    conversion = known.volume_index
     short: list[str] = []
     for label, totals in (("current", current), ("baseline", baseline)):
         spend = measure_value(SPEND, int(totals[SPEND]))
@@ -370,15 +352,13 @@ def _judge_cost(
             short.append(f"{label} {MEASURES[conversion]} {conversions} < {th.min_conversions}")
     if value is None or base is None:
         short.append(f"undefined in the {'current' if value is None else 'baseline'} window")
-    elif base == 0 and kpi != "roi":
-        short.append("baseline is 0")
-    elif kpi == "roi" and base <= -1:
-        short.append("baseline ROAS is 0")
+    elif known.relative_to(base) is None:
+        ratio = unshifted(known)
+        short.append("baseline is 0" if ratio is known else f"baseline {ratio.title} is 0")
     enough = not short
-    direction = KPI_BAD_DIRECTION[kpi]
     z = cost_z(kpi, current, baseline) if value is not None and base is not None else None
-    p = None if z is None else normal_sf(z) if direction == "up" else normal_sf(-z)
-    bad = enough and _is_bad_move(change, direction, th) and p is not None and p < th.p_value
+    p = None if z is None else normal_sf(known.worse_by(z))  # z signed like the change
+    bad = enough and _is_bad_move(known, change, th) and p is not None and p < th.p_value
     shown = [f"{v:.4g}" if v is not None else "n/a" for v in (value, base)]
     reason = f"{kpi} {shown[0]} vs {shown[1]}{_moved(change)}"
     if z is not None and p is not None:
@@ -418,22 +398,23 @@ def cost_z(kpi: str, current: Sequence[int], baseline: Sequence[int]) -> float:
       ``orders * aov`` and variance ``orders * (cv * aov)^2``.
     0.0 when the windows carry no evidence either way.
     """
+    known = KPI[kpi]
     spend1, spend2 = float(current[SPEND]), float(baseline[SPEND])
     revenue1, revenue2 = float(current[REVENUE]), float(baseline[REVENUE])
     orders1, orders2 = float(current[ORDERS]), float(baseline[ORDERS])
     cv2 = ORDER_VALUE_CV**2
-    if kpi in ("roas", "roi", "aov"):
+    if known.num == REVENUE:
         if orders1 + orders2 <= 0 or revenue1 + revenue2 <= 0:
             return 0.0
         aov = (revenue1 + revenue2) / (orders1 + orders2)
-        if kpi == "aov":
+        if known.den == ORDERS:
             if orders1 <= 0 or orders2 <= 0:
                 return 0.0
             sd = math.sqrt(cv2) * aov * math.sqrt(1.0 / orders1 + 1.0 / orders2)
             return (revenue1 / orders1 - revenue2 / orders2) / sd
         unit = aov * (1.0 + cv2)
         return _conditional_z(revenue1 / unit, revenue2 / unit, spend1, spend2)
-    conversions = CONVERSION_MEASURE[kpi]
+    conversions = known.volume_index
     return -_conditional_z(
         float(current[conversions]), float(baseline[conversions]), spend1, spend2
     )

@@ -1,7 +1,8 @@
 """The alert engine: rules x segments -> verdicts -> lifecycle -> alert records.
 
 Pure code shared by the live worker and ``kpimon backtest``: it reads window
-sums from a :class:`~stream.aggregate.ScopeStore`, judges every rule for every
+sums only through a :class:`~stream.segments.SegmentView` of one scope snapshot
+(never the buckets behind it), judges every rule for every
 segment of its scopes against the rule's baseline, steps each rule's alert
 state machine in event time, and turns notifications into the alert object of
 SPEC.md (what moved, where, by how much, against which baseline, how sure,
@@ -12,58 +13,20 @@ from __future__ import annotations
 
 import copy
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from alerts.detectors import Thresholds, Verdict, bonferroni, judge
 from alerts.lifecycle import AlertKey, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
-from stream.aggregate import OTHER, ScopeStore, SeriesKey
-from stream.windows import KPI_BAD_DIRECTION, MEASURES, SeriesBuckets, Totals
+from alerts.text import iso, summary
+from stream.aggregate import OTHER, SeriesKey
+from stream.kpis import KPI
+from stream.segments import SegmentView
 
 DAY, WEEK = 1440, 7 * 1440
-KPI_NAMES = {
-    "ctr": "CTR",
-    "conversion_rate": "Conversion rate",
-    "lead_rate": "Lead rate",
-    "cpc": "CPC",
-    "cpl": "CPL",
-    "cpa": "CPA",
-    "cac": "CAC",
-    "roas": "ROAS",
-    "roi": "ROI",
-    "aov": "AOV",
-    "impressions": "Impressions",
-    "clicks": "Clicks",
-    "leads": "Leads",
-    "orders": "Orders",
-}
-PERCENT_KPIS = frozenset({"ctr", "conversion_rate", "lead_rate", "roi"})
 DASHBOARD_UID = "kpimon-campaign"
-
-
-def iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def format_value(kpi: str, value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    if kpi in PERCENT_KPIS:
-        return f"{value * 100:.2f}%"
-    if kpi in MEASURES:
-        return f"{value:,.0f}"
-    return f"{value:,.2f}"
-
-
-def where(scope: str, channel: str, campaign: str) -> str:
-    if scope == "global":
-        return "all traffic"
-    if scope == "channel":
-        return f"channel {channel}"
-    return f"campaign {campaign} on {channel}"
 
 
 @dataclass(frozen=True)
@@ -107,35 +70,19 @@ def thresholds(rule: Rule, segments: int = 1) -> Thresholds:
     )
 
 
-def _history_start(buckets: SeriesBuckets) -> int:
-    """First minute of the first hour with data: a segment is judged only once its history
-    covers its baseline. A baseline that mostly predates the series is not a baseline: with
-    spend reported in lumps, its first minutes hold clicks whose cost has not been reported
-    yet, and CPC would "rise" on every fresh start and every new campaign."""
-    hours = [*buckets.blocks, *buckets.coarse]
-    return min(hours) * 60 if hours else 2**62
+def _covers(segments: SegmentView, key: SeriesKey, span: Baseline) -> bool:
+    """Whether the segment's history covers the baseline: a segment is judged only then.
 
-
-def _worse_by(verdict: Verdict) -> float:
-    """How far the change went in the bad direction (negative: it improved)."""
-    if verdict.change is None:
-        return 0.0
-    return (
-        -verdict.change if KPI_BAD_DIRECTION.get(verdict.kpi, "down") == "down" else verdict.change
-    )
-
-
-def _children(key: SeriesKey, series: Iterable[SeriesKey]) -> list[SeriesKey]:
-    scope, channel, _ = key
-    if scope == "global":
-        return [k for k in series if k[0] == "channel"]
-    if scope == "channel":
-        return [k for k in series if k[0] == "campaign" and k[1] == channel and k[2] != OTHER]
-    return []
+    A baseline that mostly predates the series is not a baseline: with spend reported in
+    lumps, its first minutes hold clicks whose cost has not been reported yet, and CPC
+    would "rise" on every fresh start and every new campaign.
+    """
+    start = segments.history_start(key)
+    return start is not None and start <= span.start
 
 
 class AlertEngine:
-    """Evaluates a rules file over a ScopeStore; holds every rule's alert state."""
+    """Evaluates a rules file over segment views, tick by tick; holds every rule's alert state."""
 
     def __init__(
         self,
@@ -157,17 +104,15 @@ class AlertEngine:
             for r in self.rules
         }
         self.baselines: dict[tuple[str, str, str, str, str], float] = {}
-        self._sums: dict[tuple[SeriesKey, int, int], Totals] = {}
 
     def evaluate(
-        self, store: ScopeStore, end_minute: int, now_s: float, *, replaying: bool = False
+        self, segments: SegmentView, end_minute: int, now_s: float, *, replaying: bool = False
     ) -> list[dict[str, Any]]:
-        """One tick: returns alert records (firing, repeat, resolved) to send."""
+        """One tick over one snapshot's segments: alert records (firing, repeat, resolved)."""
         records: list[dict[str, Any]] = []
         baselines: dict[tuple[str, str, str, str, str], float] = {}
-        self._sums.clear()  # the store changed since the last tick
         for rule in self.rules:
-            notes = self._evaluate_rule(rule, store, end_minute, now_s, replaying, baselines)
+            notes = self._evaluate_rule(rule, segments, end_minute, now_s, replaying, baselines)
             records += [self.record(rule, note) for note in notes]
         self.baselines = baselines
         return records
@@ -175,34 +120,32 @@ class AlertEngine:
     def _evaluate_rule(
         self,
         rule: Rule,
-        store: ScopeStore,
+        segments: SegmentView,
         end: int,
         now_s: float,
         replaying: bool,
         baselines: dict[tuple[str, str, str, str, str], float],
     ) -> list[Notification]:
-        segments = sum(1 for k in store.series if k[0] in rule.scopes and OTHER not in k)
-        th = thresholds(rule, segments)
+        # Folded segments change members when the guard promotes or demotes: a
+        # promoted id's future leaves ``__other__``, which would read as a drop.
+        keys = [k for k in segments if k[0] in rule.scopes and OTHER not in k]
+        th = thresholds(rule, len(keys))
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
         now_at: dict[AlertKey, Verdict] = {}
-        for key, buckets in store.series.items():
-            # Folded segments change members when the guard promotes or demotes: a
-            # promoted id's future leaves ``__other__``, which would read as a drop.
-            if key[0] not in rule.scopes or OTHER in key:
-                continue
-            verdict, span = self._judge(rule, th, self._sum_of(key, buckets), end)
+        for key in keys:
+            verdict, span = self._judge(rule, th, segments, key, end)
             if verdict.baseline is not None:
                 baselines[(rule.kpi, *key, rule.window)] = verdict.baseline
-            if not verdict.enough_data or replaying or _history_start(buckets) > span.start:
+            if not verdict.enough_data or replaying or not _covers(segments, key, span):
                 continue
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)
             now_at[alert_key] = verdict
             if verdict.bad:
-                bad[alert_key] = self._details(rule, key, verdict, span, store, end)
-            elif _worse_by(verdict) >= rule.resolve_change:
+                bad[alert_key] = self._details(rule, key, verdict, span, segments, end)
+            elif KPI[rule.kpi].worse_by(verdict.change) >= rule.resolve_change:
                 still_bad.add(alert_key)
         notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
         for note in notes:
@@ -211,42 +154,32 @@ class AlertEngine:
                 note.alert.details.update(value=v.value, baseline=v.baseline, change=v.change)
         return notes
 
-    def _sum_of(self, key: SeriesKey, buckets: Any) -> Any:
-        """``buckets.sum`` memoised for this tick: rules share windows and baselines."""
-        cache = self._sums
-
-        def sum_(start: int, end: int) -> Totals:
-            totals = cache.get((key, start, end))
-            if totals is None:
-                totals = cache[(key, start, end)] = buckets.sum(start, end)
-            return totals
-
-        return sum_
-
     @staticmethod
-    def _judge(rule: Rule, th: Thresholds, sum_: Any, end: int) -> tuple[Verdict, Baseline]:
+    def _judge(
+        rule: Rule, th: Thresholds, segments: SegmentView, key: SeriesKey, end: int
+    ) -> tuple[Verdict, Baseline]:
         w = rule.window_minutes
-        current: Totals = sum_(end - w, end)
+        current = segments.sum(key, end - w, end)
         span = baseline_span(rule, end)
-        base: Totals = sum_(span.start, span.end)
+        base = segments.sum(key, span.start, span.end)
         if span.kind.startswith("same time") and not base.any():
             span = baseline_span(rule, end, has_data=False)
-            base = sum_(span.start, span.end)
+            base = segments.sum(key, span.start, span.end)
         verdict = judge(rule.kpi, current.tolist(), base.tolist(), span.scale, th)
         return verdict, span
 
     def _details(
-        self, rule: Rule, key: SeriesKey, verdict: Verdict, span: Baseline, store: ScopeStore,
-        end: int,
+        self, rule: Rule, key: SeriesKey, verdict: Verdict, span: Baseline,
+        segments: SegmentView, end: int,
     ) -> dict[str, object]:  # fmt: skip
         th = thresholds(rule)
         contributors = []
-        for child in _children(key, store.series):
-            v, _ = self._judge(rule, th, self._sum_of(child, store.series[child]), end)
+        for child in segments.children(key):
+            v, _ = self._judge(rule, th, segments, child, end)
             if v.change is None or v.value is None:
                 continue
-            weight = store.series[child].sum(end - rule.window_minutes, end)
-            volume = int(weight[MEASURES.index(rule.volume_measure)])
+            weight = segments.sum(child, end - rule.window_minutes, end)
+            volume = int(weight[KPI[rule.kpi].volume_index])
             contributors.append(
                 {
                     "scope": child[0],
@@ -255,7 +188,7 @@ class AlertEngine:
                     "value": v.value,
                     "baseline": v.baseline,
                     "change": v.change,
-                    "impact": _worse_by(v) * max(volume, 1),
+                    "impact": KPI[rule.kpi].worse_by(v.change) * max(volume, 1),
                 }
             )
         contributors.sort(key=lambda c: -float(c["impact"]))  # type: ignore[arg-type]
@@ -280,7 +213,7 @@ class AlertEngine:
         d: Mapping[str, Any] = alert.details
         status = "resolved" if note.kind == "resolved" else "firing"
         change = d.get("change")
-        summary = self.summary(rule, scope, channel, campaign, d, resolved=status == "resolved")
+        text = summary(rule, scope, channel, campaign, d, resolved=status == "resolved")
         record: dict[str, Any] = {
             "rule": rule.name,
             "status": status,
@@ -301,7 +234,7 @@ class AlertEngine:
             "fired_at": iso(alert.fired_at) if alert.fired_at is not None else None,
             "ends_at": iso(alert.resolved_at) if alert.resolved_at is not None else None,
             "notified_at": iso(note.at),
-            "summary": summary,
+            "summary": text,
             "contributors": d.get("contributors", []),
             "labels": {
                 "alertname": rule.name,
@@ -316,7 +249,7 @@ class AlertEngine:
                 **rule.labels,
             },
             "annotations": {
-                "summary": summary,
+                "summary": text,
                 "description": str(d.get("reason", "")),
                 "runbook_url": self.runbook(rule.runbook_url),
                 "dashboard_url": self.dashboard_url(
@@ -325,35 +258,6 @@ class AlertEngine:
             },
         }
         return record
-
-    @staticmethod
-    def summary(
-        rule: Rule, scope: str, channel: str, campaign: str, d: Mapping[str, Any],
-        resolved: bool = False,
-    ) -> str:  # fmt: skip
-        name = KPI_NAMES.get(rule.kpi, rule.kpi)
-        change = d.get("change")
-        if resolved:
-            now = "n/a" if change is None else f"{change:+.0%}"
-            return (
-                f"Resolved: {name} of {where(scope, channel, campaign)} is back "
-                f"({format_value(rule.kpi, d.get('value'))} vs "
-                f"{format_value(rule.kpi, d.get('baseline'))}, {now}, "
-                f"{d.get('baseline_kind', 'baseline')})"
-            )
-        moved = (
-            "n/a" if change is None else f"{'rose' if change > 0 else 'dropped'} {abs(change):.0%}"
-        )
-        value, base = (
-            format_value(rule.kpi, d.get("value")),
-            format_value(rule.kpi, d.get("baseline")),
-        )
-        minutes = rule.window_minutes
-        span = f"{minutes} min" if minutes < 60 else f"{minutes // 60} h"
-        return (
-            f"{name} of {where(scope, channel, campaign)} {moved} in the last {span} "
-            f"({value} vs {base}, {d.get('baseline_kind', 'baseline')})"
-        )
 
     def runbook(self, url: str) -> str:
         """A repository path (``docs/runbooks/x.md``) made a link under the base URL."""
@@ -402,7 +306,6 @@ class AlertEngine:
         twin = copy.copy(self)
         twin.states = {name: state.clone() for name, state in self.states.items()}
         twin.baselines = dict(self.baselines)
-        twin._sums = {}
         return twin
 
     # -- state for restarts -----------------------------------------------------------

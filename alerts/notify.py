@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from alerts.engine import format_value, where
+from alerts.text import format_value, where
 
 MAX_BLOCKS = 50
 MAX_HEADER = 150
@@ -121,9 +121,7 @@ def slack_payload(
     return {"text": clip(f"{icon} {summary}", MAX_FALLBACK), "blocks": blocks[:MAX_BLOCKS]}
 
 
-def alertmanager_alerts(
-    records: Iterable[Mapping[str, Any]], *, generator_url: str | None = None
-) -> list[dict[str, Any]]:
+def alertmanager_alerts(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Alertmanager API v2 ``POST /api/v2/alerts`` body: firing ones re-sent, resolved ended."""
     out = []
     for record in records:
@@ -136,7 +134,7 @@ def alertmanager_alerts(
         }
         if record["status"] == "resolved" and record.get("ends_at"):
             alert["endsAt"] = record["ends_at"]
-        url = generator_url or annotations.get("dashboard_url")
+        url = annotations.get("dashboard_url")
         if url:
             alert["generatorURL"] = url
         out.append(alert)

@@ -30,7 +30,7 @@ from alerts.detectors import (
     poisson_cdf,
     poisson_sf,
 )
-from stream.windows import KPI_RATIOS, ORDERS, REVENUE, SPEND, measure_value
+from stream.kpis import KPI, KPIS, ORDERS, REVENUE, SPEND, measure_value
 
 SpendSum = Callable[[int, int], float]
 """``spend(start_minute, end_minute)``: spend over epoch minutes [start, end)."""
@@ -296,7 +296,7 @@ def pacing_verdict(pacing: Pacing, margin: float = MARGIN) -> PacingVerdict:
 
 # --- goal breaches ---------------------------------------------------------------------------
 
-RATE_KPIS = frozenset({"ctr", "conversion_rate", "lead_rate"})
+RATE_KPIS = frozenset(k.name for k in KPIS if k.kind == "rate")
 PER_CONVERSION = frozenset({"cpc", "cpl", "cpa", "cac"})
 MIN_ORDERS = 10
 
@@ -337,10 +337,11 @@ def target_breach(
     - aov: revenue given the orders has sd cv x goal x sqrt(orders); >= 10 orders.
     """
     values = [measure_value(i, int(v)) for i, v in enumerate(totals)]
-    num, den = KPI_RATIOS[kpi]
+    row = KPI[kpi]
+    num, den = row.num, row.den
     value = None
     if values[den] > 0:
-        value = (values[num] - (values[SPEND] if kpi == "roi" else 0.0)) / values[den]
+        value = values[num] / values[den] + row.shift
     past = value is not None and (value < goal if bound == "min" else value > goal)
     p: float | None = None
     enough = False

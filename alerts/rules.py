@@ -5,10 +5,10 @@ mistake is reported at once with ``FILE:LINE:COL`` pointing at the offending
 key or value, and the models are strict: YAML's habit of silently turning
 ``1e-3`` or ``yes`` into something else must not change what a rule means.
 
-The bad direction of a KPI is not configurable: it comes from the KPI table
-(``stream.windows.KPI_BAD_DIRECTION``), so a rule cannot alert on a KPI
-getting better. Volume measures (impressions, clicks, leads, orders) can be
-rules too; their bad direction is always "down" (volume drop, tracking outage).
+Which KPIs a rule may name, their kind and their bad direction come from the KPI
+catalogue (``stream.kpis``); the direction is not configurable, so a rule cannot
+alert on a KPI getting better. Volume measures (impressions, clicks, leads,
+orders) are KPIs too, bad when down (volume drop, tracking outage).
 
 Pure module: no Kafka and no faust, so ``kpimon rules check`` and the backtest
 load quickly.
@@ -44,26 +44,19 @@ from alerts.yamlfile import (
     read_yaml,
     validation_issues,
 )
-from stream.windows import KPI_BAD_DIRECTION, KPI_RATIOS, MEASURES, WINDOWS
+from stream.durations import parse_duration
+from stream.kpis import KPI, Kind
+from stream.settings import DEFAULT_RULES as DEFAULT_RULES
+from stream.windows import WINDOWS
 
-Kind = Literal["rate", "count", "cost"]
 Scope = Literal["global", "channel", "campaign"]
 Baseline = Literal["trailing", "yesterday", "last_week"]
 Severity = Literal["page", "ticket", "info"]
 
-RATE_KPIS: frozenset[str] = frozenset({"ctr", "conversion_rate", "lead_rate"})
-COST_KPIS: frozenset[str] = frozenset(KPI_RATIOS) - RATE_KPIS
-VOLUME_MEASURES: tuple[str, ...] = ("impressions", "clicks", "leads", "orders")
-RULE_KPIS: tuple[str, ...] = (*KPI_RATIOS, *VOLUME_MEASURES)
+RULE_KPIS: tuple[str, ...] = tuple(KPI)
 RESERVED_LABELS: frozenset[str] = frozenset(
     {"rule", "kpi", "scope", "channel", "campaign", "window", "severity"}
 )
-# Cost ratios are heavy-tailed in their conversions: this count is what
-# ``min_conversions`` is compared with (roas/roi are driven by the orders behind revenue).
-CONVERSION_MEASURE: dict[str, str] = {
-    "cpc": "clicks", "cpl": "leads", "cpa": "orders", "cac": "new_customers",
-    "roas": "orders", "roi": "orders", "aov": "orders",
-}  # fmt: skip
 # Defaults of ``min_volume`` by kind: rates need n*p >= 10 in both windows for the
 # two-proportion test; counts need an expected count large enough for Poisson to mean
 # something; cost ratios gate on ``min_conversions`` and ``min_spend`` instead.
@@ -73,19 +66,7 @@ MAX_BASELINE_MINUTES = 7 * 24 * 60
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?[smhd])+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _MAX_DURATION = 7 * 86400.0
-
-assert set(CONVERSION_MEASURE) == COST_KPIS and set(CONVERSION_MEASURE.values()) <= set(MEASURES)
-
-
-def parse_duration(text: str) -> float:
-    """``30s``, ``5m``, ``1h30m``, ``1d`` (Prometheus style) -> seconds."""
-    if not _DURATION.match(text):
-        raise ValueError(f"{text!r} is not a duration like 30s, 5m, 1h or 1h30m")
-    return sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(text))
 
 
 def _duration(text: str) -> str:
@@ -136,7 +117,6 @@ class Rule(BaseModel):
     severity: Severity = "ticket"
     labels: dict[str, str] = Field(default_factory=dict)
     runbook_url: str
-    summary: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -149,9 +129,9 @@ class Rule(BaseModel):
         numeric = isinstance(change, int | float) and not isinstance(change, bool)
         if "resolve_change" not in data and numeric and 0 < change <= 10:
             data["resolve_change"] = change / 2
-        kind = _kind(data.get("kpi"))
-        if "min_volume" not in data and kind is not None:
-            data["min_volume"] = DEFAULT_MIN_VOLUME[kind]
+        kpi = data.get("kpi")
+        if "min_volume" not in data and isinstance(kpi, str) and kpi in KPI:
+            data["min_volume"] = DEFAULT_MIN_VOLUME[KPI[kpi].kind]
         return data
 
     @field_validator("name")
@@ -212,7 +192,8 @@ class Rule(BaseModel):
     def _reachable(cls, value: float, info: ValidationInfo) -> float:
         """A non-negative KPI cannot fall by more than 100%: such a rule would never fire."""
         kpi = info.data.get("kpi")
-        if value > 1 and kpi != "roi" and _direction(kpi) == "down":
+        known = KPI.get(kpi) if isinstance(kpi, str) else None
+        if value > 1 and known is not None and known.nonnegative and known.bad == "down":
             raise PydanticCustomError(
                 "unreachable",
                 "{kpi} can fall by at most 100%, so min_change must be <= 1 (it is relative: "
@@ -262,23 +243,17 @@ class Rule(BaseModel):
     @property
     def kind(self) -> Kind:
         """``rate`` (proportion test), ``count`` (Poisson) or ``cost`` (volume floors)."""
-        kind = _kind(self.kpi)
-        assert kind is not None  # validated
-        return kind
+        return KPI[self.kpi].kind
 
     @property
     def direction(self) -> Literal["up", "down"]:
-        """The bad direction, from the KPI table; volume measures are bad when down."""
-        return "up" if _direction(self.kpi) == "up" else "down"
+        """The bad direction, from the KPI catalogue."""
+        return KPI[self.kpi].bad
 
     @property
     def volume_measure(self) -> str:
         """The count ``min_volume`` (rates, counts) or ``min_conversions`` (cost) applies to."""
-        if self.kind == "rate":
-            return MEASURES[KPI_RATIOS[self.kpi][1]]
-        if self.kind == "count":
-            return self.kpi
-        return CONVERSION_MEASURE[self.kpi]
+        return KPI[self.kpi].volume_measure
 
     @property
     def window_minutes(self) -> int:
@@ -318,9 +293,6 @@ class RulesFile(BaseModel):
             raise issue
         return self
 
-    def by_name(self) -> dict[str, Rule]:
-        return {rule.name: rule for rule in self.rules}
-
 
 def _duplicate_names(names: Sequence[object]) -> list[PydanticCustomError]:
     """One error per repeated name; ``at`` locates it (a model validator cannot set ``loc``)."""
@@ -340,24 +312,6 @@ def _duplicate_names(names: Sequence[object]) -> list[PydanticCustomError]:
         else:
             first[name] = index
     return errors
-
-
-def _kind(kpi: object) -> Kind | None:
-    if not isinstance(kpi, str):
-        return None
-    if kpi in RATE_KPIS:
-        return "rate"
-    if kpi in COST_KPIS:
-        return "cost"
-    if kpi in VOLUME_MEASURES:
-        return "count"
-    return None
-
-
-def _direction(kpi: object) -> str | None:
-    if not isinstance(kpi, str):
-        return None
-    return "down" if kpi in VOLUME_MEASURES else KPI_BAD_DIRECTION.get(kpi)
 
 
 RuleIssue = Issue
@@ -412,6 +366,3 @@ def load_rules(path: Path) -> RulesFile:
     except FileError as exc:
         raise RulesError(exc.issues, str(path)) from None
     return parse_rules(text, str(path))
-
-
-DEFAULT_RULES = Path(__file__).with_name("rules.yml")

@@ -18,12 +18,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from alerts.engine import AlertEngine
+from alerts.exposition import render_alerts
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.targets_export import TargetsExporter
 from stream import codec
 from stream.aggregate import Evaluation, ScopeStore
-from stream.metrics import render_alerts, render_evaluation
+from stream.metrics import render_evaluation
+from stream.segments import SegmentView
 from stream.settings import Settings
 from stream.stages import Message, Topology
 
@@ -47,7 +49,8 @@ class Tick:
 
 def decide(view: ScopeStore, engine: AlertEngine, evaluation: Evaluation) -> list[dict[str, Any]]:
     """Step ``engine`` on an evaluated scope store: the alert records of this tick."""
-    return engine.evaluate(view, evaluation.end_minute, evaluation.watermark_ms / 1000,
+    segments = SegmentView(view.series)
+    return engine.evaluate(segments, evaluation.end_minute, evaluation.watermark_ms / 1000,
                            replaying=evaluation.hold_alerts)  # fmt: skip
 
 

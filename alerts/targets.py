@@ -68,22 +68,21 @@ from alerts.yamlfile import (
     read_yaml,
     validation_issues,
 )
+from stream.kpis import RATIOS
 
 log = logging.getLogger("kpimon.targets")
 
 Bound = Literal["min", "max"]
 Number = Annotated[float, BeforeValidator(number_hint)]
 HOURS = 24
-RATE_KPIS = frozenset({"ctr", "conversion_rate", "lead_rate"})
+RATE_KPIS = frozenset(k.name for k in RATIOS if k.kind == "rate")
 _GLOB = re.compile(r"[*?\[]")
 _CHANNEL = re.compile(r"^[^A-Z]+$")
 
 
 def kpi_table() -> Mapping[str, str]:
-    """KPI name -> its bad direction: the one place this module learns the KPI catalogue."""
-    from stream.windows import KPI_BAD_DIRECTION
-
-    return KPI_BAD_DIRECTION
+    """KPI name -> its bad direction, for the ratio KPIs of the catalogue (``stream.kpis``)."""
+    return {k.name: k.bad for k in RATIOS}
 
 
 class TargetsError(FileError):

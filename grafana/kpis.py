@@ -1,4 +1,7 @@
-"""The KPI table (SPEC) and the PromQL that recomputes KPIs from window sums.
+"""The KPIs as the dashboards show them, and the PromQL that recomputes them from window sums.
+
+The KPIs come from the catalogue (``stream.kpis``) and their alert windows and thresholds
+from the default rules (``alerts/rules.yml``): nothing about a KPI is written here.
 
 A KPI over a selection of series (a campaign, every campaign of a channel, all of
 them) is a ratio of summed window sums, never a mean of ratios: that is
@@ -8,53 +11,51 @@ exact whichever series the selection spans and however many workers export them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from alerts.rules import DEFAULT_RULES, load_rules
 from grafana.panels import CURRENCY
+from stream.kpis import RATIOS, Unit
+
+GRAFANA_UNITS: dict[Unit, str] = {
+    "percent": "percentunit", "currency": CURRENCY, "ratio": "none", "count": "none",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Kpi:
-    """One KPI: its ratio, display, and what its campaign-scope alert rule judges."""
+    """One KPI as the dashboards show it: the catalogue's ratio, display, and what its
+    campaign-scope alert rule judges (read from the rules, so the two cannot differ)."""
 
     name: str  # the `kpi` label value
     title: str
     numerator: str  # `measure` label values of kpimon_window_measure
     denominator: str
-    unit: str
+    unit: str  # a Grafana unit
     bad: Literal["down", "up"]
     window: str  # the window its alert rules judge (alerts/rules.yml)
     min_change: float  # min_change of its campaign-scope rule (alerts/rules.yml)
-    runbook: str
+    runbook: str  # the runbook family of its rules (docs/runbooks/<runbook>.md)
     shift: float = 0.0  # added to the ratio: ROI = revenue / spend - 1
 
 
-def _campaign_rule(kpi: str) -> tuple[str, float]:
-    """Window and min_change of the KPI's campaign-scope default rule: the dashboards
-    show what the alerts judge, so they are read from the rules, not repeated here."""
-    (rule,) = [r for r in _RULES if r.kpi == kpi and "campaign" in r.scopes]
-    return rule.window, rule.min_change
+def _dashboard_kpis() -> tuple[Kpi, ...]:
+    """Every ratio of the catalogue with its campaign-scope default rule's window,
+    min_change and runbook: the dashboards show what the alerts judge."""
+    rules = load_rules(DEFAULT_RULES).rules
+    out = []
+    for kpi in RATIOS:
+        (rule,) = [r for r in rules if r.kpi == kpi.name and "campaign" in r.scopes]
+        assert kpi.denominator is not None  # a ratio
+        out.append(
+            Kpi(kpi.name, kpi.title, kpi.numerator, kpi.denominator, GRAFANA_UNITS[kpi.unit],
+                kpi.bad, rule.window, rule.min_change, Path(rule.runbook_url).stem, kpi.shift)
+        )  # fmt: skip
+    return tuple(out)
 
 
-_RULES = load_rules(DEFAULT_RULES).rules
-_TABLE = (
-    ("ctr", "CTR", "clicks", "impressions", "percentunit", "down", "rate-drop", 0.0),
-    ("conversion_rate", "Conversion rate", "orders", "clicks", "percentunit", "down",
-     "rate-drop", 0.0),
-    ("lead_rate", "Lead rate", "leads", "clicks", "percentunit", "down", "rate-drop", 0.0),
-    ("cpc", "CPC", "spend", "clicks", CURRENCY, "up", "cost-rise", 0.0),
-    ("cpl", "CPL", "spend", "leads", CURRENCY, "up", "cost-rise", 0.0),
-    ("cpa", "CPA", "spend", "orders", CURRENCY, "up", "cost-rise", 0.0),
-    ("cac", "CAC", "spend", "new_customers", CURRENCY, "up", "cost-rise", 0.0),
-    ("roas", "ROAS", "revenue", "spend", "none", "down", "value-drop", 0.0),
-    ("roi", "ROI", "revenue", "spend", "percentunit", "down", "value-drop", -1.0),
-    ("aov", "AOV", "revenue", "orders", CURRENCY, "down", "value-drop", 0.0),
-)  # fmt: skip
-KPIS: tuple[Kpi, ...] = tuple(
-    Kpi(name, title, num, den, unit, bad, *_campaign_rule(name), runbook, shift)  # type: ignore[arg-type]
-    for name, title, num, den, unit, bad, runbook, shift in _TABLE
-)
+KPIS: tuple[Kpi, ...] = _dashboard_kpis()
 KPI = {kpi.name: kpi for kpi in KPIS}
 
 # Labels that identify one exported series of a window metric, whatever the metric.

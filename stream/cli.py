@@ -8,7 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from stream.settings import EVENT_TYPES, ConfigError, Settings, load_settings
+from stream.events import EVENT_TYPES
+from stream.settings import ConfigError, Settings, load_settings
 
 
 def _settings() -> Settings:
@@ -94,13 +95,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     import asyncio
     import time
 
+    from stream.durations import parse_duration
     from stream.simulate import (
         Incident,
-        IncidentError,
         SimConfig,
         Simulator,
         load_scenario,
-        parse_duration,
         produce_to_kafka,
         write_jsonl,
     )
@@ -111,7 +111,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             incidents += load_scenario(Path(args.scenario))
         seconds = int(parse_duration(args.duration)) if args.duration else None
         ago = parse_duration(args.start_ago) if args.start_ago else None
-    except (IncidentError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # IncidentError is a ValueError
         print(f"kpimon simulate: {exc}", file=sys.stderr)
         return 2
     config = SimConfig(
@@ -155,7 +155,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from aiokafka.errors import KafkaConnectionError
 
-    from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
+    from stream.durations import parse_duration
+    from stream.simulate import Incident, SimConfig, Simulator, produce_to_kafka
 
     base = _settings()
     run_id = time.strftime("%Y%m%d-%H%M%S")

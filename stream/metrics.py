@@ -6,7 +6,7 @@ dicts and this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -125,11 +125,13 @@ def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-def _escape(value: str) -> str:
+def escape(value: str) -> str:
+    """A label value as the text exposition format writes it between quotes."""
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _family(out: list[str], name: str, kind: str, doc: str) -> None:
+def family(out: list[str], name: str, kind: str, doc: str) -> None:
+    """The HELP and TYPE lines that open a metric family in hand-written exposition."""
     out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
 
 
@@ -142,35 +144,35 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
     ev = evaluation
     series = sorted(ev.series.items())
     prefixes = [
-        f'scope="{name}",channel="{_escape(channel)}",campaign="{_escape(campaign)}",window="'
+        f'scope="{name}",channel="{escape(channel)}",campaign="{escape(campaign)}",window="'
         for (name, channel, campaign), _ in series
     ]
     out: list[str] = []
-    _family(out, "kpimon_kpi", "gauge",
+    family(out, "kpimon_kpi", "gauge",
             "KPI over the window (ratio of sums); absent without a denominator")  # fmt: skip
     for prefix, (_, result) in zip(prefixes, series, strict=True):
         for w, values in result.kpis.items():
             for name, value in values.items():
                 out.append(f'kpimon_kpi{{kpi="{name}",{prefix}{w}"}} {value!r}\n')
-    _family(out, "kpimon_window_measure", "gauge",
+    family(out, "kpimon_window_measure", "gauge",
             "Sum of a measure over the window (money in the reporting currency)")  # fmt: skip
     for prefix, (_, result) in zip(prefixes, series, strict=True):
         for w, totals in result.windows.items():
             for i, measure in enumerate(MEASURES):
                 value = measure_value(i, int(totals[i]))
                 out.append(f'kpimon_window_measure{{measure="{measure}",{prefix}{w}"}} {value!r}\n')
-    _family(out, "kpimon_measure_total", "counter",
+    family(out, "kpimon_measure_total", "counter",
             "Monotonic sum of a measure over all applied events")  # fmt: skip
     for (channel, campaign), counts in sorted(ev.measure_totals.items()):
-        labels = f'channel="{_escape(channel)}",campaign="{_escape(campaign)}"'
+        labels = f'channel="{escape(channel)}",campaign="{escape(campaign)}"'
         for i, measure in enumerate(MEASURES):
             value = measure_value(i, counts[i])
             out.append(f'kpimon_measure_total{{measure="{measure}",{labels}}} {value!r}\n')
-    _family(out, "kpimon_segments_folded_total", "counter",
+    family(out, "kpimon_segments_folded_total", "counter",
             "Ids folded into __other__ by the cardinality guards that they were not already "
             "tracking, by kind and the channel they came from")  # fmt: skip
     for (kind, channel), n in sorted(ev.folded.items()):
-        out.append(f'kpimon_segments_folded_total{{kind="{kind}",channel="{_escape(channel)}"}} '
+        out.append(f'kpimon_segments_folded_total{{kind="{kind}",channel="{escape(channel)}"}} '
                    f"{float(n)!r}\n")  # fmt: skip
     gauges = (
         ("kpimon_watermark_lag_seconds", "Wall clock minus the event-time watermark",
@@ -183,48 +185,15 @@ def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) ->
          "still working through a backlog of them (alerts wait)", 1.0 if ev.restating else 0.0),
     )  # fmt: skip
     for name, doc, value in gauges:
-        _family(out, name, "gauge", doc)
+        family(out, name, "gauge", doc)
         out.append(f"{name} {value!r}\n")
     name = "kpimon_event_to_metric_latency_seconds"
     doc = "From an event's append to its source topic to its arrival in the KPI state"
-    _family(out, name, "histogram", doc)
+    family(out, name, "histogram", doc)
     cumulative = 0
     bounds = [*(repr(float(b)) for b in LATENCY_BUCKETS), "+Inf"]
     for bound, count in zip(bounds, scope.latency_counts, strict=True):
         cumulative += count
         out.append(f'{name}_bucket{{le="{bound}"}} {float(cumulative)!r}\n')
     out.append(f"{name}_count {float(cumulative)!r}\n{name}_sum {scope.latency_sum!r}\n")
-    return "".join(out).encode()
-
-
-FiringLabels = tuple[str, str, str, str, str]
-"""(rule, severity, scope, channel, campaign) of one firing alert."""
-
-
-def render_alerts(
-    firing: Iterable[FiringLabels],
-    baselines: Mapping[tuple[str, str, str, str, str], float],
-    evaluation: Evaluation,
-) -> bytes:
-    """``kpimon_alerts_firing`` and ``kpimon_kpi_baseline`` of the scope owner's alert engine.
-
-    Baselines are shown for the series ``kpimon_kpi`` shows (campaigns folded by
-    the cardinality guard have none), keyed like it: kpi, scope, channel, campaign, window.
-    """
-    out: list[str] = []
-    _family(out, "kpimon_alerts_firing", "gauge", "1 for each firing KPI alert")
-    for rule, severity, scope, channel, campaign in sorted(firing):
-        out.append(
-            f'kpimon_alerts_firing{{rule="{_escape(rule)}",severity="{_escape(severity)}",'
-            f'scope="{scope}",channel="{_escape(channel)}",campaign="{_escape(campaign)}"}} 1.0\n'
-        )
-    _family(out, "kpimon_kpi_baseline", "gauge",
-            "The baseline the alert rules compare the KPI with")  # fmt: skip
-    for (kpi, scope, channel, campaign, window), value in sorted(baselines.items()):
-        if (scope, channel, campaign) not in evaluation.series:
-            continue
-        out.append(
-            f'kpimon_kpi_baseline{{kpi="{kpi}",scope="{scope}",channel="{_escape(channel)}",'
-            f'campaign="{_escape(campaign)}",window="{window}"}} {float(value)!r}\n'
-        )
     return "".join(out).encode()

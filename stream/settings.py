@@ -28,11 +28,10 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from alerts.rules import DEFAULT_RULES
-
-DEFAULT_TARGETS = Path(__file__).resolve().parents[1] / "alerts" / "targets.yml"
+DEFAULT_RULES = Path(__file__).parents[1] / "alerts" / "rules.yml"
+"""The rules shipped with kpimon; a path, not an import: the core does not import alerts."""
+DEFAULT_TARGETS = Path(__file__).parents[1] / "alerts" / "targets.yml"
 """The shipped targets file (it sets no goal and no budget)."""
-EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 _CURRENCY = re.compile(r"^[A-Z]{3}$")
 
 

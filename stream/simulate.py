@@ -19,7 +19,6 @@ from __future__ import annotations
 import heapq
 import math
 import random
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,23 +28,22 @@ from typing import Any
 import yaml
 
 from stream.aggregate import DEDUP_MINUTES
+from stream.durations import parse_duration
 
 CHANNELS = ("search", "social", "display", "email", "video")
 INCIDENT_KINDS = ("ctr_drop", "conversion_drop", "spend_spike", "tracking_outage")
-_DURATION = re.compile(r"^\+?(\d+(?:\.\d+)?)(s|m|h|d)$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class IncidentError(ValueError):
     """An incident spec that cannot be understood; the message says why."""
 
 
-def parse_duration(text: str) -> float:
-    """``90s``, ``+10m``, ``2h``, ``1d`` -> seconds."""
-    match = _DURATION.match(text.strip())
-    if not match:
-        raise IncidentError(f"{text!r} is not a duration like 30s, 10m, 2h")
-    return float(match.group(1)) * _UNITS[match.group(2)]
+def _duration(spec: str, text: str) -> float:
+    """A duration of an incident spec, its errors said as the spec's."""
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise IncidentError(f"{spec!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -81,9 +79,9 @@ class Incident:
             if not sep:
                 raise IncidentError(f"{spec!r}: expected name=value, got {part!r}")
             if name == "at":
-                fields["at"] = parse_duration(value)
+                fields["at"] = _duration(spec, value)
             elif name == "for":
-                fields["duration"] = parse_duration(value)
+                fields["duration"] = _duration(spec, value)
             elif name == "by":
                 number = value.rstrip("%")
                 try:

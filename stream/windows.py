@@ -1,5 +1,7 @@
 """Event-time buckets, windows and KPI maths: pure functions and one small store.
 
+The measures and KPIs themselves are defined in the catalogue, :mod:`stream.kpis`.
+
 Measures are kept as integers (counts, and money in millionths), so window
 sums are exact and independent of arrival order. A window is a run of complete
 minutes ending (exclusively) at the evaluation minute; KPIs are ratios of the
@@ -14,52 +16,64 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-MEASURES: tuple[str, ...] = (
-    "impressions", "clicks", "leads", "orders", "new_customers", "revenue", "spend",
-)  # fmt: skip
-IMPRESSIONS, CLICKS, LEADS, ORDERS, NEW_CUSTOMERS, REVENUE, SPEND = range(len(MEASURES))
-MONEY = frozenset({REVENUE, SPEND})
-MICROS = 1_000_000
-N_MEASURES = len(MEASURES)
+from stream.kpis import (
+    CLICKS,
+    IMPRESSIONS,
+    LEADS,
+    MEASURES,
+    MICROS,
+    MONEY,
+    N_MEASURES,
+    NEW_CUSTOMERS,
+    ORDERS,
+    RATIOS,
+    REVENUE,
+    SPEND,
+    measure_value,
+)
+
+__all__ = [  # the measures are re-exported: the core has long read them from here
+    "CLICKS",
+    "IMPRESSIONS",
+    "LEADS",
+    "MEASURES",
+    "MICROS",
+    "MINUTE_MS",
+    "MONEY",
+    "NEW_CUSTOMERS",
+    "N_MEASURES",
+    "ORDERS",
+    "REVENUE",
+    "SPEND",
+    "WINDOWS",
+    "Retention",
+    "SeriesBuckets",
+    "Totals",
+    "evaluation_minute",
+    "kpis",
+    "measure_value",
+    "minute_of",
+    "sum_minutes",
+    "window_range",
+]
 
 WINDOWS: dict[str, int] = {"5m": 5, "15m": 15, "1h": 60, "24h": 1440}
 MINUTE_MS = 60_000
 
-# KPI -> (numerator measure, denominator measure); roi is (revenue - spend) / spend.
-KPI_RATIOS: dict[str, tuple[int, int]] = {
-    "ctr": (CLICKS, IMPRESSIONS),
-    "conversion_rate": (ORDERS, CLICKS),
-    "lead_rate": (LEADS, CLICKS),
-    "cpc": (SPEND, CLICKS),
-    "cpl": (SPEND, LEADS),
-    "cpa": (SPEND, ORDERS),
-    "cac": (SPEND, NEW_CUSTOMERS),
-    "roas": (REVENUE, SPEND),
-    "roi": (REVENUE, SPEND),
-    "aov": (REVENUE, ORDERS),
-}
-KPI_BAD_DIRECTION: dict[str, str] = {
-    "ctr": "down", "conversion_rate": "down", "lead_rate": "down", "cpc": "up", "cpl": "up",
-    "cpa": "up", "cac": "up", "roas": "down", "roi": "down", "aov": "down",
-}  # fmt: skip
-
 Totals = npt.NDArray[np.int64]
-
-
-def measure_value(index: int, raw: int) -> float:
-    """A measure in its exported unit (money in reporting currency, counts as is)."""
-    return raw / MICROS if index in MONEY else float(raw)
+# (name, numerator index, denominator index, shift) of every ratio KPI, for the hot loop.
+_TERMS = tuple((k.name, k.num, k.den, k.shift) for k in RATIOS)
 
 
 def kpis(totals: Sequence[int] | Totals) -> dict[str, float]:
-    """All KPIs of one window's sums; a KPI whose denominator is 0 is absent."""
+    """All ratio KPIs of the catalogue for one window's sums; absent on a 0 denominator."""
     values = [measure_value(i, int(v)) for i, v in enumerate(totals)]
     result: dict[str, float] = {}
-    for name, (num, den) in KPI_RATIOS.items():
+    for name, num, den, shift in _TERMS:
         denominator = values[den]
         if denominator <= 0:
             continue
-        numerator = values[num] - values[SPEND] if name == "roi" else values[num]
+        numerator = values[num] + shift * denominator if shift else values[num]
         result[name] = numerator / denominator
     return result
 
@@ -214,6 +228,11 @@ class SeriesBuckets:
                 self.coarse[hour] = coarse.copy()
                 self._own(hour)
             self.dirty.add(hour)
+
+    def history_start(self) -> int | None:
+        """First minute of the first hour holding data (minute or folded); None if empty."""
+        hours = [*self.blocks, *self.coarse]
+        return min(hours) * 60 if hours else None
 
     def block(self, hour: int) -> Totals | None:
         block = self.blocks.get(hour)

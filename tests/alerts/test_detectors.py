@@ -16,10 +16,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from alerts.detectors import (
-    COST_KPIS,
-    COUNT_KPIS,
     ORDER_VALUE_CV,
-    RATE_KPIS,
     Thresholds,
     Verdict,
     bonferroni,
@@ -32,14 +29,13 @@ from alerts.detectors import (
 from stream.windows import (
     CLICKS,
     IMPRESSIONS,
-    KPI_BAD_DIRECTION,
-    KPI_RATIOS,
     MEASURES,
     MICROS,
     ORDERS,
     REVENUE,
     SPEND,
 )
+from tests.kpis import COST_KPIS, COUNT_KPIS, KPI_BAD_DIRECTION, KPI_RATIOS, RATE_KPIS
 
 ALL_KPIS = sorted(RATE_KPIS | set(COUNT_KPIS) | COST_KPIS)
 DRAWS = 2000

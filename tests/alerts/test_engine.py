@@ -14,6 +14,7 @@ from alerts.backtest import BacktestStats, Replay, run_backtest
 from alerts.engine import AlertEngine, baseline_span
 from alerts.rules import parse_rules
 from stream.aggregate import ScopeStore
+from stream.segments import SegmentView
 from stream.settings import Settings
 from stream.simulate import SimConfig, Simulator, encode
 from stream.windows import MEASURES
@@ -58,7 +59,7 @@ def run(
     out = []
     for minute in minutes:
         traffic(store, minute, minute in drop)
-        out += engine.evaluate(store, minute + 1, (minute + 1) * 60.0)
+        out += engine.evaluate(SegmentView(store.series), minute + 1, (minute + 1) * 60.0)
     return out
 
 
@@ -97,7 +98,8 @@ def test_replaying_holds_every_alert() -> None:
     store, engine = ScopeStore(), AlertEngine(RULES)
     for minute in range(T0_MIN, T0_MIN + 150):
         traffic(store, minute, minute >= T0_MIN + 120)
-        assert engine.evaluate(store, minute + 1, (minute + 1) * 60.0, replaying=True) == []
+        segments = SegmentView(store.series)
+        assert engine.evaluate(segments, minute + 1, (minute + 1) * 60.0, replaying=True) == []
 
 
 def test_state_survives_a_restart_without_duplicates() -> None:
@@ -235,7 +237,9 @@ def _backlog_run(*, hold: bool, real_drop: bool) -> list[dict[str, Any]]:
         store.report(0, now_ms, caught_up=not 0 <= step < 8, now_ms=now_ms)
         evaluation = store.evaluate(now_ms)
         wait = evaluation.hold_alerts if hold else evaluation.replaying
-        records += engine.evaluate(store, evaluation.end_minute, now_ms / 1000, replaying=wait)
+        records += engine.evaluate(
+            SegmentView(store.series), evaluation.end_minute, now_ms / 1000, replaying=wait
+        )
     return [r for r in records if r["notification"] == "firing"]
 
 
@@ -267,7 +271,7 @@ def test_a_clone_steps_like_the_engine_and_leaves_it_as_it_was() -> None:
         traffic(store, minute, minute in drop)
 
     def step(e: AlertEngine, minutes: range) -> list[Any]:
-        records = [e.evaluate(store, m + 1, (m + 1) * 60.0) for m in minutes]
+        records = [e.evaluate(SegmentView(store.series), m + 1, (m + 1) * 60.0) for m in minutes]
         return list(json.loads(json.dumps(records)))
 
     step(engine, range(T0_MIN, T0_MIN + 124))

@@ -13,7 +13,6 @@ from pydantic import ValidationError
 from alerts.cli import add_rules_parser, cmd_rules
 from alerts.rules import (
     DEFAULT_RULES,
-    VOLUME_MEASURES,
     Rule,
     RuleIssue,
     RulesError,
@@ -21,7 +20,8 @@ from alerts.rules import (
     load_rules,
     parse_rules,
 )
-from stream.windows import KPI_BAD_DIRECTION, KPI_RATIOS
+from tests.kpis import COUNT_KPIS as VOLUME_MEASURES
+from tests.kpis import KPI_BAD_DIRECTION, KPI_RATIOS
 
 RULE = """\
   - name: {name}

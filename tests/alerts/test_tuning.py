@@ -20,6 +20,7 @@ from alerts.detectors import ORDER_VALUE_CV, judge
 from alerts.engine import AlertEngine, thresholds
 from alerts.rules import DEFAULT_RULES, Rule, load_rules
 from stream.aggregate import ScopeStore
+from stream.segments import SegmentView
 from stream.windows import MICROS
 
 RULES = load_rules(DEFAULT_RULES).rules
@@ -137,7 +138,7 @@ def test_through_the_engine_quiet_hours_then_a_ctr_drop_and_an_order_outage_fire
             row = funnel.draw(rng, 1, 1, ctr=ctr, silent=silent)[0]
             store.apply_cells([(channel[name], name, minute, row.tolist())])
         now = minute + 2  # the watermark: minute + 1 is complete, plus the 1-minute settle
-        for record in engine.evaluate(store, minute + 1, now * 60.0):
+        for record in engine.evaluate(SegmentView(store.series), minute + 1, now * 60.0):
             if record["notification"] == "firing":
                 onset = drop if now < outage else outage
                 fired.setdefault(f"{record['rule']}:{record['campaign']}", now - onset)

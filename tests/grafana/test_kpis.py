@@ -14,8 +14,9 @@ from typing import Any
 import yaml
 
 from grafana.kpis import KPI, KPIS, alert_line, baseline, ratio
-from stream.windows import KPI_BAD_DIRECTION, KPI_RATIOS, MEASURES
+from stream.kpis import MEASURES
 from tests.conftest import require_binary
+from tests.kpis import KPI_BAD_DIRECTION, KPI_RATIOS
 
 
 def test_kpi_table_matches_the_stream() -> None:

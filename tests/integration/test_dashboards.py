@@ -35,7 +35,8 @@ import pytest
 
 from alerts.rules import DEFAULT_RULES, parse_rules
 from stream.devstack import free_port, prometheus_process
-from stream.simulate import Incident, SimConfig, Simulator, parse_duration, produce_to_kafka
+from stream.durations import parse_duration
+from stream.simulate import Incident, SimConfig, Simulator, produce_to_kafka
 from tests.conftest import require_binary
 from tests.grafana.walk import Query, by_uid, load_dashboards, queries, variables
 from tests.helpers import WorkerProcess, create_topics, produce, run, wait_for

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from stream.simulate import SimConfig, Simulator
-from stream.windows import KPI_RATIOS, WINDOWS
+from stream.windows import WINDOWS
 from tests.conftest import require_binary
 from tests.helpers import (
     REPO,
@@ -32,6 +32,7 @@ from tests.helpers import (
     run,
     wait_for,
 )
+from tests.kpis import KPI_RATIOS
 
 pytestmark = pytest.mark.integration
 

@@ -20,15 +20,17 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from alerts.exposition import render_alerts
 from stream.aggregate import ScopeStore
 from stream.cli import build_parser
 from stream.devstack import render_prometheus_config
-from stream.metrics import build_registry, render, render_alerts, render_evaluation
+from stream.kpis import MEASURES
+from stream.metrics import build_registry, render, render_evaluation
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
-from stream.windows import KPI_RATIOS, MEASURES
 from tests.conftest import require_binary
 from tests.helpers import REPO
+from tests.kpis import KPI_RATIOS
 
 PROM = REPO / "prometheus"
 RULES_DIR = PROM / "rules"

@@ -6,8 +6,9 @@ import subprocess
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from alerts.exposition import render_alerts
 from stream.aggregate import ScopeStore
-from stream.metrics import build_registry, render, render_alerts, render_evaluation
+from stream.metrics import build_registry, render, render_evaluation
 from stream.pipeline import PipelineStats
 from tests.conftest import require_binary
 
