@@ -63,6 +63,7 @@ class PeerResult:
     version: str
     events: int
     seconds: float
+    cpu_seconds: float  # the process's CPU (all threads) over the same span
     events_per_s: float
     windows: int
     count: int
@@ -74,7 +75,8 @@ class PeerResult:
         raw = json.loads(line)
         return cls(
             name=name, version=str(raw["version"]), events=int(raw["events"]),
-            seconds=float(raw["seconds"]), events_per_s=float(raw["events_per_s"]),
+            seconds=float(raw["seconds"]), cpu_seconds=float(raw["cpu_seconds"]),
+            events_per_s=float(raw["events_per_s"]),
             windows=int(raw["windows"]), count=int(raw["count"]), cost=float(raw["cost"]),
             late=int(raw["late"]),
         )  # fmt: skip

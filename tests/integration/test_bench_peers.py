@@ -89,8 +89,8 @@ def test_check_rejects_a_peer_that_skipped_events() -> None:
     for cost in (0.5, 0.25, 0.125):
         expected.add({"campaign_id": "c1", "cost": cost, "ts": 0})
     expected.add({"click_id": "k1", "ts": 0})
-    line = {"version": "x", "events": 4, "seconds": 1.0, "events_per_s": 3.0, "windows": 1,
-            "count": 3, "cost": 0.875, "late": 0}  # fmt: skip
+    line = {"version": "x", "events": 4, "seconds": 1.0, "cpu_seconds": 0.9, "events_per_s": 3.0,
+            "windows": 1, "count": 3, "cost": 0.875, "late": 0}  # fmt: skip
     peers.PeerResult.parse("p", orjson.dumps(line).decode()).check(expected)
     for wrong in ({"events": 3}, {"count": 2}, {"cost": 0.75}, {"late": 1}):
         result = peers.PeerResult.parse("p", orjson.dumps({**line, **wrong}).decode())

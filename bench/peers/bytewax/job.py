@@ -56,7 +56,7 @@ class _TotalsPartition(StatelessSinkPartition[Any]):
             p["windows"] += 1
             p["count"] += count
             p["cost"] += cost
-        p["last"] = time.perf_counter()
+        p["last"], p["cpu1"] = time.perf_counter(), time.process_time()
 
 
 class Totals(DynamicSink[Any]):
@@ -74,6 +74,7 @@ def build_flow(bootstrap: str, topic: str, progress: Progress) -> Dataflow:
         progress["seen"] += 1
         if progress["seen"] == 1:
             progress["first"] = time.perf_counter()
+            progress["cpu0"] = time.process_time()
         event = orjson.loads(msg.value)
         campaign = event.get("campaign_id")
         if campaign is None:
@@ -118,14 +119,16 @@ def main() -> int:
     parser.add_argument("--workdir", required=True)  # unused: no recovery store
     args = parser.parse_args()
 
-    progress: Progress = dict(seen=0, first=0.0, last=0.0, windows=0, count=0, cost=0.0, late=0)
+    progress: Progress = dict(
+        seen=0, first=0.0, last=0.0, cpu0=0.0, cpu1=0.0, windows=0, count=0, cost=0.0, late=0
+    )
     flow = build_flow(args.bootstrap, args.topic, progress)
     cli_main(flow, workers_per_process=1, epoch_interval=timedelta(seconds=10))
 
     seconds = progress["last"] - progress["first"]
     print(json.dumps({
         "peer": "bytewax", "version": version("bytewax"), "events": progress["seen"],
-        "seconds": round(seconds, 3),
+        "seconds": round(seconds, 3), "cpu_seconds": round(progress["cpu1"] - progress["cpu0"], 3),
         "events_per_s": (progress["seen"] - 1) / seconds if seconds > 0 else 0.0,
         "windows": progress["windows"], "count": progress["count"],
         "cost": progress["cost"], "late": progress["late"],
