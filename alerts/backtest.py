@@ -21,7 +21,7 @@ import orjson
 from alerts.engine import AlertEngine
 from alerts.rules import RulesFile
 from alerts.stage import decide
-from stream.aggregate import ScopeStore
+from stream.aggregate import SegmentStore
 from stream.events import timestamp_ms
 from stream.local import LocalRuntime
 from stream.settings import Settings
@@ -72,9 +72,9 @@ class Replay:
         self._pending = 0
 
     @property
-    def store(self) -> ScopeStore:
-        assert self.runtime.stages.scope is not None
-        return self.runtime.stages.scope.store
+    def store(self) -> SegmentStore:
+        assert self.runtime.stages.segments is not None
+        return self.runtime.stages.segments.store
 
     def feed(self, lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
         """Apply events; yields the records of every evaluation their event time passes."""

@@ -1,6 +1,6 @@
-"""The alert stage: the alert engine and its outbox, beside the scope stage.
+"""The alert stage: the alert engine and its outbox, beside the segment stage.
 
-It runs where the scope stage runs (one worker), on the evaluation timer rather than on
+It runs where the segment stage runs (one worker), on the evaluation timer rather than on
 records: each tick judges a snapshot of the scope store (``compute_tick``, off the event
 loop in the worker), and its decisions, the engine's new state and the notifications to
 deliver are committed in one transaction (:meth:`AlertStage.messages`), so a crash before
@@ -23,7 +23,7 @@ from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.targets_export import TargetsExporter
 from stream import codec
-from stream.aggregate import Evaluation, ScopeStore
+from stream.aggregate import Evaluation, SegmentStore
 from stream.metrics import render_evaluation
 from stream.segments import SegmentView
 from stream.settings import Settings
@@ -47,7 +47,7 @@ class Tick:
     render_s: float
 
 
-def decide(view: ScopeStore, engine: AlertEngine, evaluation: Evaluation) -> list[dict[str, Any]]:
+def decide(view: SegmentStore, engine: AlertEngine, evaluation: Evaluation) -> list[dict[str, Any]]:
     """Step ``engine`` on an evaluated scope store: the alert records of this tick."""
     segments = SegmentView(view.series)
     return engine.evaluate(segments, evaluation.end_minute, evaluation.watermark_ms / 1000,
@@ -55,7 +55,7 @@ def decide(view: ScopeStore, engine: AlertEngine, evaluation: Evaluation) -> lis
 
 
 def compute_tick(
-    view: ScopeStore,
+    view: SegmentStore,
     engine: AlertEngine,
     now_ms: int,
     hold: bool,
@@ -133,7 +133,7 @@ class AlertStage:
         ]  # fmt: skip
 
     # -- ticks --------------------------------------------------------------------
-    def tick(self, view: ScopeStore, now_ms: int, hold: bool) -> Tick:
+    def tick(self, view: SegmentStore, now_ms: int, hold: bool) -> Tick:
         return compute_tick(view, self.engine, now_ms, hold, self.targets)
 
     def messages(self, tick: Tick) -> list[Message]:

@@ -1,10 +1,10 @@
 """The two stateful stages of the pipeline, as pure code (no Kafka).
 
-``PartitionState`` (one per partition of the routed-events topic) deduplicates,
+``DedupState`` (one per partition of the routed-events topic) deduplicates,
 attributes leads and orders to the clicked campaign, sets aside events older
 than their dedup horizon, and turns events into per-minute cell deltas keyed by
 (channel, campaign).
-``ScopeStore`` (one for the whole deployment) sums those deltas into the
+``SegmentStore`` (one for the whole deployment) sums those deltas into the
 global, channel and campaign series, tracks the watermark, and evaluates the
 windows and KPIs. Both are deterministic functions of their input, so a
 restarted worker rebuilds them from their changelogs and input exactly.
@@ -157,7 +157,7 @@ class _ExpiringKeys:
                     del self.entries[key]
 
 
-class PartitionState:
+class DedupState:
     """Dedup, attribution and the lateness horizon for one partition of routed events.
 
     One clock decides both what the dedup state may forget and what is too late:
@@ -351,7 +351,7 @@ class _Reporter:
     seen_ms: int = 0
 
 
-class ScopeStore:
+class SegmentStore:
     """Global, channel and campaign series built from cell deltas of all partitions."""
 
     def __init__(
@@ -541,7 +541,7 @@ class ScopeStore:
         )
 
     # -- evaluating off the event loop -------------------------------------------
-    def snapshot(self) -> ScopeStore:
+    def snapshot(self) -> SegmentStore:
         """A copy to evaluate (and judge alerts on) in another thread while this store
         takes more cells: its sums never change after this call. Call :meth:`advance`
         first, with the ``now_ms`` the copy is evaluated at.
@@ -635,4 +635,4 @@ class ScopeStore:
             buckets.load_block(hour, np.asarray(value, dtype=np.int64))
 
 
-__all__ = ["MEASURES", "BatchOutput", "Horizons", "PartitionState", "ScopeStore", "TooLate"]
+__all__ = ["MEASURES", "BatchOutput", "DedupState", "Horizons", "SegmentStore", "TooLate"]

@@ -163,7 +163,7 @@ async def still_current(
 
     aiokafka applies a new assignment before it runs the rebalance listener, so a
     batch fetched while ``assign`` restores state can hold records the restore made
-    stale: the scope stage seeks back to its snapshot's offset (applying the
+    stale: the segment stage seeks back to its snapshot's offset (applying the
     batch too would count those partials twice), a partition may be revoked
     meanwhile, and a kept one restarts from its committed offset. Such records are
     dropped; the consumer delivers them again from the partition's new position.

@@ -142,17 +142,18 @@ def decode_json(value: bytes) -> Any:
     return orjson.loads(value)
 
 
-REACHED = "reached"
-"""Header of a routed message: the event time its worker had reached (lateness reference)."""
+WATERMARK_HEADER = "reached"
+"""Header of a routed message: the watermark its worker had reached (the dedup stage's
+lateness reference); named "reached" on the wire since before the rename."""
 
 
-def reached_header(reached_ms: int) -> list[tuple[str, bytes]]:
-    return [(REACHED, str(reached_ms).encode())]
+def watermark_header(watermark_ms: int) -> list[tuple[str, bytes]]:
+    return [(WATERMARK_HEADER, str(watermark_ms).encode())]
 
 
-def reached_of(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
+def watermark_of(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
     for name, value in headers or ():
-        if name == REACHED:
+        if name == WATERMARK_HEADER:
             return int(value)
     return None
 

@@ -46,8 +46,8 @@ class LocalRuntime:
         self.topology = Topology.of(settings)
         self.stages = Stages(settings, self.topology)
         for p in range(settings.topic_partitions):
-            self.stages.partitions[p] = self.stages.new_partition(p)
-        self.stages.scope = self.stages.new_scope()
+            self.stages.dedup[p] = self.stages.new_dedup(p)
+        self.stages.segments = self.stages.new_segments()
         self.stats = PipelineStats()
         self.log = LocalLog()
         self.positions: dict[Partition, int] = {}

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from stream.aggregate import LATENCY_BUCKETS, Evaluation, ScopeStore
+from stream.aggregate import LATENCY_BUCKETS, Evaluation, SegmentStore
 from stream.pipeline import PipelineStats
 from stream.windows import MEASURES, measure_value
 
@@ -135,7 +135,7 @@ def family(out: list[str], name: str, kind: str, doc: str) -> None:
     out.append(f"# HELP {name} {doc}\n# TYPE {name} {kind}\n")
 
 
-def render_evaluation(evaluation: Evaluation, scope: ScopeStore, now_ms: int) -> bytes:
+def render_evaluation(evaluation: Evaluation, scope: SegmentStore, now_ms: int) -> bytes:
     """Exposition text of one evaluation, rendered once per tick, off the scrape path.
 
     Written directly rather than through prometheus_client: with 500 campaigns

@@ -9,12 +9,12 @@ message of a :class:`Step` plus the consumed offsets in one transaction
 
 1. :class:`IngestStage` (source topics): parse, dead-letter, route valid events to the
    routed topic by click id / dedup key;
-2. :class:`PartitionStage` (one per routed partition): dedup, attribution, lateness,
+2. :class:`DedupStage` (one per routed partition): dedup, attribution, lateness,
    per-minute cell deltas to the partials topic, dedup state to its changelog;
-3. :class:`ScopeStage` (the one partials partition, so exactly one worker): sums cells
+3. :class:`SegmentStage` (the one partials partition, so exactly one worker): sums cells
    into global/channel/campaign series, with its state in the compacted scope changelog.
 
-The alert stage (``alerts.stage``) runs beside the scope stage, on the evaluation timer.
+The alert stage (``alerts.stage``) runs beside the segment stage, on the evaluation timer.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream import codec
-from stream.aggregate import BatchOutput, Horizons, PartitionState, ScopeStore, StateKey
+from stream.aggregate import BatchOutput, DedupState, Horizons, SegmentStore, StateKey
 from stream.pipeline import (
     BatchResult,
     DeadLetter,
@@ -111,7 +111,7 @@ class IngestStage:
         self.topology = topology
         self.dead_letters = dead_letters
         self.routed_partitions = settings.topic_partitions
-        self.reached: dict[Partition, int] = {}
+        self.newest: dict[Partition, int] = {}
         """Newest event time seen per source partition (the watermark of one that lags)."""
         # Events this much younger than their horizon can't be too late when they reach
         # their routed partition (its horizon clock trails this worker's wall clock by
@@ -130,8 +130,8 @@ class IngestStage:
         result = self.handler.handle(records, now_ms)
         if result.events:
             newest = max(event.ts_ms for event in result.events)
-            if newest > self.reached.get(tp, 0):
-                self.reached[tp] = newest
+            if newest > self.newest.get(tp, 0):
+                self.newest[tp] = newest
         carry, routed, n = self._carry_before, into.routed, self.routed_partitions
         for event, source in zip(result.events, result.event_sources, strict=True):
             if event.ts_ms < now_ms - carry[event.type]:
@@ -142,10 +142,10 @@ class IngestStage:
             rows.append(codec.routed_row(event, source.timestamp, where))
         into.result.merge(result)
 
-    def messages(self, ingested: Ingested, reached_before: int) -> Iterator[Message]:
+    def messages(self, ingested: Ingested, watermark_before: int) -> Iterator[Message]:
         """Routed rows (stamped with the event time this worker had reached before the
-        step: the lateness reference of the partition stage) and dead letters."""
-        stamp = codec.reached_header(reached_before)
+        step: the lateness reference of the dedup stage) and dead letters."""
+        stamp = codec.watermark_header(watermark_before)
         for p, rows in ingested.routed.items():
             for chunk in codec.chunks(rows):
                 yield Message(self.topology.routed, codec.encode_rows(chunk), partition=p,
@@ -153,12 +153,12 @@ class IngestStage:
         yield from self.dead_letters.messages(ingested.result.dead_letters)
 
 
-class PartitionStage:
+class DedupStage:
     """Stage 2 for one routed partition: dedup, attribution and lateness, as cell deltas."""
 
     def __init__(self, partition: int, horizons: Horizons, topology: Topology) -> None:
         self.partition = partition
-        self.state = PartitionState(horizons)
+        self.state = DedupState(horizons)
         self.topology = topology
         self.last_report = 0
         self._output: BatchOutput | None = None
@@ -172,13 +172,13 @@ class PartitionStage:
         for record in records:
             assert record.value is not None  # our own producer writes every routed message
             self.state.apply(codec.decode_rows(record.value), now_ms, out,
-                             reached_ms=codec.reached_of(record.headers))  # fmt: skip
+                             reached_ms=codec.watermark_of(record.headers))  # fmt: skip
 
     def due(self, now_ms: int) -> bool:
         """Something to report: new cells, or a heartbeat of progress."""
         return self._output is not None or now_ms - self.last_report >= HEARTBEAT_MS
 
-    def flush(self, reached: int, now_ms: int) -> tuple[list[Message], BatchOutput | None]:
+    def flush(self, watermark: int, now_ms: int) -> tuple[list[Message], BatchOutput | None]:
         """The step's partials (cells and progress) and dedup changelog entries."""
         out, self._output = self._output, None
         cells = codec.cells_list(out.cells) if out else []
@@ -187,8 +187,8 @@ class PartitionStage:
         for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):
             partial = codec.Partial(
                 partition=self.partition,
-                watermark_ms=reached,
-                caught_up=reached >= now_ms,
+                watermark_ms=watermark,
+                caught_up=watermark >= now_ms,
                 cells=chunk,
                 source_ts=source_ts if i == 0 else [],
             )
@@ -202,10 +202,10 @@ class PartitionStage:
         return messages, out
 
 
-class ScopeStage:
+class SegmentStage:
     """Stage 3: the scope store fed by every partition's partials, and its changelog."""
 
-    def __init__(self, store: ScopeStore, topology: Topology) -> None:
+    def __init__(self, store: SegmentStore, topology: Topology) -> None:
         self.store = store
         self.topology = topology
         self.position = 0
@@ -254,7 +254,7 @@ class Step:
     messages: list[Message]
     offsets: dict[Any, int]
     """Consumed partition -> next offset (keys as the runtime gave them)."""
-    reached: int
+    watermark: int
     ingested: Ingested
     outputs: list[BatchOutput]
 
@@ -274,36 +274,38 @@ class Stages:
         )
         self.dead_letters = DeadLetters(settings)
         self.ingest = IngestStage(settings, topology, self.dead_letters)
-        self.partitions: dict[int, PartitionStage] = {}
-        self.scope: ScopeStage | None = None
-        self.reached_before = 0
+        self.dedup: dict[int, DedupStage] = {}
+        """Routed partition -> its dedup stage."""
+        self.segments: SegmentStage | None = None
+        """The segment stage, on the worker that owns the partials partition."""
+        self.watermark_before = 0
         """The watermark this worker had reached as of its last committed step."""
 
-    def new_partition(self, partition: int) -> PartitionStage:
-        return PartitionStage(partition, self.horizons, self.topology)
+    def new_dedup(self, partition: int) -> DedupStage:
+        return DedupStage(partition, self.horizons, self.topology)
 
-    def new_scope(self) -> ScopeStage:
+    def new_segments(self) -> SegmentStage:
         s = self.settings
-        store = ScopeStore(
+        store = SegmentStore(
             settle_ms=int(s.settle_seconds * 1000),
             max_campaigns=s.max_campaigns,
             max_channels=s.max_channels,
             replay_lag_ms=int(s.replay_lag_seconds * 1000),
         )
-        return ScopeStage(store, self.topology)
+        return SegmentStage(store, self.topology)
 
     def revoke(self, tp: Partition) -> None:
         topic, partition = tp
-        self.ingest.reached.pop(tp, None)
+        self.ingest.newest.pop(tp, None)
         if topic == self.topology.routed:
-            self.partitions.pop(partition, None)
+            self.dedup.pop(partition, None)
         elif topic == self.topology.partials:
-            self.scope = None
+            self.segments = None
 
     def clear(self) -> None:
         """Forget every partition's state (to be restored from the changelogs)."""
-        self.partitions.clear()
-        self.scope = None
+        self.dedup.clear()
+        self.segments = None
 
     def watermark(self, lags: Mapping[Partition, int | None], now_ms: int) -> int:
         """Event time up to which this worker has passed on everything: ``now_ms`` when
@@ -322,10 +324,10 @@ class Stages:
             # A routed partition ends with a transaction marker the position may not pass.
             if lag is None or lag > (1 if topic == routed else 0):
                 if topic == routed:
-                    stage = self.partitions.get(partition)
+                    stage = self.dedup.get(partition)
                     reached = min(reached, stage.state.max_ts if stage else 0)
                 else:
-                    reached = min(reached, self.ingest.reached.get(tp, 0))
+                    reached = min(reached, self.ingest.newest.get(tp, 0))
         return reached
 
     def step(
@@ -349,37 +351,37 @@ class Stages:
         for tp, records in batches.items():
             topic, partition = tp
             if topic == topo.routed:
-                self.partitions[partition].apply(records, now_ms)
+                self.dedup[partition].apply(records, now_ms)
             elif topic == topo.partials:
-                assert self.scope is not None
-                self.scope.apply(records, now_ms)
+                assert self.segments is not None
+                self.segments.apply(records, now_ms)
             else:
                 self.ingest.apply(tp, records, now_ms, ingested)
-        due = [stage for stage in self.partitions.values() if stage.due(now_ms)]
+        due = [stage for stage in self.dedup.values() if stage.due(now_ms)]
         extra = list(extra)
-        snapshot = snapshot and self.scope is not None
+        snapshot = snapshot and self.segments is not None
         if not batches and not due and not snapshot and not extra:
             return None
-        reached = self.watermark(lags, now_ms)
-        messages = list(self.ingest.messages(ingested, self.reached_before))
+        watermark = self.watermark(lags, now_ms)
+        messages = list(self.ingest.messages(ingested, self.watermark_before))
         outputs = []
         partials = []
         for stage in due:
-            sent, out = stage.flush(reached, now_ms)
+            sent, out = stage.flush(watermark, now_ms)
             partials += sent
             if out is not None:
                 outputs.append(out)
                 messages += self.dead_letters.too_late(out)
         messages += partials
-        if snapshot and self.scope is not None:
-            messages += self.scope.changes()
+        if snapshot and self.segments is not None:
+            messages += self.segments.changes()
         messages += extra
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
-        return Step(messages, offsets, reached, ingested, outputs)
+        return Step(messages, offsets, watermark, ingested, outputs)
 
     def committed(self, step: Step, stats: PipelineStats) -> None:
         """The step's transaction committed: count it."""
-        self.reached_before = step.reached
+        self.watermark_before = step.watermark
         stats.transactions += 1
         stats.apply(step.ingested.result)
         dups: Counter[str] = Counter()

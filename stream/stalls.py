@@ -129,7 +129,7 @@ async def rewind(
     """Move every assigned partition back to just after what ``getmany`` returned.
 
     A partition with records in ``returned`` goes to after its last one; one in
-    ``held`` to that offset (the scope stage's partials position, which a restore
+    ``held`` to that offset (the segment stage's partials position, which a restore
     during the failed call may have moved); any other to its position ``before``
     the batch was gathered, or, assigned since, to its committed offset. Not the committed
     offset for all: aiokafka fetches it without ``require_stable``, so right after

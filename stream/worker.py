@@ -12,7 +12,7 @@ and Kafka:
   crash at any point keeps all of a step or none of it: nothing is lost or counted twice;
 - on a rebalance, restore each new partition's stage from its changelog;
 - on a failed transaction, rebuild every stage from the committed changelogs and offsets;
-- on the evaluation timer, run the alert stage on a snapshot of the scope stage, off the
+- on the evaluation timer, run the alert stage on a snapshot of the segment stage, off the
   event loop, and commit its decisions the same way.
 
 Per-event faust agents cap near 50k events/s and faust's exactly-once mode has open bugs
@@ -67,7 +67,7 @@ from stream.stalls import Stalls, locate, positions, rewind
 log = logging.getLogger("kpimon.worker")
 COMMIT_INTERVAL_S = 0.1
 PARTIALS_HOLD_LAG = 50
-"""Unapplied partials records beyond which the scope stage holds its watermark."""
+"""Unapplied partials records beyond which the segment stage holds its watermark."""
 STOP_GRACE_S = 2.0
 """On stop, how long the transaction in flight may take to commit before it is abandoned."""
 STOP_RESERVE_S = 1.5
@@ -132,7 +132,7 @@ class PipelineService(Service):
     Each loop iteration consumes a batch, hands each partition's records to its stage
     (``Stages.step``) and commits every message plus the consumed offsets in one
     transaction (``checkpoint.commit``). The evaluation timer runs the alert stage on a
-    snapshot of the scope stage and commits its decisions the same way.
+    snapshot of the segment stage and commits its decisions the same way.
     """
 
     mundane_level = "debug"  # mode's "Starting..."/"Stopping..." lines
@@ -154,7 +154,7 @@ class PipelineService(Service):
         self.topology = Topology.of(settings)
         self.stages = Stages(settings, self.topology)
         self.alerting: AlertStage | None = None
-        """The alert stage, beside the scope stage (None while this worker has none)."""
+        """The alert stage, beside the segment stage (None while this worker has none)."""
         self._session: aiohttp.ClientSession | None = None
         self._alertmanager: AlertmanagerSink | None = None
         self._senders: list[Sender] = []
@@ -338,24 +338,24 @@ class PipelineService(Service):
             if self.should_stop:
                 log.info("stopping: state restore abandoned")
                 return
-            if tp.topic == self.topology.routed and tp.partition not in stages.partitions:
-                stage = stages.new_partition(tp.partition)
+            if tp.topic == self.topology.routed and tp.partition not in stages.dedup:
+                stage = stages.new_dedup(tp.partition)
                 n = 0
                 async for record in self._read_log(self.topology.dedup_log, tp.partition):
                     stage.restore(record.value)
                     n += 1
                 if self.should_stop:
                     continue  # half restored: never installed
-                stages.partitions[tp.partition] = stage
+                stages.dedup[tp.partition] = stage
                 log.info("restored routed partition %d from %d changelog entries", tp.partition, n)
-            elif tp.topic == self.topology.partials and stages.scope is None:
-                await self._restore_scope(tp)
+            elif tp.topic == self.topology.partials and stages.segments is None:
+                await self._restore_segments(tp)
         if assigned:
             log.info("state ready in %.2f s", time.monotonic() - started)
 
-    async def _restore_scope(self, tp: TopicPartition) -> None:
+    async def _restore_segments(self, tp: TopicPartition) -> None:
         """The scope and alert stages share one changelog: each takes its kinds of entry."""
-        scope = self.stages.new_scope()
+        scope = self.stages.new_segments()
         alerting = AlertStage(self.rules, self.settings, self.topology, self._channels,
                               self.targets)  # fmt: skip
         n = 0
@@ -370,7 +370,7 @@ class PipelineService(Service):
         if self.should_stop:
             return  # half restored: never installed
         alerting.restored()
-        self.stages.scope, self.alerting = scope, alerting
+        self.stages.segments, self.alerting = scope, alerting
         self._outbox_changed()
         for sender in self._senders:
             sender.wake()
@@ -455,9 +455,9 @@ class PipelineService(Service):
 
     def _held_positions(self) -> dict[TopicPartition, int]:
         """Where the scope state stands (a restore during the failed fetch moves it)."""
-        if self.stages.scope is None:
+        if self.stages.segments is None:
             return {}
-        return {TopicPartition(self.topology.partials, 0): self.stages.scope.position}
+        return {TopicPartition(self.topology.partials, 0): self.stages.segments.position}
 
     async def _recover(self) -> None:
         """Fresh producer, committed offsets and state; retried until the broker answers
@@ -507,7 +507,7 @@ class PipelineService(Service):
             return
         processed = time.perf_counter()
         await checkpoint.commit(producer, step.messages, step.offsets, self.settings.group_id)
-        if snapshot and self.stages.scope is not None:
+        if snapshot and self.stages.segments is not None:
             self._next_snapshot = time.monotonic() + self.settings.snapshot_interval_seconds
         self.stages.committed(step, self.stats)
         log.debug(
@@ -525,9 +525,9 @@ class PipelineService(Service):
 
     def _partials_lag(self) -> int:
         """Partials records not yet applied to the scope state (large when unknown)."""
-        assert self._consumer is not None and self.stages.scope is not None
+        assert self._consumer is not None and self.stages.segments is not None
         tp = TopicPartition(self.topology.partials, 0)
-        return self.stages.scope.lag(self._consumer.highwater(tp))
+        return self.stages.segments.lag(self._consumer.highwater(tp))
 
     @Service.task
     async def _probe_loop(self) -> None:
@@ -563,12 +563,12 @@ class PipelineService(Service):
         Returns "fenced" when the worker must stop.
         """
         async with self._lock:
-            scope, alerting = self.stages.scope, self.alerting
+            scope, alerting = self.stages.segments, self.alerting
             if scope is None or alerting is None or self._closing or self.should_stop:
                 return None
             engine = alerting.engine
             now_ms = int(time.time() * 1000)
-            # Until the scope stage has applied its input, progress reports are
+            # Until the segment stage has applied its input, progress reports are
             # stale: windows would look partial (false drops), so hold the watermark.
             hold = self._partials_lag() > PARTIALS_HOLD_LAG
             if hold and scope.store.watermark_ms == 0:
@@ -582,7 +582,7 @@ class PipelineService(Service):
         async with self._lock:
             locked = time.perf_counter()
             if (
-                self.stages.scope is not scope
+                self.stages.segments is not scope
                 or self.alerting is not alerting
                 or alerting.engine is not engine
                 or self._closing

@@ -1,4 +1,4 @@
-"""The alert engine over a ScopeStore, and the backtest over a simulated stream."""
+"""The alert engine over a SegmentStore, and the backtest over a simulated stream."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 from alerts.backtest import BacktestStats, Replay, run_backtest
 from alerts.engine import AlertEngine, baseline_span
 from alerts.rules import parse_rules
-from stream.aggregate import ScopeStore
+from stream.aggregate import SegmentStore
 from stream.segments import SegmentView
 from stream.settings import Settings
 from stream.simulate import SimConfig, Simulator, encode
@@ -46,7 +46,7 @@ SPEC_FIELDS = {
 }  # fmt: skip
 
 
-def traffic(store: ScopeStore, minute: int, dropped: bool) -> None:
+def traffic(store: SegmentStore, minute: int, dropped: bool) -> None:
     """Three campaigns, 2000 impressions/min each at 2% CTR; c1's CTR falls 60% when dropped."""
     for channel, campaign in (("social", "c1"), ("social", "c2"), ("search", "c3")):
         clicks = 16 if dropped and campaign == "c1" else 40
@@ -54,7 +54,7 @@ def traffic(store: ScopeStore, minute: int, dropped: bool) -> None:
 
 
 def run(
-    minutes: range, drop: range, engine: AlertEngine, store: ScopeStore
+    minutes: range, drop: range, engine: AlertEngine, store: SegmentStore
 ) -> list[dict[str, Any]]:
     out = []
     for minute in minutes:
@@ -64,7 +64,7 @@ def run(
 
 
 def test_drop_fires_once_names_the_segment_and_resolves_once() -> None:
-    store, engine = ScopeStore(), AlertEngine(RULES, grafana_url="http://grafana:3000")
+    store, engine = SegmentStore(), AlertEngine(RULES, grafana_url="http://grafana:3000")
     drop = range(T0_MIN + 120, T0_MIN + 150)
     records = run(range(T0_MIN, T0_MIN + 240), drop, engine, store)
     firing = [r for r in records if r["notification"] == "firing"]
@@ -95,7 +95,7 @@ def test_drop_fires_once_names_the_segment_and_resolves_once() -> None:
 
 
 def test_replaying_holds_every_alert() -> None:
-    store, engine = ScopeStore(), AlertEngine(RULES)
+    store, engine = SegmentStore(), AlertEngine(RULES)
     for minute in range(T0_MIN, T0_MIN + 150):
         traffic(store, minute, minute >= T0_MIN + 120)
         segments = SegmentView(store.series)
@@ -103,7 +103,7 @@ def test_replaying_holds_every_alert() -> None:
 
 
 def test_state_survives_a_restart_without_duplicates() -> None:
-    store, engine = ScopeStore(), AlertEngine(RULES)
+    store, engine = SegmentStore(), AlertEngine(RULES)
     drop = range(T0_MIN + 120, T0_MIN + 150)
     first = run(range(T0_MIN, T0_MIN + 135), drop, engine, store)
     restored = AlertEngine(RULES)
@@ -118,9 +118,9 @@ def test_segments_are_judged_only_once_their_history_covers_the_baseline() -> No
     """30 minutes in, c1's CTR drops: against 30 minutes of a 60-minute baseline that
     would fire; it is held until the series' history covers the baseline."""
     drop = range(T0_MIN + 30, T0_MIN + 70)
-    fresh = run(range(T0_MIN, T0_MIN + 70), drop, AlertEngine(RULES), ScopeStore())
+    fresh = run(range(T0_MIN, T0_MIN + 70), drop, AlertEngine(RULES), SegmentStore())
     assert fresh == []
-    known = run(range(T0_MIN - 120, T0_MIN + 70), drop, AlertEngine(RULES), ScopeStore())
+    known = run(range(T0_MIN - 120, T0_MIN + 70), drop, AlertEngine(RULES), SegmentStore())
     assert any(r["campaign"] == "c1" and r["notification"] == "firing" for r in known)
 
 
@@ -217,7 +217,7 @@ def _backlog_run(*, hold: bool, real_drop: bool) -> list[dict[str, Any]]:
 
     ``real_drop``: in those late minutes, and live afterwards, c1's CTR really is 60% down.
     """
-    store, engine = ScopeStore(), AlertEngine(RULES)
+    store, engine = SegmentStore(), AlertEngine(RULES)
     late = range(T0_MIN + 90, T0_MIN + 118)
     chunks = [late[i::4] for i in range(4)]
     records: list[dict[str, Any]] = []
@@ -265,7 +265,7 @@ def test_a_backlog_of_late_events_hides_no_real_alert() -> None:
 
 def test_a_clone_steps_like_the_engine_and_leaves_it_as_it_was() -> None:
     """The worker steps a clone off the event loop and keeps it only if its tick commits."""
-    store, engine = ScopeStore(), AlertEngine(RULES)
+    store, engine = SegmentStore(), AlertEngine(RULES)
     drop = range(T0_MIN + 120, T0_MIN + 150)
     for minute in range(T0_MIN, T0_MIN + 240):
         traffic(store, minute, minute in drop)

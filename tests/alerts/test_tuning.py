@@ -19,7 +19,7 @@ import pytest
 from alerts.detectors import ORDER_VALUE_CV, judge
 from alerts.engine import AlertEngine, thresholds
 from alerts.rules import DEFAULT_RULES, Rule, load_rules
-from stream.aggregate import ScopeStore
+from stream.aggregate import SegmentStore
 from stream.segments import SegmentView
 from stream.windows import MICROS
 
@@ -127,7 +127,7 @@ def test_through_the_engine_quiet_hours_then_a_ctr_drop_and_an_order_outage_fire
     rng = np.random.default_rng(11)
     campaigns = {"c1": Funnel(2000.0), "c2": Funnel(1500.0, ctr=0.02), "c3": Funnel(800.0)}
     channel = {"c1": "social", "c2": "social", "c3": "search"}
-    store, engine = ScopeStore(), AlertEngine(load_rules(DEFAULT_RULES))
+    store, engine = SegmentStore(), AlertEngine(load_rules(DEFAULT_RULES))
     start = 29_916_000  # a minute index
     drop, outage = start + 8 * 60, start + 10 * 60
     fired: dict[str, float] = {}  # rule:campaign -> minutes from onset to firing

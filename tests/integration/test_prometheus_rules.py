@@ -128,7 +128,7 @@ def test_recorded_kpis_equal_the_worker_kpis(
     wait_for(through, timeout=120, what="every event through the pipeline")
     funnel_cac = frozenset({"kpi": "cac", "scope": "campaign", "channel": "search",
                             "campaign": "c-funnel", "window": "5m"}.items())  # fmt: skip
-    # Both special campaigns, which reach the scope stage in different partials records.
+    # Both special campaigns, which reach the segment stage in different partials records.
     imp_ctr = frozenset({"kpi": "ctr", "scope": "campaign", "channel": "print",
                          "campaign": "c-imp", "window": "5m"}.items())  # fmt: skip
 

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from alerts.exposition import render_alerts
-from stream.aggregate import ScopeStore
+from stream.aggregate import SegmentStore
 from stream.cli import build_parser
 from stream.devstack import render_prometheus_config
 from stream.kpis import MEASURES
@@ -326,7 +326,7 @@ def _known_metrics() -> set[str]:
     stats.consumer_lag[("events.clicks", 0)] = 0
     stats.stalled[("events.clicks", 1)] = "unsupported_codec"
     stats.unreadable[("events.clicks", "unsupported_codec")] = 1
-    store = ScopeStore(settle_ms=60_000)
+    store = SegmentStore(settle_ms=60_000)
     store.apply_cells([("search", "c1", T0 // 60_000, [100, 5, 1, 1, 1, 9_000_000, 2_000_000])])
     store.observe_latency([T0], T0 + 500)
     now = T0 + 180_000

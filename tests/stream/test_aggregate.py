@@ -16,8 +16,8 @@ from stream.aggregate import (
     OTHER,
     UNATTRIBUTED,
     BatchOutput,
-    PartitionState,
-    ScopeStore,
+    DedupState,
+    SegmentStore,
     key_hash,
 )
 from stream.windows import MEASURES, SPEND, WINDOWS, kpis
@@ -110,7 +110,7 @@ def test_partition_state_matches_the_plain_model(
     now = T0 + 160 * MIN
     bounds = [0, *sorted(cuts), len(events)]
     batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
-    state = PartitionState()
+    state = DedupState()
     out = BatchOutput()
     for batch in batches:
         state.apply(batch, now, out)
@@ -131,10 +131,10 @@ def test_partition_state_matches_the_plain_model(
         first.setdefault((ev[0], ev[1]), ev)
     batches = [[first[(ev[0], ev[1])] for ev in batch] for batch in batches]
     out = BatchOutput()
-    state = PartitionState()
+    state = DedupState()
     for batch in batches:
         state.apply(batch, now, out)
-    again, reordered = PartitionState(), BatchOutput()
+    again, reordered = DedupState(), BatchOutput()
     for batch in batches:
         shuffled = list(batch)
         shuffle.shuffle(shuffled)
@@ -154,7 +154,7 @@ def test_partition_state_matches_the_plain_model(
 
 
 def test_attribution_by_click_id_and_unattributed() -> None:
-    state = PartitionState()
+    state = DedupState()
     out = state.apply(
         [
             routed("click", "k-ev", T0, campaign="c7", channel="social", click="k9"),
@@ -181,7 +181,7 @@ def test_attribution_by_click_id_and_unattributed() -> None:
 
 
 def test_dedup_horizon_expires_by_event_time() -> None:
-    state = PartitionState()
+    state = DedupState()
     state.apply([routed("click", "a", T0)], now_ms=T0)
     assert (
         state.apply([routed("click", "a", T0 + 30 * MIN)], T0 + 30 * MIN).duplicates["click"] == 1
@@ -199,7 +199,7 @@ def test_late_events_count_while_their_horizon_covers_them() -> None:
     """A shuffled re-send of the last 50 minutes counts in full and is marked out of order;
     a click 62 minutes old or an order 25 hours old cannot be deduplicated: too late."""
     now = T0 + 30 * 60 * MIN
-    state = PartitionState()
+    state = DedupState()
     state.apply([routed("impression", "live", now - 1000)], now)
     backlog = [routed("click", f"b{i}", now - (50 - i) * MIN) for i in range(50)]
     backlog.reverse()
@@ -223,7 +223,7 @@ def test_late_events_count_while_their_horizon_covers_them() -> None:
 def test_lateness_is_measured_against_event_time_reached_during_replay() -> None:
     """A backlog of hours-old events is not late; an old straggler after it is."""
     now = T0 + 5 * 60 * MIN
-    state = PartitionState()
+    state = DedupState()
     backlog = [routed("click", f"b{i}", T0 + i * MIN) for i in range(120)]
     out = state.apply(backlog, now)
     assert out.applied["click"] == 120 and not out.late
@@ -233,9 +233,9 @@ def test_lateness_is_measured_against_event_time_reached_during_replay() -> None
 
 
 def test_changelog_round_trip_restores_behaviour() -> None:
-    first = PartitionState()
+    first = DedupState()
     first.apply([routed("click", "a", T0, click="k1", campaign="c3"), routed("order", "o", T0)], T0)
-    restored = PartitionState()
+    restored = DedupState()
     restored.load_changes(first.drain_changes())
     assert first.drain_changes() == {"max_ts": T0, "clock": 0, "seen": [], "clicks": []}
     follow = [
@@ -259,8 +259,8 @@ def test_restore_from_changelog_decides_as_the_live_state(
     """Duplicate, late or counted: a state rebuilt from its changelog (in chunks, as the
     worker writes it) decides every following event as the live one does."""
     now = T0 + 160 * MIN
-    live = PartitionState()
-    restored = PartitionState()
+    live = DedupState()
+    restored = DedupState()
     for batch in (events[:cut], events[cut:]):
         live.apply(batch, now)
         for chunk in codec.split_changes(live.drain_changes(), size=3):
@@ -269,7 +269,7 @@ def test_restore_from_changelog_decides_as_the_live_state(
     assert (a.cells, a.duplicates, a.late) == (b.cells, b.duplicates, b.late)
 
 
-# --- ScopeStore ------------------------------------------------------------------
+# --- SegmentStore ------------------------------------------------------------------
 
 cell_st = st.tuples(
     st.sampled_from(["search", "social", "email", "video"]),
@@ -299,8 +299,8 @@ def test_scope_sums_are_exact_at_every_scope(
     """Whatever the guards fold, promote or demote (cells span 25 hours: reviews happen),
     global sums are exact, each channel is the sum of its campaigns and ``__other__``,
     and the global series the sum of the channels."""
-    store = ScopeStore(max_campaigns=max_campaigns, max_channels=max_channels, settle_ms=MIN)
-    for i in range(0, len(cells), 7):  # in several partials, as the scope stage gets them
+    store = SegmentStore(max_campaigns=max_campaigns, max_channels=max_channels, settle_ms=MIN)
+    for i in range(0, len(cells), 7):  # in several partials, as the segment stage gets them
         store.apply_cells(cells[i : i + 7])
     now = T0 + 1502 * MIN + 5_000
     result = store.evaluate(now)
@@ -335,7 +335,7 @@ def test_scope_sums_are_exact_at_every_scope(
 
 
 def test_a_campaign_beyond_the_guard_is_folded_then_promoted_by_spend() -> None:
-    store = ScopeStore(max_campaigns=2, settle_ms=0)
+    store = SegmentStore(max_campaigns=2, settle_ms=0)
     minute = T0 // MIN
     for i, spend in enumerate([5, 50, 500, 1]):  # c0 and c1 are kept: first come
         store.apply_cells([("search", f"c{i}", minute, [1, 0, 0, 0, 0, 0, spend])])
@@ -358,7 +358,7 @@ def test_a_campaign_beyond_the_guard_is_folded_then_promoted_by_spend() -> None:
 
 
 def test_channels_beyond_the_guard_fold_into_other() -> None:
-    store = ScopeStore(max_channels=2, settle_ms=0)
+    store = SegmentStore(max_channels=2, settle_ms=0)
     minute = T0 // MIN
     store.apply_cells([(f"ch{i}", f"c{i}", minute, [10, 1, 0, 0, 0, 0, 0]) for i in range(5)])
     result = store.evaluate(T0 + 2 * MIN)
@@ -375,7 +375,7 @@ def test_channels_beyond_the_guard_fold_into_other() -> None:
 def test_folded_counters_start_at_zero_so_the_first_folds_are_an_increase() -> None:
     """Prometheus counts no increase for a series that appears at N: every channel's
     campaign counter is shown at 0 before its first fold."""
-    store = ScopeStore(max_campaigns=1, settle_ms=0)
+    store = SegmentStore(max_campaigns=1, settle_ms=0)
     minute = T0 // MIN
     store.apply_cells([("search", "c0", minute, [1, 0, 0, 0, 0, 0, 0])])
     before = store.evaluate(T0 + 2 * MIN).folded
@@ -388,7 +388,7 @@ def test_folded_counters_start_at_zero_so_the_first_folds_are_an_increase() -> N
 def test_state_and_work_stay_bounded_by_the_guards() -> None:
     """50,000 campaign ids over 2,000 channels: series, counters and candidate tables are
     bounded by the guards, not by the ids seen."""
-    store = ScopeStore(max_campaigns=50, max_channels=10)
+    store = SegmentStore(max_campaigns=50, max_channels=10)
     minute = T0 // MIN
     for hour in range(3):
         store.apply_cells(
@@ -405,7 +405,7 @@ def test_state_and_work_stay_bounded_by_the_guards() -> None:
 
 
 def test_watermark_follows_event_time_while_a_worker_replays() -> None:
-    store = ScopeStore()
+    store = SegmentStore()
     now = T0 + 10 * 60 * MIN
     store.report(0, T0 + 60 * MIN, caught_up=False, now_ms=now)
     store.report(1, T0 + 90 * MIN, caught_up=False, now_ms=now)
@@ -422,11 +422,11 @@ def test_watermark_follows_event_time_while_a_worker_replays() -> None:
 
 
 def test_scope_changelog_round_trip() -> None:
-    store = ScopeStore()
+    store = SegmentStore()
     minute = T0 // MIN
     store.apply_cells([("search", "c1", minute, [1, 2, 3, 4, 5, 6, 7]),
                        ("social", "c2", minute + 70, [7, 6, 5, 4, 3, 2, 1])])  # fmt: skip
-    restored = ScopeStore()
+    restored = SegmentStore()
     for state_key, value in store.drain_dirty():
         restored.load(state_key, value)
     assert list(store.drain_dirty()) == []
@@ -441,7 +441,7 @@ def test_scope_changelog_round_trip() -> None:
 
 @pytest.mark.parametrize("seconds", [0.05, 0.3, 7, 1000])
 def test_latency_histogram(seconds: float) -> None:
-    store = ScopeStore()
+    store = SegmentStore()
     store.observe_latency([T0], T0 + int(seconds * 1000))
     assert sum(store.latency_counts) == 1
     assert store.latency_sum == pytest.approx(seconds)
@@ -451,7 +451,7 @@ def test_lateness_also_waits_for_the_slowest_source_the_router_reads() -> None:
     """Impressions replayed ahead of clicks must not make the clicks late: the router's
     event time reached (its slowest source) is the reference, not this partition's newest."""
     now = T0 + 5 * 60 * MIN
-    state = PartitionState()
+    state = DedupState()
     state.apply([routed("impression", "i", T0 + 90 * MIN)], now, reached_ms=T0)
     clicks = state.apply([routed("click", "k", T0 + MIN)], now, reached_ms=T0)
     assert clicks.applied["click"] == 1 and not clicks.late
@@ -460,7 +460,7 @@ def test_lateness_also_waits_for_the_slowest_source_the_router_reads() -> None:
 
 
 def test_replaying_means_the_watermark_lags_beyond_the_replay_lag() -> None:
-    store = ScopeStore(replay_lag_ms=120_000)
+    store = SegmentStore(replay_lag_ms=120_000)
     now = T0 + 60 * MIN
     store.report(0, now - 60_000, caught_up=False, now_ms=now)
     assert not store.evaluate(now).replaying, "a minute behind is a hiccup, not a replay"
@@ -470,7 +470,7 @@ def test_replaying_means_the_watermark_lags_beyond_the_replay_lag() -> None:
 
 
 def test_restating_holds_alerts_while_a_backlog_of_late_events_is_applied() -> None:
-    store = ScopeStore()
+    store = SegmentStore()
     now = T0 + 120 * MIN
     minute = now // MIN
     store.report(0, now, caught_up=True, now_ms=now)
@@ -493,7 +493,7 @@ def test_restating_holds_alerts_while_a_backlog_of_late_events_is_applied() -> N
 
 def test_a_changelog_written_before_key_hashes_still_deduplicates() -> None:
     """An upgrade restores keys logged as strings; copies of their events stay duplicates."""
-    restored = PartitionState()
+    restored = DedupState()
     restored.load_changes({"max_ts": T0, "seen": [["ck-1", T0 // MIN + 60],
                                                   ["oA-1", T0 // MIN + 1440]],
                            "clicks": [["k-1", T0 // MIN + 1440, ["c3", "social"]]]})  # fmt: skip
@@ -508,18 +508,18 @@ def test_a_changelog_written_before_key_hashes_still_deduplicates() -> None:
 
 def test_one_id_of_two_types_is_two_keys() -> None:
     assert key_hash("click", "e1") != key_hash("order", "e1")
-    out = PartitionState().apply([routed("click", "e1", T0), routed("order", "e1", T0)], T0)
+    out = DedupState().apply([routed("click", "e1", T0), routed("order", "e1", T0)], T0)
     assert out.applied == Counter({"click": 1, "order": 1})
 
 
 def test_a_raised_campaign_limit_admits_a_folded_id_once() -> None:
     """Restarted with a higher KPIMON_MAX_CAMPAIGNS, an id folded before gets a series of
     its own when next seen, and keeps it: no review swaps it with itself."""
-    store = ScopeStore(max_campaigns=2, settle_ms=0)
+    store = SegmentStore(max_campaigns=2, settle_ms=0)
     minute = T0 // MIN
     store.apply_cells([("search", c, minute, [1, 0, 0, 0, 0, 0, s])
                        for c, s in (("c0", 5), ("c1", 5), ("c2", 5000))])  # fmt: skip
-    raised = ScopeStore(max_campaigns=3, settle_ms=0)
+    raised = SegmentStore(max_campaigns=3, settle_ms=0)
     for key, value in store.drain_dirty():
         raised.load(key, value)
     raised.apply_cells([("search", "c2", minute + 1, [1, 0, 0, 0, 0, 0, 1])])
@@ -535,8 +535,8 @@ def test_a_raised_campaign_limit_admits_a_folded_id_once() -> None:
 def test_scope_changelog_round_trip_through_folding_and_a_demotion() -> None:
     """A store rebuilt from its changelog (tombstones of moved series, guard state) equals
     the live one and folds the next cells the same way."""
-    store = ScopeStore(max_campaigns=2, max_channels=2, settle_ms=0)
-    restored = ScopeStore(max_campaigns=2, max_channels=2, settle_ms=0)
+    store = SegmentStore(max_campaigns=2, max_channels=2, settle_ms=0)
+    restored = SegmentStore(max_campaigns=2, max_channels=2, settle_ms=0)
     minute = T0 // MIN
     batches = [
         [(f"ch{i % 3}", f"c{i}", minute + i, [1, 1, 0, 0, 0, 0, 10 * i]) for i in range(6)],
@@ -562,10 +562,10 @@ def test_scope_changelog_round_trip_through_folding_and_a_demotion() -> None:
 
 
 def test_a_lowered_limit_shrinks_the_kept_state_at_the_next_review() -> None:
-    store = ScopeStore(max_campaigns=4, settle_ms=0)
+    store = SegmentStore(max_campaigns=4, settle_ms=0)
     minute = T0 // MIN
     store.apply_cells([("search", f"c{i}", minute, [1, 0, 0, 0, 0, 0, i]) for i in range(4)])
-    smaller = ScopeStore(max_campaigns=2, settle_ms=0)  # restarted with a lower limit
+    smaller = SegmentStore(max_campaigns=2, settle_ms=0)  # restarted with a lower limit
     for key, value in store.drain_dirty():
         smaller.load(key, value)
     smaller.apply_cells([("search", "c3", minute + 60, [1, 0, 0, 0, 0, 0, 1])])
@@ -601,7 +601,7 @@ def test_a_snapshot_evaluates_as_the_store_did_when_taken(
     exactly as a store evaluated at the snapshot that then took the same input."""
     now = T0 + 1502 * MIN + 5_000
     old = [("search", "c1", T0 // MIN - 50 * 60, [1] * N)]  # folded at this watermark
-    store = ScopeStore(max_campaigns=max_campaigns, settle_ms=MIN)
+    store = SegmentStore(max_campaigns=max_campaigns, settle_ms=MIN)
     store.apply_cells(old + before)
     store.report(0, now - 3 * MIN, caught_up=False, now_ms=now)
     store.observe_latency([now - 1000], now)
@@ -627,7 +627,7 @@ def test_a_snapshot_evaluates_as_the_store_did_when_taken(
 
 def test_advancing_the_clock_twice_at_one_time_changes_nothing() -> None:
     now = T0 + 120 * MIN
-    store = ScopeStore()
+    store = SegmentStore()
     store.report(0, now - 10 * MIN, caught_up=False, now_ms=now)
     store.apply_cells([("search", "c1", now // MIN - 30, [1] * N)])
     store.evaluate(now - MIN)
@@ -642,7 +642,7 @@ def test_advancing_the_clock_twice_at_one_time_changes_nothing() -> None:
 def test_restated_cells_applied_during_an_evaluation_count_at_the_next() -> None:
     now = T0 + 120 * MIN
     minute = now // MIN
-    store = ScopeStore()
+    store = SegmentStore()
     store.report(0, now, caught_up=True, now_ms=now)
     store.evaluate(now)
     store.report(0, now, caught_up=False, now_ms=now)  # a backlog of late events
@@ -657,7 +657,7 @@ def test_restated_cells_applied_during_an_evaluation_count_at_the_next() -> None
 def test_expiry_of_the_live_store_goes_in_slices_and_ends_as_evaluate_leaves_it() -> None:
     now = T0 + 60 * 60 * MIN
     cells = [("search", f"c{i}", T0 // MIN + m, [1] * N) for i in range(4) for m in (0, 700)]
-    store, evaluated = ScopeStore(), ScopeStore()
+    store, evaluated = SegmentStore(), SegmentStore()
     for s in (store, evaluated):
         s.apply_cells(cells)
         s.report(0, now, caught_up=True, now_ms=now)

@@ -7,7 +7,7 @@ import subprocess
 from prometheus_client.parser import text_string_to_metric_families
 
 from alerts.exposition import render_alerts
-from stream.aggregate import ScopeStore
+from stream.aggregate import SegmentStore
 from stream.metrics import build_registry, render, render_evaluation
 from stream.pipeline import PipelineStats
 from tests.conftest import require_binary
@@ -25,7 +25,7 @@ def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 
 def test_render_is_parseable_exact_and_escaped() -> None:
-    store = ScopeStore(settle_ms=MIN)
+    store = SegmentStore(settle_ms=MIN)
     odd = 'c"1\\\n'
     minute = T0 // MIN
     store.apply_cells([("search", odd, minute, [1000, 30, 3, 2, 1, 90_500_000, 12_250_000])])
@@ -52,7 +52,7 @@ def test_render_is_parseable_exact_and_escaped() -> None:
 
 
 def test_absent_kpis_are_not_exported() -> None:
-    store = ScopeStore(settle_ms=MIN)
+    store = SegmentStore(settle_ms=MIN)
     store.apply_cells([("email", "c9", T0 // MIN, [500, 0, 0, 0, 0, 0, 0])])
     now = T0 + 3 * MIN
     got = samples(render_evaluation(store.evaluate(now), store, now).decode())
@@ -61,7 +61,7 @@ def test_absent_kpis_are_not_exported() -> None:
 
 
 def test_alerts_and_baselines_are_exported_for_shown_series_only() -> None:
-    store = ScopeStore(settle_ms=MIN, max_campaigns=1)
+    store = SegmentStore(settle_ms=MIN, max_campaigns=1)
     minute = T0 // MIN
     store.apply_cells([("search", "big", minute, [1000, 30, 0, 0, 0, 0, 9_000_000]),
                        ("search", "small", minute, [10, 1, 0, 0, 0, 0, 1])])  # fmt: skip
@@ -99,7 +99,7 @@ def test_whole_page_passes_promtool_lint() -> None:
     stats.outbox_pending["slack"] = 1
     stats.consumer_lag[("events.clicks", 0)] = 7
     odd = 'c"1\\\n'
-    store = ScopeStore(settle_ms=MIN)
+    store = SegmentStore(settle_ms=MIN)
     store.apply_cells([("search", odd, T0 // MIN, [1000, 30, 3, 2, 1, 90_500_000, 1])])
     store.observe_latency([T0], T0 + 700)
     now = T0 + 3 * MIN

@@ -76,7 +76,7 @@ def test_ingest_routes_valid_events_by_click_id_and_dead_letters_the_rest() -> N
     assert [m.value for m in letters] == [b"{not json"]
     assert dict(letters[0].headers or [])["kpimon.source.offset"] == b"1"
     assert step.offsets == {(CLICKS, 0): 3, (ORDERS, 1): 1}
-    assert stages.ingest.reached == {(CLICKS, 0): NOW - 5 * MIN, (ORDERS, 1): NOW - 4 * MIN}
+    assert stages.ingest.newest == {(CLICKS, 0): NOW - 5 * MIN, (ORDERS, 1): NOW - 4 * MIN}
 
 
 def test_a_lagging_source_partition_holds_the_watermark_at_its_event_time() -> None:
@@ -89,7 +89,7 @@ def test_a_lagging_source_partition_holds_the_watermark_at_its_event_time() -> N
 
 def test_partition_stage_deduplicates_and_restores_from_its_changelog() -> None:
     stages = Stages(SETTINGS, TOPO)
-    stages.partitions = {p: stages.new_partition(p) for p in range(3)}
+    stages.dedup = {p: stages.new_dedup(p) for p in range(3)}
     values = [click(1), click(1), click(2)]  # one duplicate
     first = stages.step({(CLICKS, 0): records(CLICKS, values)}, NOW, {})
     assert first is not None
@@ -105,9 +105,9 @@ def test_partition_stage_deduplicates_and_restores_from_its_changelog() -> None:
     log = as_records(second.messages, TOPO.dedup_log)
     rebuilt = Stages(SETTINGS, TOPO)
     for p in range(3):
-        rebuilt.partitions[p] = rebuilt.new_partition(p)
+        rebuilt.dedup[p] = rebuilt.new_dedup(p)
         for record in log.get(p, []):
-            rebuilt.partitions[p].restore(record.value or b"")
+            rebuilt.dedup[p].restore(record.value or b"")
     again = rebuilt.step({(TOPO.routed, p): rs for p, rs in routed.items()}, NOW, {})
     assert again is not None
     assert sum(sum(out.duplicates.values()) for out in again.outputs) == 3
@@ -117,7 +117,7 @@ def test_partition_stage_deduplicates_and_restores_from_its_changelog() -> None:
 def test_nothing_to_send_is_no_step_and_a_heartbeat_is_one() -> None:
     stages = Stages(SETTINGS, TOPO)
     assert stages.step({}, NOW, {}) is None
-    stages.partitions[0] = stages.new_partition(0)
+    stages.dedup[0] = stages.new_dedup(0)
     heartbeat = stages.step({}, NOW, {})
     assert heartbeat is not None and [m.topic for m in heartbeat.messages] == [TOPO.partials]
     assert codec.Partial.decode(heartbeat.messages[0].value or b"").caught_up
@@ -151,9 +151,9 @@ def recount(raw: list[tuple[str, bytes]]) -> Counter[tuple[str, str]]:
 
 
 def scope_counts(runtime: LocalRuntime) -> Counter[tuple[str, str]]:
-    assert runtime.stages.scope is not None
+    assert runtime.stages.segments is not None
     counts: Counter[tuple[str, str]] = Counter()
-    for (scope, _, campaign), buckets in runtime.stages.scope.store.series.items():
+    for (scope, _, campaign), buckets in runtime.stages.segments.store.series.items():
         if scope == "campaign":
             totals = buckets.sum(NOW // MIN - 60, NOW // MIN + 1)
             for measure in ("clicks", "orders"):
@@ -190,14 +190,14 @@ def test_a_scope_stage_restored_from_its_changelog_resumes_at_the_offset_it_cove
     feed(runtime, raw[:25], NOW)
     assert runtime.step(NOW, snapshot=True) is not None
     feed(runtime, raw[25:], NOW + 1000)  # applied after the snapshot: replayed on restore
-    rebuilt = runtime.stages.new_scope()
+    rebuilt = runtime.stages.new_segments()
     for record in runtime.log.partitions[(TOPO.scope_log, 0)]:
         kind, key = codec.scope_log_entry(record.key or b"")
         rebuilt.restore(kind, key, None if record.value is None else json.loads(record.value))
     partials = runtime.log.partitions[(TOPO.partials, 0)]
     assert 0 < rebuilt.position < len(partials)
     rebuilt.apply(partials[rebuilt.position :], NOW + 2000)
-    runtime.stages.scope = rebuilt
+    runtime.stages.segments = rebuilt
     assert scope_counts(runtime) == recount(raw)
 
 

@@ -20,10 +20,10 @@ from alerts.engine import AlertEngine
 from alerts.rules import parse_rules
 from alerts.stage import AlertStage
 from stream import codec
-from stream.aggregate import ScopeStore
+from stream.aggregate import SegmentStore
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
-from stream.stages import ScopeStage
+from stream.stages import SegmentStage
 from stream.worker import PipelineService, in_thread
 
 ALERTS_STATE_KEY = codec.scope_log_key("alerts")
@@ -70,15 +70,15 @@ class FakeProducer:
 
 
 class FakeConsumer:
-    """The scope stage has applied all of its input (no hold)."""
+    """The segment stage has applied all of its input (no hold)."""
 
     def highwater(self, tp: TopicPartition) -> int:
         return 0
 
 
-def scope_with_a_ctr_drop(now_ms: int) -> ScopeStore:
+def scope_with_a_ctr_drop(now_ms: int) -> SegmentStore:
     """Two hours of three campaigns at 2% CTR; c1's falls 60% in the last 20 minutes."""
-    store = ScopeStore()
+    store = SegmentStore()
     now_minute = now_ms // 60_000
     for minute in range(now_minute - 120, now_minute):
         for channel, campaign in (("social", "c1"), ("social", "c2"), ("search", "c3")):
@@ -97,9 +97,9 @@ def service() -> PipelineService:
     return svc
 
 
-def install(svc: PipelineService, store: ScopeStore, engine: AlertEngine) -> None:
-    """The scope and alert stages as ``_restore_scope`` leaves them."""
-    svc.stages.scope = ScopeStage(store, svc.topology)
+def install(svc: PipelineService, store: SegmentStore, engine: AlertEngine) -> None:
+    """The scope and alert stages as ``_restore_segments`` leaves them."""
+    svc.stages.segments = SegmentStage(store, svc.topology)
     svc.alerting = AlertStage(RULES, svc.settings, svc.topology, ("console",))
     svc.alerting.engine = engine
     svc.alerting.state = codec.encode_json(engine.to_dict())
@@ -176,16 +176,16 @@ async def test_the_event_loop_and_the_lock_are_free_while_a_tick_computes(
     assert gate.thread is not None and gate.thread != threading.current_thread().name
     async with asyncio.timeout(5):
         async with service._lock:  # as a transaction would
-            assert service.stages.scope is not None
+            assert service.stages.segments is not None
             minute = int(time.time()) // 60 - 5
             cell = ("social", "newcomer", minute, [9, 1, 0, 0, 0, 0, 0])
-            service.stages.scope.store.apply_cells([cell])
+            service.stages.segments.store.apply_cells([cell])
     assert not tick.done()
     gate.release.set()
     assert await tick is None
     assert FIRING in service.kpi_exposition.decode()
     assert b'campaign="newcomer"' not in service.kpi_exposition, "the snapshot predates it"
-    assert ("campaign", "social", "newcomer") in service.stages.scope.store.series
+    assert ("campaign", "social", "newcomer") in service.stages.segments.store.series
     assert await service._tick() is None
     assert b'campaign="newcomer"' in service.kpi_exposition
 
@@ -200,7 +200,7 @@ async def test_a_tick_is_discarded_when_the_scope_partition_moves_meanwhile(
     await entered(gate)
     await service.revoke([TopicPartition(service.topology.partials, 0)])
     fresh_engine = AlertEngine(RULES)
-    if rebuilt:  # as _restore_scope leaves it, from the changelog
+    if rebuilt:  # as _restore_segments leaves it, from the changelog
         install(service, scope_with_a_ctr_drop(int(time.time() * 1000)), fresh_engine)
     gate.release.set()
     with caplog.at_level(logging.INFO, logger="kpimon.worker"):
