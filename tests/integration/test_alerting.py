@@ -168,6 +168,7 @@ def _am_alerts(url: str, tag: str) -> list[dict[str, Any]]:
     return [a for a in alerts if a["labels"].get("e2e") == tag]
 
 
+@pytest.mark.timeout(900)  # its own waits add up past the default 300 s on a loaded machine
 def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
     start_worker: Callable[..., WorkerProcess],
     worker_env: dict[str, str],
