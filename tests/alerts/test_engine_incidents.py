@@ -160,3 +160,10 @@ def test_resent_firing_records_are_the_open_incidents() -> None:
     assert record["notification"] == "repeat" and record["status"] == "firing"
     assert len(alertmanager_alerts([record])) == len(record["incident"]["members"])
     assert len(engine.firing_labels()) == len(record["incident"]["members"])
+
+
+def order_outage_repeat() -> dict[str, Any]:
+    """The order outage's incident record at its first repeat, all members in (for the
+    Alertmanager routing and inhibition tests)."""
+    records = run(AlertEngine(parse_rules(rules_text())), range(T0, T0 + 150), SegmentStore())
+    return next(r for r in records if r["notification"] == "repeat")
