@@ -419,6 +419,7 @@ class AlertEngine:
         intervals = {r.name: r.repeat_interval_seconds for r in self.rules}
         if INCIDENTS in data:
             incidents = Incidents.from_dict(data[INCIDENTS], intervals)
+            incidents.retain(intervals)
         else:  # a state from before incidents: adopt what fires, telling nobody again
             incidents = Incidents(intervals)
             self.states = states

@@ -358,6 +358,19 @@ class Incidents:
             opened.add(ident)
         return opened
 
+    def retain(self, rules: Iterable[str]) -> None:
+        """Forget members of rules that no longer exist (the rules file changed across a
+        restart): an incident left without its root takes its best-ranked member as root,
+        one left empty is dropped (nothing can be said about alerts no rule defines)."""
+        keep = set(rules)
+        for ident in sorted(self._open):
+            incident = self._open[ident]
+            incident.members = {k: m for k, m in incident.members.items() if k[0] in keep}
+            if not incident.members:
+                del self._open[ident]
+            elif all(m.role != "root" for m in incident.members.values()):
+                min(incident.members.values(), key=_rank).role = "root"
+
     # -- reading --------------------------------------------------------------------------
     def open(self) -> list[Incident]:
         """Snapshots of the open incidents, by id."""

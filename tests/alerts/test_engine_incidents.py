@@ -167,3 +167,22 @@ def order_outage_repeat() -> dict[str, Any]:
     Alertmanager routing and inhibition tests)."""
     records = run(AlertEngine(parse_rules(rules_text())), range(T0, T0 + 150), SegmentStore())
     return next(r for r in records if r["notification"] == "repeat")
+
+
+def test_a_rule_removed_across_a_restart_leaves_its_incidents_coherent() -> None:
+    """The rules file lost the root's rule: the incident goes on under its best member."""
+    store, engine = SegmentStore(), AlertEngine(parse_rules(rules_text()))
+    run(engine, range(T0, T0 + 140), store)
+    (before,) = engine.incidents.open()
+    assert before.root.key[0] == "orders_watch" and len(before.members) > 2
+    fewer = AlertEngine(parse_rules(rules_text(ORDER_KPIS[1:])))
+    fewer.load(json.loads(json.dumps(engine.to_dict())))
+    (after,) = fewer.incidents.open()
+    assert after.id == before.id and after.root.key[0] != "orders_watch"
+    assert {k for k in after.members} == {k for k in before.members if k[0] != "orders_watch"}
+    rest = run(fewer, range(T0 + 140, T0 + 240), store)
+    assert [r["notification"] for r in rest].count("resolved") == 1
+    assert "firing" not in [r["notification"] for r in rest]
+    none = AlertEngine(parse_rules(rules_text(("ctr",))))
+    none.load(json.loads(json.dumps(engine.to_dict())))
+    assert none.incidents.open() == []
