@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import orjson
+from annotated_types import Ge
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -26,6 +29,8 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
+from pydantic.fields import FieldInfo
+from pydantic.types import AllowInfNan
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 MONEY_FIELDS: frozenset[str] = frozenset({"cost", "revenue", "amount"})
@@ -334,12 +339,21 @@ class EventParser:
 
     def parse(self, raw: bytes | None, *, topic_type: str | None, now_ms: int) -> Event | Rejection:
         """Parse one message value; ``topic_type`` is None on a shared topic."""
+        return self._parse(raw, topic_type, now_ms, fast=True)
+
+    def _parse(
+        self, raw: bytes | None, topic_type: str | None, now_ms: int, *, fast: bool
+    ) -> Event | Rejection:
         if raw is None or len(raw) == 0:
             return Rejection(RejectReason.NOT_JSON, "empty message")
         if len(raw) > self._max_bytes:
             return Rejection(
                 RejectReason.TOO_LARGE, f"{len(raw)} bytes exceeds the {self._max_bytes} limit"
             )
+        if fast:
+            done = self._fast(raw, topic_type, now_ms)
+            if done is not None:
+                return done
         try:
             model = _validate(raw, topic_type)
         except ValidationError as exc:
@@ -355,8 +369,55 @@ class EventParser:
             return Rejection(RejectReason.NOT_JSON, str(exc)[:200])
         return self._normalise(model, now_ms)
 
+    def parse_validated(
+        self, raw: bytes | None, *, topic_type: str | None, now_ms: int
+    ) -> Event | Rejection:
+        """:meth:`parse` through the pydantic models only (no fast path): the reference
+        the fast path is tested against."""
+        return self._parse(raw, topic_type, now_ms, fast=False)
+
     def _normalise(self, model: EventModel, now_ms: int) -> Event | Rejection:
-        ts = timestamp_ms(model.ts)
+        money = None
+        new_customer = None
+        click_id = customer_id = order_id = None
+        if isinstance(model, Impression):
+            money = model.cost
+        elif isinstance(model, Click):
+            money = model.cost
+            click_id = model.click_id
+        elif isinstance(model, Lead):
+            click_id = model.click_id
+        elif isinstance(model, Order):
+            money = model.revenue
+            new_customer = model.new_customer
+            click_id = model.click_id
+            customer_id = model.customer_id
+            order_id = model.order_id
+        elif isinstance(model, Spend):
+            money = model.amount
+        return self._event(
+            model.kind, model.event_id, timestamp_ms(model.ts), model.campaign_id,
+            model.channel, model.currency, money, click_id, new_customer, customer_id,
+            order_id, now_ms,
+        )  # fmt: skip
+
+    def _event(
+        self,
+        kind: str,
+        event_id: str,
+        ts: int,
+        campaign_id: str | None,
+        channel: str | None,
+        currency: str | None,
+        money: float | None,
+        click_id: str | None,
+        new_customer: bool | None,
+        customer_id: str | None,
+        order_id: str | None,
+        now_ms: int,
+    ) -> Event | Rejection:
+        """The rules beyond the schema (range, clock skew, rates), on validated fields:
+        shared by the pydantic path and the fast path, so they cannot differ here."""
         if not _MIN_TS_MS <= ts < _MAX_TS_MS:
             return Rejection(
                 RejectReason.BAD_TIMESTAMP,
@@ -368,41 +429,192 @@ class EventParser:
                 f"ts is {(ts - now_ms) / 1000:.0f} s in the future "
                 f"(limit {self._max_future_skew_ms / 1000:.0f} s)",
             )
-        currency = model.currency.upper() if model.currency else self._reporting_currency
+        currency = currency.upper() if currency else self._reporting_currency
         rate = self._rates.get(currency)
         if rate is None:
             return Rejection(RejectReason.UNKNOWN_CURRENCY, f"no rate configured for {currency}")
         spend = revenue = 0.0
-        new_customer = False
-        click_id = customer_id = None
-        dedup_key = model.event_id
-        if isinstance(model, Impression):
-            spend = (model.cost or 0.0) * rate
-        elif isinstance(model, Click):
-            spend = (model.cost or 0.0) * rate
-            click_id = model.click_id
-        elif isinstance(model, Lead):
-            click_id = model.click_id
-        elif isinstance(model, Order):
-            revenue = model.revenue * rate
-            new_customer = bool(model.new_customer)
-            click_id = model.click_id
-            customer_id = model.customer_id
-            dedup_key = model.order_id or model.event_id
-        elif isinstance(model, Spend):
-            spend = model.amount * rate
+        if kind == "order":
+            revenue = (money or 0.0) * rate
+        else:
+            spend = (money or 0.0) * rate
         if not (spend + revenue) < MAX_MONEY:
             return Rejection(RejectReason.INVALID_VALUE, "money too large after conversion")
         return Event(
-            type=model.kind,
-            event_id=model.event_id,
-            dedup_key=dedup_key,
-            ts_ms=ts,
-            campaign_id=model.campaign_id,
-            channel=model.channel or "unknown",
-            click_id=click_id,
-            spend_micros=round(spend * 1_000_000),
-            revenue_micros=round(revenue * 1_000_000),
-            new_customer=new_customer,
-            customer_id=customer_id,
+            kind,
+            event_id,
+            order_id or event_id,
+            ts,
+            campaign_id,
+            channel or "unknown",
+            click_id,
+            round(spend * 1_000_000),
+            round(revenue * 1_000_000),
+            bool(new_customer),
+            customer_id,
         )
+
+    def _fast(self, raw: bytes, topic_type: str | None, now_ms: int) -> Event | Rejection | None:
+        """The event of ``raw`` when it has the common shape (see :data:`_FAST_FIELDS`),
+        else None, and the pydantic models decide. Never accepts what they would refuse
+        nor reads a field differently: every check here is narrower than the schema's
+        (tests/stream/test_fast_path.py compares both over generated inputs)."""
+        try:
+            body = _loads(raw)
+        except _JSONDecodeError:
+            return None
+        if type(body) is not dict:
+            return None
+        tag = body.get("type")
+        if topic_type is None:
+            kind = tag
+            if type(kind) is not str or kind not in _FAST_FIELDS:
+                return None
+        else:
+            kind = topic_type
+            if tag is not None and tag != kind:
+                return None
+        rules, required = _FAST_RULES[kind]
+        if not required <= body.keys():
+            return None
+        for name, value in body.items():
+            found = rules.get(name)
+            if found is None:
+                continue  # an extra field: ignored, as the models ignore it
+            rule, nullable, min_len, max_len = found
+            vt = type(value)
+            if rule is _STR:
+                if vt is not str or not min_len <= len(value) <= max_len:
+                    if value is None and nullable:
+                        continue
+                    return None
+            elif rule is _TS:
+                if vt is int:
+                    if not -_EXACT_INT <= value <= _EXACT_INT:
+                        return None
+                elif vt is float:
+                    if not -_INF < value < _INF:
+                        return None
+                    body[name] = int(value)
+                elif vt is str:
+                    if _RFC3339.fullmatch(value) is None:
+                        return None
+                    try:
+                        body[name] = (datetime.fromisoformat(value) - _EPOCH) // _MS
+                    except ValueError:
+                        return None
+                else:
+                    return None
+            elif rule is _MONEY:
+                if vt is float:
+                    if not 0.0 <= value < _INF:
+                        return None
+                elif vt is int and 0 <= value <= _EXACT_INT:
+                    body[name] = float(value)
+                elif not (value is None and nullable):
+                    return None
+            elif rule is _LOWER:  # strip and lower-case are identities on these but case
+                if vt is not str or len(value) > max_len:
+                    if value is None and nullable:
+                        continue
+                    return None
+                if value:
+                    if not value.isascii() or value[0] <= " " or value[-1] <= " ":
+                        return None
+                    body[name] = value.lower()
+            elif rule is _CURRENCY:
+                if vt is not str or len(value) != 3 or not value.isascii() or not value.isalpha():
+                    if value is None and nullable:
+                        continue
+                    return None
+            elif rule is _BOOL and vt is not bool and not (value is None and nullable):
+                return None
+            # _TAG: checked above
+        get = body.get
+        for name in _NOT_IN[kind]:  # another type's fields: extra here, so ignored
+            body.pop(name, None)
+        return self._event(
+            kind, body["event_id"], body["ts"], get("campaign_id"), get("channel", "unknown"),
+            get("currency"), get(money) if (money := _MONEY_FIELD_OF[kind]) else None,
+            get("click_id"), get("new_customer"),
+            get("customer_id"), get("order_id"), now_ms,
+        )  # fmt: skip
+
+
+# -- the fast path's view of the models ----------------------------------------------
+# Each field of each model, as one of a few rules the fast path checks in plain Python.
+# Derived from the models at import: a field of a shape it does not know fails here, at
+# import, rather than being let through unchecked.
+_STR, _LOWER, _MONEY, _TS, _CURRENCY, _BOOL, _TAG = range(7)
+_INF = float("inf")
+_EXACT_INT = 2**53
+"""Integers up to here are exact as floats (pydantic reads JSON integers as floats here)."""
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:[0-5]\d(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})")
+"""The usual shape of a ``ts`` string (a subset of what pydantic reads, second 60 left to it)."""
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+
+FastField = tuple[str, int, bool, bool, int, int]
+"""(name, rule, required, nullable, min length, max length)."""
+_MONEY_METADATA = sorted(map(repr, [Ge(ge=0), AllowInfNan(allow_inf_nan=False)]))
+
+
+def _fast_field(name: str, info: Any) -> FastField:
+    annotation = info.annotation
+    nullable = False
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and type(None) in args:
+        nullable = True
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else Union[tuple(rest)]  # noqa: UP007
+    required = info.is_required()
+    metadata = list(info.metadata)
+    if get_origin(annotation) is Annotated:
+        for m in annotation.__metadata__:
+            metadata += list(m.metadata) if isinstance(m, FieldInfo) else [m]
+        annotation = get_args(annotation)[0]
+    if name == "ts":
+        return name, _TS, required, nullable, 0, 0
+    if get_origin(annotation) is Literal:
+        return name, _TAG, required, nullable, 0, 0
+    if annotation is bool:
+        return name, _BOOL, required, nullable, 0, 0
+    if annotation is float and sorted(map(repr, metadata)) == _MONEY_METADATA:
+        return name, _MONEY, required, nullable, 0, 0
+    if annotation is str:
+        (c,) = [m for m in metadata if isinstance(m, StringConstraints)]
+        if c.pattern == r"^[A-Za-z]{3}$" and c.max_length is None and not c.to_lower:
+            return name, _CURRENCY, required, nullable, 0, 0
+        if c.pattern is None and not c.to_upper and c.max_length is not None:
+            if c.strip_whitespace and c.to_lower and not c.min_length:
+                return name, _LOWER, required, nullable, 0, c.max_length
+            if not c.strip_whitespace and not c.to_lower:
+                return name, _STR, required, nullable, c.min_length or 0, c.max_length
+    raise TypeError(f"the parser's fast path does not know field {name!r}: {info}")
+
+
+_FAST_FIELDS: dict[str, tuple[FastField, ...]] = {
+    kind: tuple(_fast_field(name, info) for name, info in model.model_fields.items())
+    for kind, model in MODELS.items()
+}
+_FAST_RULES: dict[str, tuple[dict[str, tuple[int, bool, int, int]], frozenset[str]]] = {
+    kind: (
+        {name: (rule, nullable, lo, hi) for name, rule, _, nullable, lo, hi in fields},
+        frozenset(name for name, _, required, _, _, _ in fields if required),
+    )
+    for kind, fields in _FAST_FIELDS.items()
+}
+"""Per type: field -> (rule, nullable, min length, max length), and the required fields."""
+_MONEY_FIELD_OF: dict[str, str | None] = {
+    kind: next((name for name, rule, *_ in fields if rule == _MONEY), None)
+    for kind, fields in _FAST_FIELDS.items()
+}
+"""Per type: its money field, if it has one."""
+_NOT_IN: dict[str, tuple[str, ...]] = {
+    kind: tuple(
+        name for name in ("click_id", "new_customer", "customer_id", "order_id")
+        if name not in MODELS[kind].model_fields
+    )
+    for kind in MODELS
+}  # fmt: skip
+"""Per type: the fields :meth:`EventParser._event` reads that its model does not have."""

@@ -182,7 +182,7 @@ class DedupStage:
         """The step's partials (cells and progress) and dedup changelog entries."""
         out, self._output = self._output, None
         cells = codec.cells_list(out.cells) if out else []
-        source_ts = codec.source_histogram(out.source_ts) if out else []
+        source_ts = [[ts, n] for ts, n in out.source_hist.items()] if out else []
         messages = []
         for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):
             partial = codec.Partial(
