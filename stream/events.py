@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -455,10 +456,10 @@ class EventParser:
         )
 
     def _fast(self, raw: bytes, topic_type: str | None, now_ms: int) -> Event | Rejection | None:
-        """The event of ``raw`` when it has the common shape (see :data:`_FAST_FIELDS`),
-        else None, and the pydantic models decide. Never accepts what they would refuse
-        nor reads a field differently: every check here is narrower than the schema's
-        (tests/stream/test_fast_path.py compares both over generated inputs)."""
+        """The event of ``raw`` when it has the common shape, else None and the pydantic
+        models decide. It never accepts what they would refuse nor reads a field
+        differently: each check (see :func:`_fast_source`) is narrower than the schema's,
+        and tests/stream/test_fast_path.py compares both over generated inputs."""
         try:
             body = _loads(raw)
         except _JSONDecodeError:
@@ -467,78 +468,17 @@ class EventParser:
             return None
         tag = body.get("type")
         if topic_type is None:
-            kind = tag
-            if type(kind) is not str or kind not in _FAST_FIELDS:
+            check = _FAST_CHECKS.get(tag) if type(tag) is str else None
+            if check is None:
                 return None
         else:
-            kind = topic_type
-            if tag is not None and tag != kind:
+            if tag is not None and tag != topic_type:
                 return None
-        rules, required = _FAST_RULES[kind]
-        if not required <= body.keys():
+            check = _FAST_CHECKS[topic_type]
+        fields = check(body)
+        if fields is None:
             return None
-        for name, value in body.items():
-            found = rules.get(name)
-            if found is None:
-                continue  # an extra field: ignored, as the models ignore it
-            rule, nullable, min_len, max_len = found
-            vt = type(value)
-            if rule is _STR:
-                if vt is not str or not min_len <= len(value) <= max_len:
-                    if value is None and nullable:
-                        continue
-                    return None
-            elif rule is _TS:
-                if vt is int:
-                    if not -_EXACT_INT <= value <= _EXACT_INT:
-                        return None
-                elif vt is float:
-                    if not -_INF < value < _INF:
-                        return None
-                    body[name] = int(value)
-                elif vt is str:
-                    if _RFC3339.fullmatch(value) is None:
-                        return None
-                    try:
-                        body[name] = (datetime.fromisoformat(value) - _EPOCH) // _MS
-                    except ValueError:
-                        return None
-                else:
-                    return None
-            elif rule is _MONEY:
-                if vt is float:
-                    if not 0.0 <= value < _INF:
-                        return None
-                elif vt is int and 0 <= value <= _EXACT_INT:
-                    body[name] = float(value)
-                elif not (value is None and nullable):
-                    return None
-            elif rule is _LOWER:  # strip and lower-case are identities on these but case
-                if vt is not str or len(value) > max_len:
-                    if value is None and nullable:
-                        continue
-                    return None
-                if value:
-                    if not value.isascii() or value[0] <= " " or value[-1] <= " ":
-                        return None
-                    body[name] = value.lower()
-            elif rule is _CURRENCY:
-                if vt is not str or len(value) != 3 or not value.isascii() or not value.isalpha():
-                    if value is None and nullable:
-                        continue
-                    return None
-            elif rule is _BOOL and vt is not bool and not (value is None and nullable):
-                return None
-            # _TAG: checked above
-        get = body.get
-        for name in _NOT_IN[kind]:  # another type's fields: extra here, so ignored
-            body.pop(name, None)
-        return self._event(
-            kind, body["event_id"], body["ts"], get("campaign_id"), get("channel", "unknown"),
-            get("currency"), get(money) if (money := _MONEY_FIELD_OF[kind]) else None,
-            get("click_id"), get("new_customer"),
-            get("customer_id"), get("order_id"), now_ms,
-        )  # fmt: skip
+        return self._event(*fields, now_ms=now_ms)
 
 
 # -- the fast path's view of the models ----------------------------------------------
@@ -597,24 +537,83 @@ _FAST_FIELDS: dict[str, tuple[FastField, ...]] = {
     kind: tuple(_fast_field(name, info) for name, info in model.model_fields.items())
     for kind, model in MODELS.items()
 }
-_FAST_RULES: dict[str, tuple[dict[str, tuple[int, bool, int, int]], frozenset[str]]] = {
-    kind: (
-        {name: (rule, nullable, lo, hi) for name, rule, _, nullable, lo, hi in fields},
-        frozenset(name for name, _, required, _, _, _ in fields if required),
-    )
-    for kind, fields in _FAST_FIELDS.items()
-}
-"""Per type: field -> (rule, nullable, min length, max length), and the required fields."""
-_MONEY_FIELD_OF: dict[str, str | None] = {
-    kind: next((name for name, rule, *_ in fields if rule == _MONEY), None)
-    for kind, fields in _FAST_FIELDS.items()
-}
-"""Per type: its money field, if it has one."""
-_NOT_IN: dict[str, tuple[str, ...]] = {
-    kind: tuple(
-        name for name in ("click_id", "new_customer", "customer_id", "order_id")
-        if name not in MODELS[kind].model_fields
-    )
-    for kind in MODELS
-}  # fmt: skip
-"""Per type: the fields :meth:`EventParser._event` reads that its model does not have."""
+_READ = ("event_id", "ts", "campaign_id", "channel", "currency", "", "click_id",
+         "new_customer", "customer_id", "order_id")  # fmt: skip
+"""The fields :meth:`EventParser._event` takes, in order ("": the type's money field)."""
+
+
+def _fast_source(kind: str, fields: tuple[FastField, ...]) -> str:
+    """Python source of the fast check of one type: ``body`` -> the arguments of
+    :meth:`EventParser._event` (but ``now_ms``), or None. One block per field, in the
+    model's order; a field the model lacks is passed as None (an extra is ignored)."""
+    lines = [f"def check_{kind}(body):"]
+    money = None
+    for name, rule, required, nullable, lo, hi in fields:
+        if rule == _TAG:
+            continue  # the type: checked before
+        var = f"f_{name}"
+        lines.append(f"    {var} = body.get({name!r})")
+        if rule == _MONEY:
+            money = var
+        if rule == _TS:
+            lines += [
+                f"    t = type({var})",
+                "    if t is int:",
+                f"        if not -EXACT_INT <= {var} <= EXACT_INT: return None",
+                "    elif t is float:",
+                f"        if not -INF < {var} < INF: return None",
+                f"        {var} = int({var})",
+                "    elif t is str:",
+                f"        if RFC3339({var}) is None: return None",
+                f"        try: {var} = (fromisoformat({var}) - EPOCH) // MS",
+                "        except ValueError: return None",
+                "    else: return None",
+            ]
+            continue
+        if rule == _STR:
+            bad = f"type({var}) is not str or not {lo} <= len({var}) <= {hi}"
+            fix = None
+        elif rule == _LOWER:  # strip and lower-case do the same in Python and pydantic here
+            bad = (f"type({var}) is not str or len({var}) > {hi} or ({var} and (not "
+                   f"{var}.isascii() or {var}[0] <= ' ' or {var}[-1] <= ' '))")  # fmt: skip
+            fix = f"{var} = {var}.lower()"
+        elif rule == _CURRENCY:
+            bad = (f"type({var}) is not str or len({var}) != 3 or not {var}.isascii() "
+                   f"or not {var}.isalpha()")  # fmt: skip
+            fix = None
+        elif rule == _BOOL:
+            bad = f"type({var}) is not bool"
+            fix = None
+        else:  # _MONEY
+            bad = (f"not (type({var}) is float and 0.0 <= {var} < INF or type({var}) is int "
+                   f"and 0 <= {var} <= EXACT_INT)")  # fmt: skip
+            fix = f"{var} = float({var})"
+        if required and not nullable:
+            lines.append(f"    if {bad}: return None")
+        else:
+            lines.append(f"    if {var} is not None:")
+            lines.append(f"        if {bad}: return None")
+            if required:
+                lines.append(f"    elif {name!r} not in body: return None")
+            elif not nullable:
+                lines.append(f"    elif {name!r} in body: return None")
+        if fix:
+            lines.append(f"    {'    ' if not required or nullable else ''}{fix}")
+    have = {f[0] for f in fields}
+    read = [money or "None" if n == "" else f"f_{n}" if n in have else "None" for n in _READ]
+    lines.append(f"    return ({kind!r}, {', '.join(read)})")
+    return "\n".join(lines) + "\n"
+
+
+def _compile_checks() -> dict[str, Callable[[dict[str, Any]], tuple[Any, ...] | None]]:
+    namespace: dict[str, Any] = {
+        "EXACT_INT": _EXACT_INT, "INF": _INF, "RFC3339": _RFC3339.fullmatch,
+        "fromisoformat": datetime.fromisoformat, "EPOCH": _EPOCH, "MS": _MS,
+    }  # fmt: skip
+    for kind, fields in _FAST_FIELDS.items():
+        exec(_fast_source(kind, fields), namespace)
+    return {kind: namespace[f"check_{kind}"] for kind in _FAST_FIELDS}
+
+
+_FAST_CHECKS = _compile_checks()
+"""Per type: its fast check (source: ``_fast_source``)."""
