@@ -397,13 +397,15 @@ class EventParser:
         elif isinstance(model, Spend):
             money = model.amount
         return self._event(
+            now_ms,
             model.kind, model.event_id, timestamp_ms(model.ts), model.campaign_id,
             model.channel, model.currency, money, click_id, new_customer, customer_id,
-            order_id, now_ms,
+            order_id,
         )  # fmt: skip
 
     def _event(
         self,
+        now_ms: int,
         kind: str,
         event_id: str,
         ts: int,
@@ -415,7 +417,6 @@ class EventParser:
         new_customer: bool | None,
         customer_id: str | None,
         order_id: str | None,
-        now_ms: int,
     ) -> Event | Rejection:
         """The rules beyond the schema (range, clock skew, rates), on validated fields:
         shared by the pydantic path and the fast path, so they cannot differ here."""
@@ -478,7 +479,7 @@ class EventParser:
         fields = check(body)
         if fields is None:
             return None
-        return self._event(*fields, now_ms=now_ms)
+        return self._event(now_ms, *fields)
 
 
 # -- the fast path's view of the models ----------------------------------------------
