@@ -481,12 +481,13 @@ class SegmentStore:
         """Progress of one routed-events partition, as its owner last reported it."""
         self.reporters[partition] = _Reporter(watermark_ms, caught_up, now_ms)
 
-    def observe_latency(self, source_ts: Iterable[int], now_ms: int) -> None:
+    def observe_latency(self, source_ts: Iterable[int], now_ms: int, n: int = 1) -> None:
+        """Events that reached the state at ``now_ms``, ``n`` for each source timestamp."""
         counts, bounds = self.latency_counts, LATENCY_BUCKETS
         for ts in source_ts:
             seconds = max(0.0, (now_ms - ts) / 1000)
-            counts[bisect.bisect_left(bounds, seconds)] += 1
-            self.latency_sum += seconds
+            counts[bisect.bisect_left(bounds, seconds)] += n
+            self.latency_sum += seconds * n
 
     def replaying(self, now_ms: int) -> bool:
         """True while the watermark lags the wall clock by more than a short hiccup:

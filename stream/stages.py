@@ -228,7 +228,7 @@ class SegmentStage:
             store.report(partial.partition, partial.watermark_ms, caught_up=partial.caught_up,
                          now_ms=now_ms)  # fmt: skip
             for ts, n in partial.source_ts:
-                store.observe_latency([ts] * n, now_ms)
+                store.observe_latency((ts,), now_ms, n)
         if records:
             self.position = records[-1].offset + 1
 
