@@ -340,21 +340,20 @@ class EventParser:
 
     def parse(self, raw: bytes | None, *, topic_type: str | None, now_ms: int) -> Event | Rejection:
         """Parse one message value; ``topic_type`` is None on a shared topic."""
-        return self._parse(raw, topic_type, now_ms, fast=True)
+        if raw and len(raw) <= self._max_bytes:
+            done = self._fast(raw, topic_type, now_ms)
+            if done is not None:
+                return done
+        return self._parse(raw, topic_type, now_ms)
 
-    def _parse(
-        self, raw: bytes | None, topic_type: str | None, now_ms: int, *, fast: bool
-    ) -> Event | Rejection:
+    def _parse(self, raw: bytes | None, topic_type: str | None, now_ms: int) -> Event | Rejection:
+        """Through the pydantic models."""
         if raw is None or len(raw) == 0:
             return Rejection(RejectReason.NOT_JSON, "empty message")
         if len(raw) > self._max_bytes:
             return Rejection(
                 RejectReason.TOO_LARGE, f"{len(raw)} bytes exceeds the {self._max_bytes} limit"
             )
-        if fast:
-            done = self._fast(raw, topic_type, now_ms)
-            if done is not None:
-                return done
         try:
             model = _validate(raw, topic_type)
         except ValidationError as exc:
@@ -375,7 +374,7 @@ class EventParser:
     ) -> Event | Rejection:
         """:meth:`parse` through the pydantic models only (no fast path): the reference
         the fast path is tested against."""
-        return self._parse(raw, topic_type, now_ms, fast=False)
+        return self._parse(raw, topic_type, now_ms)
 
     def _normalise(self, model: EventModel, now_ms: int) -> Event | Rejection:
         money = None
