@@ -245,7 +245,7 @@ def test_the_generated_events_reach_the_fast_path_and_every_outcome() -> None:
     decided = outcomes = 0
     reasons: set[RejectReason] = set()
 
-    @settings(max_examples=500, deadline=None, database=None)
+    @settings(max_examples=1000, deadline=None, database=None, derandomize=True)
     @given(events())
     def count(case: tuple[dict[str, Any], str | None]) -> None:
         nonlocal decided, outcomes

@@ -69,10 +69,13 @@ def test_scrapes_stay_whole_while_the_counters_change_size(stats: PipelineStats)
     scrape in the middle of it neither fails nor shows half a family."""
     server = serve(stats)
     stop = threading.Event()
+    warm = threading.Event()
 
     def churn() -> None:
         i = 0
         while not stop.is_set():
+            if i == 1000:
+                warm.set()  # every key cycle has filled the dicts once
             stats.consumer_lag[("t", i % 500)] = i
             stats.consumer_lag.pop(("t", (i + 250) % 500), None)
             stats.notified(f"sink{i % 300}", "sent")
@@ -85,6 +88,7 @@ def test_scrapes_stay_whole_while_the_counters_change_size(stats: PipelineStats)
     sys.setswitchinterval(1e-6)  # threads take turns as often as they can
     worker.start()
     try:
+        assert warm.wait(30)
         for _ in range(20):
             body = get(server).decode()
             assert "# TYPE kpimon_consumer_lag_records gauge" in body
