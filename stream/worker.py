@@ -178,7 +178,13 @@ class PipelineService(Service):
         """Serve /metrics (its own thread: see ``MetricsServer``); fails fast when the port
         is taken."""
         s = self.settings
-        self.metrics = MetricsServer(s.metrics_host, s.metrics_port, self._metrics_body)
+        try:
+            self.metrics = MetricsServer(s.metrics_host, s.metrics_port, self._metrics_body)
+        except OSError as exc:
+            where = f"{s.metrics_host}:{s.metrics_port}"
+            log.critical("cannot serve /metrics on %s (KPIMON_METRICS_HOST, "
+                         "KPIMON_METRICS_PORT): %s", where, exc)  # fmt: skip
+            raise
         self.metrics.start()
 
     # -- lifecycle ----------------------------------------------------------------
