@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from alerts.rules import RulesError, load_rules
@@ -25,15 +26,24 @@ def cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_rules_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``rules check FILE`` on the ``kpimon`` sub-command parser."""
-    rules = sub.add_parser("rules", help="work with alert rules files")
-    actions = rules.add_subparsers(dest="rules_command", required=True)
+def _add_check(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    noun: str,
+    about: str,
+    func: Callable[[argparse.Namespace], int],
+) -> None:
+    """Register ``<noun> check FILE`` (e.g. ``rules check alerts/rules.yml``)."""
+    parser = sub.add_parser(noun, help=f"work with {about}")
+    actions = parser.add_subparsers(dest=f"{noun}_command", required=True)
     check = actions.add_parser(
-        "check", help="validate a rules file; every problem is reported as FILE:LINE:COL"
+        "check", help=f"validate a {noun} file; every problem is reported as FILE:LINE:COL"
     )
-    check.add_argument("file", metavar="FILE", help="rules YAML, e.g. alerts/rules.yml")
-    check.set_defaults(func=cmd_rules)
+    check.add_argument("file", metavar="FILE", help=f"{noun} YAML, e.g. alerts/{noun}.yml")
+    check.set_defaults(func=func)
+
+
+def add_rules_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _add_check(sub, "rules", "alert rules files", cmd_rules)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -54,14 +64,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def add_targets_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register ``targets check FILE`` on the ``kpimon`` sub-command parser."""
-    targets = sub.add_parser("targets", help="work with the targets file (goals, budgets)")
-    actions = targets.add_subparsers(dest="targets_command", required=True)
-    check = actions.add_parser(
-        "check", help="validate a targets file; every problem is reported as FILE:LINE:COL"
-    )
-    check.add_argument("file", metavar="FILE", help="targets YAML, e.g. alerts/targets.yml")
-    check.set_defaults(func=cmd_targets)
+    _add_check(sub, "targets", "the targets file (goals, budgets)", cmd_targets)
 
 
 def cmd_backtest(args: argparse.Namespace) -> int:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from alerts.detectors import Thresholds, Verdict, bonferroni, judge
-from alerts.lifecycle import AlertKey, Notification, RuleAlerts, Timing
+from alerts.incidents import IncidentNote, Incidents, Seen, gap
+from alerts.lifecycle import Alert, AlertKey, AlertState, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
 from alerts.text import iso, summary
 from stream.aggregate import OTHER, SeriesKey
@@ -27,6 +28,9 @@ from stream.segments import SegmentView
 
 DAY, WEEK = 1440, 7 * 1440
 DASHBOARD_UID = "kpimon-campaign"
+INCIDENTS = "@incidents"
+"""Key of the incident state in :meth:`AlertEngine.to_dict` (rule names cannot start so)."""
+SEVERITY_RANK = {"page": 0, "ticket": 1, "info": 2}
 
 
 @dataclass(frozen=True)
@@ -104,18 +108,33 @@ class AlertEngine:
             for r in self.rules
         }
         self.baselines: dict[tuple[str, str, str, str, str], float] = {}
+        self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
         self, segments: SegmentView, end_minute: int, now_s: float, *, replaying: bool = False
     ) -> list[dict[str, Any]]:
-        """One tick over one snapshot's segments: alert records (firing, repeat, resolved)."""
-        records: list[dict[str, Any]] = []
+        """One tick over one snapshot's segments: incident records (firing, repeat, resolved).
+
+        Each rule's alerts step their own lifecycle; what is notified is the incident
+        layer's (``alerts.incidents``): the alerts of one cause make one record."""
         baselines: dict[tuple[str, str, str, str, str], float] = {}
+        resolved: dict[AlertKey, dict[str, object]] = {}
         for rule in self.rules:
             notes = self._evaluate_rule(rule, segments, end_minute, now_s, replaying, baselines)
-            records += [self.record(rule, note) for note in notes]
+            resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
         self.baselines = baselines
-        return records
+        if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
+            return []
+        return [self.incident_record(n) for n in self.incidents.step(now_s, self._seen(), resolved)]
+
+    def _seen(self) -> list[Seen]:
+        """Every firing alert, as the incident layer takes it."""
+        return [
+            Seen(alert.key, rule.kpi, alert.active_since, alert.fired_at or alert.active_since,
+                 alert.details)
+            for rule in self.rules
+            for alert in self.states[rule.name].firing()
+        ]  # fmt: skip
 
     def _evaluate_rule(
         self,
@@ -173,13 +192,18 @@ class AlertEngine:
         segments: SegmentView, end: int,
     ) -> dict[str, object]:  # fmt: skip
         th = thresholds(rule)
+        known, w = KPI[rule.kpi], rule.window_minutes
+        # Each child's share of this segment's gap (alerts.incidents: a child explains it).
+        whole = gap(rule.kpi, verdict.value, verdict.baseline,
+                    float(segments.sum(key, end - w, end)[known.den]))  # fmt: skip
         contributors = []
         for child in segments.children(key):
             v, _ = self._judge(rule, th, segments, child, end)
             if v.change is None or v.value is None:
                 continue
-            weight = segments.sum(child, end - rule.window_minutes, end)
-            volume = int(weight[KPI[rule.kpi].volume_index])
+            weight = segments.sum(child, end - w, end)
+            volume = int(weight[known.volume_index])
+            part = gap(rule.kpi, v.value, v.baseline, float(weight[known.den]))
             contributors.append(
                 {
                     "scope": child[0],
@@ -188,7 +212,8 @@ class AlertEngine:
                     "value": v.value,
                     "baseline": v.baseline,
                     "change": v.change,
-                    "impact": KPI[rule.kpi].worse_by(v.change) * max(volume, 1),
+                    "impact": known.worse_by(v.change) * max(volume, 1),
+                    "share": part / whole if whole > 0 else 0.0,
                 }
             )
         contributors.sort(key=lambda c: -float(c["impact"]))  # type: ignore[arg-type]
@@ -288,13 +313,81 @@ class AlertEngine:
         ]
 
     def firing_records(self, now_s: float) -> list[dict[str, Any]]:
-        """Alert records of everything firing, for sinks that want active alerts re-sent."""
-        by_name = {r.name: r for r in self.rules}
+        """Records of every open incident, for sinks that want active alerts re-sent."""
         return [
-            self.record(by_name[name], Notification("repeat", alert, now_s))
-            for name, state in self.states.items()
-            for alert in state.firing()
+            self.incident_record(IncidentNote("repeat", incident, now_s))
+            for incident in self.incidents.open()
         ]
+
+    def incident_record(self, note: IncidentNote) -> dict[str, Any]:
+        """The alert object of SPEC.md for one incident notification.
+
+        The root member's record (what moved, where, by how much...), with the incident's
+        status, times and severity, ``incident`` (id, root, affected KPIs and segments, the
+        member alerts, each with its own labels for Alertmanager) and the contributors of
+        all members."""
+        incident, by_name = note.incident, {r.name: r for r in self.rules}
+        resolved = note.kind == "resolved"
+        members = []
+        for m in incident.ordered():
+            rule = by_name.get(m.key[0])
+            if rule is None:  # its rule was removed: it resolved with it
+                continue
+            state = AlertState.FIRING if m.firing else AlertState.RESOLVED
+            alert = Alert(m.key, state, m.active_since, m.fired_at, m.resolved_at, m.fired_at,
+                          m.fired_at, dict(m.details))  # fmt: skip
+            kind = note.kind if m.firing or resolved else "resolved"
+            member = self.record(rule, Notification(kind, alert, note.at))
+            member["role"] = m.role
+            member["labels"].update(incident=incident.id, incident_role=m.role)
+            members.append(member)
+        if not members:
+            raise ValueError(f"incident {incident.id}: no member has a rule any more")
+        record = dict(members[0])
+        record.pop("role")
+        record["labels"] = dict(members[0]["labels"])
+        severity = min((m["severity"] for m in members), key=lambda s: SEVERITY_RANK.get(s, 9))
+        others = members[1:]
+        if others:
+            also = ", ".join(f"{m['kpi']} ({_place(m)})" for m in others[:8])
+            more = f" and {len(others) - 8} more" if len(others) > 8 else ""
+            record["summary"] = f"{record['summary']}; with {also}{more}"
+            record["annotations"] = {**record["annotations"], "summary": record["summary"]}
+        record.update(
+            status="resolved" if resolved else "firing",
+            notification=note.kind,
+            severity=severity,
+            starts_at=iso(min(m.active_since for m in incident.members.values())),
+            fired_at=iso(incident.fired_at),
+            ends_at=iso(incident.resolved_at) if incident.resolved_at is not None else None,
+            contributors=self._contributors(members),
+            incident={
+                "id": incident.id,
+                "root": {k: record[k] for k in ("rule", "kpi", "scope", "channel", "campaign")},
+                "kpis": sorted({m["kpi"] for m in members}),
+                "segments": [
+                    {"scope": s, "channel": c, "campaign": p}
+                    for s, c, p in dict.fromkeys(
+                        (m["scope"], m["channel"], m["campaign"]) for m in members
+                    )
+                ],
+                "members": members,
+            },
+        )
+        record["labels"]["severity"] = severity
+        return record
+
+    def _contributors(self, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The members' contributors, one per segment (its largest share), largest first."""
+        best: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for member in members:
+            for c in member.get("contributors") or []:
+                where = (c["scope"], c["channel"], c["campaign"])
+                if where not in best or c.get("share", 0) > best[where].get("share", 0):
+                    best[where] = {**c, "kpi": member["kpi"]}
+        ranked = sorted(best.values(), key=lambda c: (-float(c.get("share", 0)),
+                                                      -float(c.get("impact", 0))))  # fmt: skip
+        return ranked[: self.top]
 
     def clone(self) -> AlertEngine:
         """An engine in the same state (rules and settings shared), to step elsewhere.
@@ -306,15 +399,36 @@ class AlertEngine:
         twin = copy.copy(self)
         twin.states = {name: state.clone() for name, state in self.states.items()}
         twin.baselines = dict(self.baselines)
+        twin.incidents = self.incidents.clone()
         return twin
 
     # -- state for restarts -----------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
-        return {name: state.to_dict() for name, state in self.states.items()}
+        state: dict[str, object] = {name: s.to_dict() for name, s in self.states.items()}
+        state[INCIDENTS] = self.incidents.to_dict()
+        return state
 
     def load(self, data: Mapping[str, Any]) -> None:
+        """Restore ``to_dict`` output; raises ValueError (and changes nothing) if it is bad."""
+        states = dict(self.states)
         for rule in self.rules:
             if rule.name in data:
-                self.states[rule.name] = RuleAlerts.from_dict(
+                states[rule.name] = RuleAlerts.from_dict(
                     rule.name, self.states[rule.name].timing, data[rule.name]
                 )
+        intervals = {r.name: r.repeat_interval_seconds for r in self.rules}
+        if INCIDENTS in data:
+            incidents = Incidents.from_dict(data[INCIDENTS], intervals)
+            incidents.retain(intervals)
+        else:  # a state from before incidents: adopt what fires, telling nobody again
+            incidents = Incidents(intervals)
+            self.states = states
+            seen = self._seen()
+            if seen:
+                incidents.step(max(s.fired_at for s in seen), seen)
+        self.states, self.incidents = states, incidents
+
+
+def _place(record: Mapping[str, Any]) -> str:
+    """A member's segment, short: ``c1``, ``search``, ``global``."""
+    return str(record["campaign"] or record["channel"] or record["scope"])

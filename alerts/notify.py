@@ -14,6 +14,9 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from alerts.text import format_value, where
+from stream.kpis import KPI
+
+KPI_TITLE = {name: k.title for name, k in KPI.items()}
 
 MAX_BLOCKS = 50
 MAX_HEADER = 150
@@ -69,7 +72,11 @@ def slack_payload(
     kpi = str(record["kpi"])
     place = where(record["scope"], record["channel"], record["campaign"])
     summary = str(record["summary"])
-    header = clip(f"{'' if firing else 'Resolved: '}{kpi.upper()} alert: {place}", MAX_HEADER)
+    incident = record.get("incident")
+    count = len(incident.get("members") or []) if isinstance(incident, Mapping) else 0
+    related = f" (+{count - 1} related)" if count > 1 else ""
+    header = clip(f"{'' if firing else 'Resolved: '}{kpi.upper()} alert: {place}{related}",
+                  MAX_HEADER)  # fmt: skip
     change = record.get("change")
     p_value = record.get("p_value")
     fields = [
@@ -96,12 +103,17 @@ def slack_payload(
     if contributors and firing:
         lines = [
             f"• {_escape(where(c['scope'], c['channel'], c['campaign']))}: "
-            f"{format_value(kpi, c.get('value'))} vs {format_value(kpi, c.get('baseline'))}"
+            f"{format_value(c.get('kpi', kpi), c.get('value'))} vs "
+            f"{format_value(c.get('kpi', kpi), c.get('baseline'))}"
             + (f" ({c['change']:+.0%})" if c.get("change") is not None else "")
+            + (f", {c['share']:.0%} of the move" if c.get("share") else "")
             for c in contributors
         ]
         text = clip("*Contributing most*\n" + "\n".join(lines), MAX_SECTION)
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": text}})
+    affected = _affected(record)
+    if affected:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": affected}})
     annotations = record.get("annotations") or {}
     links = [
         _link(annotations.get("dashboard_url"), "Dashboard"),
@@ -121,10 +133,54 @@ def slack_payload(
     return {"text": clip(f"{icon} {summary}", MAX_FALLBACK), "blocks": blocks[:MAX_BLOCKS]}
 
 
+def _members(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The member alerts of an incident record (a record without members: itself)."""
+    incident = record.get("incident")
+    members = incident.get("members") if isinstance(incident, Mapping) else None
+    if not members:
+        return [record]
+    if record["status"] != "resolved":
+        return list(members)
+    # The incident resolved: every member ends, at the latest when the incident did.
+    return [{**m, "status": "resolved", "ends_at": m.get("ends_at") or record.get("ends_at")}
+            for m in members]  # fmt: skip
+
+
+def _affected(record: Mapping[str, Any]) -> str | None:
+    """The incident's other member alerts, one line each (none for a lone alert)."""
+    incident = record.get("incident")
+    members = list(incident.get("members") or []) if isinstance(incident, Mapping) else []
+    if len(members) < 2:
+        return None
+    lines = []
+    for m in members[1:]:
+        change = m.get("change")
+        moved = "" if change is None else f" {change:+.0%}"
+        done = " (resolved)" if m.get("status") == "resolved" else ""
+        place = _escape(where(m["scope"], m["channel"], m["campaign"]))
+        lines.append(f"• {KPI_TITLE.get(m['kpi'], m['kpi'])}{moved}: {place}{done}")
+    head = f"*Same incident ({len(members)} alerts)*\n"
+    text = head + "\n".join(lines)
+    if len(text) > MAX_SECTION:  # cut whole lines, say how many were left out
+        kept: list[str] = []
+        for line in lines:
+            if len(head) + len("\n".join([*kept, line])) + 40 > MAX_SECTION:
+                break
+            kept.append(line)
+        text = head + "\n".join(kept) + f"\n… and {len(lines) - len(kept)} more"
+    return text
+
+
 def alertmanager_alerts(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Alertmanager API v2 ``POST /api/v2/alerts`` body: firing ones re-sent, resolved ended."""
+    """Alertmanager API v2 ``POST /api/v2/alerts`` body: firing ones re-sent, resolved ended.
+
+    An incident is one Alertmanager alert per member, each with its own labels (rule,
+    segment, severity) plus ``incident`` (the id: Alertmanager groups by it) and
+    ``incident_role`` (``root`` or ``member``: the root inhibits the others), so
+    routing and silences by campaign or rule keep working and on-call sees one group.
+    """
     out = []
-    for record in records:
+    for record in (m for r in records for m in _members(r)):
         labels = {str(k): str(v) for k, v in (record.get("labels") or {}).items() if v != ""}
         annotations = {str(k): str(v) for k, v in (record.get("annotations") or {}).items() if v}
         alert: dict[str, Any] = {

@@ -22,11 +22,13 @@ StateKey = tuple[str, str, str, str]
 
 
 def notification_id(record: Mapping[str, Any]) -> str:
-    """Stable id of one notification: one rule, segment, kind and decision time."""
-    return "|".join(
+    """Stable id of one notification: one incident (or rule and segment), kind and time."""
+    nid = "|".join(
         str(record[name])
         for name in ("rule", "scope", "channel", "campaign", "notification", "notified_at")
     )
+    incident = record.get("incident")
+    return f"{incident['id']}|{nid}" if isinstance(incident, Mapping) else nid
 
 
 @dataclass

@@ -55,7 +55,17 @@ Severity = Literal["page", "ticket", "info"]
 
 RULE_KPIS: tuple[str, ...] = tuple(KPI)
 RESERVED_LABELS: frozenset[str] = frozenset(
-    {"rule", "kpi", "scope", "channel", "campaign", "window", "severity"}
+    {
+        "rule",
+        "kpi",
+        "scope",
+        "channel",
+        "campaign",
+        "window",
+        "severity",
+        "incident",
+        "incident_role",
+    }
 )
 # Defaults of ``min_volume`` by kind: rates need n*p >= 10 in both windows for the
 # two-proportion test; counts need an expected count large enough for Poisson to mean

@@ -78,8 +78,8 @@ RETRY = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", 
 def incident_key(record: Mapping[str, Any]) -> str:
     """The incident a notification belongs to: its one Slack message is keyed by this.
 
-    An alert cycle (rule, segment, the time its condition began) until incidents
-    group alerts; then the incident's id.
+    The incident's id (``alerts.incidents``); a record without one (written before
+    incidents, or by a tool) stands for its own alert cycle: rule, segment, start.
     """
     incident = record.get("incident")
     if isinstance(incident, Mapping) and incident.get("id"):

@@ -11,26 +11,31 @@ from __future__ import annotations
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as db
-from grafana_foundation_sdk.builders import table, timeseries
+from grafana_foundation_sdk.builders import stat, table, timeseries
 from grafana_foundation_sdk.models import dashboard as dm
 
+from alerts.pacing import MARGIN
+from grafana.goals import BOUNDS, CAMPAIGNS, PACING_STEPS, of_selection
 from grafana.kpis import KPIS, Kpi, alert_line, baseline, ratio
 from grafana.panels import (
     CAMPAIGN_UID,
     CURRENCY,
     DATASOURCE,
+    GOAL_LINE,
     TAGS,
     TITLES,
     Runbooks,
     dashboard_links,
     finish,
+    fixed_colour,
     override,
     query,
     ref_ids,
+    stat_panel,
     timeseries_panel,
 )
 
-SELECTION = 'scope="campaign",channel=~"$channel",campaign=~"$campaign"'
+SELECTION = CAMPAIGNS
 # label_values over window sums: every exported campaign has them, KPIs can be absent.
 CHANNEL_VALUES = 'label_values(kpimon_window_measure{scope="campaign"}, channel)'
 CAMPAIGN_VALUES = (
@@ -77,6 +82,9 @@ def _kpi_panel(kpi: Kpi, runbooks: Runbooks) -> timeseries.Panel:
             query(baseline(kpi, SELECTION), "baseline"),
             query(alert_line(kpi, SELECTION), line),
             query(ratio(kpi, SELECTION, offset="7d"), "last week"),
+            query(
+                of_selection("kpimon_kpi_target", f'kpi="{kpi.name}"', "bound"), "goal ({{bound}})"
+            ),
         ],
         unit=kpi.unit,
         span=8 if kpi.runbook != "cost-rise" else 6,
@@ -88,36 +96,93 @@ def _kpi_panel(kpi: Kpi, runbooks: Runbooks) -> timeseries.Panel:
             f"the band up to the campaign rule's alert line ({sign}{kpi.min_change:.0%}, "
             f"{'lower' if kpi.bad == 'down' else 'higher'} is bad), and the same time "
             "last week. For several campaigns the baseline is their baselines weighted "
-            f"by {kpi.denominator}."
+            f"by {kpi.denominator}. Red dashed: the goal of the targets file for the "
+            "selection (the campaign's, all of a channel: the channel's, everything: the "
+            "global one), when it sets one."
         ),
     )
     for name, props in (
-        override(kpi.title, {"custom.lineWidth": 3, "color": _fixed("blue")}),
+        override(kpi.title, {"custom.lineWidth": 3, "color": fixed_colour("blue")}),
         override(
             "baseline",
             {
                 "custom.lineStyle": {"fill": "dash", "dash": [10, 10]},
                 "custom.fillBelowTo": line,
                 "custom.fillOpacity": 15,
-                "color": _fixed("orange"),
+                "color": fixed_colour("orange"),
             },
         ),
-        override(line, {"custom.lineWidth": 1, "color": _fixed("red")}),
+        override(line, {"custom.lineWidth": 1, "color": fixed_colour("red")}),
         override(
             "last week",
             {
                 "custom.lineStyle": {"fill": "dot", "dash": [0, 10]},
                 "custom.lineWidth": 1,
-                "color": _fixed("text"),
+                "color": fixed_colour("text"),
             },
         ),
+        *(override(f"goal ({bound})", GOAL_LINE) for bound in BOUNDS),
     ):
         panel = panel.override_by_name(name, props)
-    return panel.links([runbooks.link(kpi.runbook)])
+    return panel.links([runbooks.link(kpi.runbook), runbooks.link("target-breach")])
 
 
-def _fixed(colour: str) -> dict[str, str]:
-    return {"mode": "fixed", "fixedColor": colour}
+def _spend_against_budget(runbooks: Runbooks) -> timeseries.Panel:
+    """Spend so far today climbing along the prorated budget curve, and where it heads."""
+    lines = [
+        ("kpimon_spend_today", "", "spend today"),
+        ("kpimon_budget_prorated", "", "budget so far"),
+        ("kpimon_budget_daily", "", "daily budget"),
+        ("kpimon_spend_projected_today", "", "projected by midnight"),
+        ("kpimon_spend_projected_today_interval", 'bound="lower"', "projection low"),
+        ("kpimon_spend_projected_today_interval", 'bound="upper"', "projection high"),
+    ]
+    panel = timeseries_panel(
+        "Spend today against budget",
+        [query(of_selection(metric, matchers), legend) for metric, matchers, legend in lines],
+        unit=CURRENCY,
+        span=16,
+        height=8,
+        description=(
+            "Spend since local midnight (KPIMON_TIMEZONE) against the daily budget prorated "
+            "along the intraday curve (the budget the day should have used by now), the "
+            "daily budget, and the end-of-day projection with its interval (projection -/+ "
+            "3 standard errors). Shown for the series the selection equals when the targets "
+            "file gives it a budget: one campaign (exact id), all of a channel, everything."
+        ),
+    )
+    for name, props in (
+        override("spend today", {"custom.lineWidth": 3, "color": fixed_colour("blue")}),
+        override("budget so far", {"custom.lineStyle": {"fill": "dash", "dash": [10, 10]},
+                                   "color": fixed_colour("green")}),
+        override("daily budget", {"custom.lineWidth": 1, "color": fixed_colour("red")}),
+        override("projected by midnight", {"custom.lineWidth": 1, "color": fixed_colour("purple"),
+                                           "custom.lineStyle": {"fill": "dot", "dash": [0, 10]}}),
+        override("projection low", {"custom.lineWidth": 0, "color": fixed_colour("purple"),
+                                    "custom.fillBelowTo": "projection high",
+                                    "custom.fillOpacity": 10}),
+        override("projection high", {"custom.lineWidth": 0, "color": fixed_colour("purple")}),
+    ):  # fmt: skip
+        panel = panel.override_by_name(name, props)
+    return panel.links([runbooks.link("pacing")])
+
+
+def _pacing(runbooks: Runbooks) -> stat.Panel:
+    return stat_panel(
+        "Pacing today",
+        [query(of_selection("kpimon_spend_pacing_ratio"), "pacing")],
+        unit="percentunit",
+        steps=PACING_STEPS,
+        decimals=0,
+        span=8,
+        height=8,
+        no_value="no budget for this selection",
+        description=(
+            "Spend today over the prorated budget (1 = on pace; green within the pacing "
+            f"alert's ±{MARGIN:.0%}, orange under, red over), for the series the selection "
+            "equals when it has a budget."
+        ),
+    ).links([runbooks.link("pacing")])
 
 
 def _window_sums() -> table.Panel:
@@ -268,7 +333,10 @@ def build(runbooks: Runbooks) -> dm.Dashboard:
         description="Spend and order revenue over 1 h windows.",
     )
     board = (
-        board.with_row(db.Row("Volumes"))
+        board.with_row(db.Row("Budget"))
+        .with_panel(_spend_against_budget(runbooks))
+        .with_panel(_pacing(runbooks))
+        .with_row(db.Row("Volumes"))
         .with_panel(_window_sums())
         .with_panel(funnel)
         .with_panel(money)

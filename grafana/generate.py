@@ -22,7 +22,7 @@ from grafana.panels import RUNBOOK_BASE, Runbooks
 OUT_DIR = Path(__file__).resolve().parent / "dashboards"
 # File name -> builder. kpi-wall.json is GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH.
 BUILDERS: dict[str, Callable[[Runbooks], dm.Dashboard]] = {
-    "kpi-wall.json": lambda _: wall.build(),
+    "kpi-wall.json": wall.build,
     "campaign.json": campaign.build,
     "pipeline.json": pipeline.build,
 }

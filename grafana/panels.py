@@ -57,6 +57,8 @@ RUNBOOKS = {
     "volume-drop": "impressions, clicks, leads or orders dropped (tracking outage)",
     "cost-rise": "CPC, CPL, CPA or CAC rose",
     "value-drop": "ROAS, ROI or AOV dropped",
+    "target-breach": "a KPI is past its goal in the targets file",
+    "pacing": "spend is projected to miss its daily budget, or has exhausted it",
 }
 
 
@@ -214,6 +216,19 @@ def value_map(**texts: tuple[str, str]) -> dm.ValueMap:
 def override(name: str, properties: dict[str, object]) -> tuple[str, list[dm.DynamicConfigValue]]:
     """Arguments of ``override_by_name``: a series and its field properties (``custom.x``)."""
     return name, [dm.DynamicConfigValue(id_val=k, value=v) for k, v in properties.items()]
+
+
+def fixed_colour(colour: str) -> dict[str, str]:
+    """A field colour property (``color``) that is one colour, whatever the value."""
+    return {"mode": "fixed", "fixedColor": colour}
+
+
+# A goal from the targets file drawn on a graph: thin, red, dashed.
+GOAL_LINE: dict[str, object] = {
+    "custom.lineWidth": 1,
+    "custom.lineStyle": {"fill": "dash", "dash": [4, 4]},
+    "color": fixed_colour("red"),
+}
 
 
 def finish(builder: db.Dashboard) -> dm.Dashboard:

@@ -142,8 +142,35 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_TARGETS = Path(__file__).resolve().parents[1] / "alerts" / "targets.demo.yml"
+"""The demo's goals and budgets: about the simulator's usual spend at the demo's seed and rate."""
+DEMO_HISTORY_MINUTES = (70, 130)
+"""History the demo produces first: CTR rules judge a series once it covers 5m + 12 x 5m."""
+
+
+def demo_day(now_s: float, minutes: tuple[int, int] = DEMO_HISTORY_MINUTES) -> tuple[str, float]:
+    """A fixed-offset zone whose local midnight lies ``minutes`` ago, and that midnight.
+
+    Pacing sums spend from local midnight: the demo's history starts there, so "today"
+    holds all of the demo's spend and pacing reads about 1 from the first minutes on,
+    instead of a day that began hours before the demo had any traffic.
+    """
+    lo, hi = minutes
+    if hi - lo < 60:
+        raise ValueError("the range must span an hour: zones are whole hours apart")
+    minute = int(now_s // 60) % 1440
+    for hours in range(-12, 12):
+        since = (minute + 60 * hours) % 1440
+        if lo <= since < hi:
+            name = "UTC" if hours == 0 else f"Etc/GMT{-hours:+d}"  # POSIX signs: GMT-3 is UTC+3
+            midnight = (int(now_s // 60) - since) * 60.0
+            return name, midnight
+    raise AssertionError("unreachable: 24 zones cover every minute of the day")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Worker plus simulated traffic with a CTR drop a few minutes in, on the local stack.
+    """Worker plus simulated traffic with a CTR drop a few minutes in, then a budget overrun,
+    on the local stack, with the demo's targets file (goals and budgets).
 
     Each run gets its own topics and consumer group, so a second run starts clean.
     """
@@ -171,16 +198,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
         env["KPIMON_ALERTMANAGER_URL"] = alertmanager
     except OSError:
         alertmanager = ""
+    now = time.time()
+    # The user's own targets file and time zone win; else the demo's, with a day that
+    # starts when the demo's history does (see demo_day).
+    if not os.environ.get("KPIMON_TARGETS"):
+        env["KPIMON_TARGETS"] = str(DEMO_TARGETS)
+    if os.environ.get("KPIMON_TIMEZONE"):
+        history = DEMO_HISTORY_MINUTES[0] * 60
+    else:
+        env["KPIMON_TIMEZONE"], midnight = demo_day(now)
+        history = int(now - midnight)
     os.environ.update(env)
     settings = _settings()
-    history = 70 * 60  # history first: CTR rules judge a series once it covers 5m + 12 x 5m
-    after = parse_duration(args.incident_after)
-    config = SimConfig(seed=args.seed, rate=args.rate)
+    try:
+        after = parse_duration(args.incident_after)
+        overrun_after = parse_duration(args.overrun_after) if args.overrun_after else None
+    except ValueError as exc:
+        print(f"kpimon demo: {exc}", file=sys.stderr)
+        return 2
+    # Flat traffic: the budgets are the simulator's mean daily spend, and with no past
+    # week to learn the curve from, the budgets' intraday curve is flat too.
+    config = SimConfig(seed=args.seed, rate=args.rate, diurnal=False)
     biggest = max(Simulator(config).campaigns, key=lambda c: c.weight)
-    incident = Incident.parse(
-        f"ctr_drop:campaign={biggest.id}:at={history + after}s:by=60%:for=30m"
-    )
-    sim = Simulator(SimConfig(seed=args.seed, rate=args.rate, incidents=[incident]))
+    incidents = [
+        Incident.parse(f"ctr_drop:campaign={biggest.id}:at={history + after}s:by=60%:for=30m")
+    ]
+    if overrun_after is not None:
+        at = history + overrun_after
+        incidents.append(Incident.parse(f"budget_overrun:campaign={biggest.id}:at={at}s:by=50%"))
+    config.incidents = incidents
+    sim = Simulator(config)
     topics = settings.type_topics
     try:
         asyncio.run(_create_topics(settings))
@@ -189,23 +236,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
               "(`kpimon dev up` starts it)", file=sys.stderr)  # fmt: skip
         return 1
     print(f"kpimon demo: producing {history // 60} minutes of history to demo-{run_id}.*")
-    now = time.time()
     backfill = produce_to_kafka(sim, bootstrap=settings.kafka_bootstrap, topics=topics,
                                 start_s=now - history, seconds=history, realtime=False)  # fmt: skip
     asyncio.run(backfill)
     worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=os.environ)
     metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    overrun = (
+        f"from {args.overrun_after} from now campaign {biggest.id} buys 150% of its usual\n"
+        "                 traffic: its pacing and its channel's climb past 1; the projection\n"
+        "                 leaves the +20% band within about an hour or two"
+        if overrun_after is not None else "off (--overrun-after)"
+    )  # fmt: skip
     print(f"""
 kpimon demo: worker pid {worker.pid}, live traffic at {args.rate:g} events/s
   KPIs:          curl -s {metrics} | grep '^kpimon_kpi{{kpi="ctr",scope="global"'
+  pacing:        curl -s {metrics} | grep '^kpimon_spend_pacing_ratio'
   alerts firing: curl -s {metrics} | grep '^kpimon_alerts_firing'
   Prometheus:    http://127.0.0.1:{settings.dev_prometheus_port} (e.g. scope:kpimon_kpi:ratio)
   Alertmanager:  {alertmanager or "not running (kpimon dev up starts it when installed)"}
   alerts topic:  .venv/bin/python -m stream.ops tail {settings.alerts_topic}
   Slack:         {"KPIMON_SLACK_WEBHOOK_URL" if settings.slack_webhook_url else
                   "not configured: alerts are printed here as [kpimon] lines"}
+  targets:       {settings.targets} (goals and daily budgets); days in
+                 KPIMON_TIMEZONE={settings.timezone}, whose midnight is where the history starts
   the incident:  CTR of campaign {biggest.id} ({biggest.channel}) drops 60% {args.incident_after}
                  from now; the default rules alert within minutes, then resolve after it ends
+  the overrun:   {overrun}
   Ctrl-C stops the worker and the simulator; `kpimon dev down` stops the stack
 """, flush=True)  # fmt: skip
     try:
@@ -264,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=300.0)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--incident-after", default="1m", help="when the CTR drop starts")
+    demo.add_argument(
+        "--overrun-after", default="35m",
+        help="when the budget overrun starts (default 35m: after the CTR drop); '' for none",
+    )  # fmt: skip
     demo.set_defaults(func=cmd_demo)
     from alerts.cli import (
         add_backtest_parser,

@@ -11,7 +11,8 @@ plus per-campaign spend reports (fees, flat placements) that sum the traffic
 served over a reporting period and arrive in lumps a few minutes after it ends,
 so window sums of spend are lumpy the way real ones are.
 Incidents (``ctr_drop``, ``conversion_drop``, ``spend_spike``,
-``tracking_outage``) change those rates for a segment over a time range.
+``tracking_outage``, ``budget_overrun``) change those rates for a segment over a
+time range.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from stream.aggregate import DEDUP_MINUTES
 from stream.durations import parse_duration
 
 CHANNELS = ("search", "social", "display", "email", "video")
-INCIDENT_KINDS = ("ctr_drop", "conversion_drop", "spend_spike", "tracking_outage")
+INCIDENT_KINDS = (
+    "ctr_drop", "conversion_drop", "spend_spike", "tracking_outage", "budget_overrun",
+)  # fmt: skip
+# Kinds whose ``by`` is a rise (any positive size), not a drop (at most 100%).
+RISES = frozenset({"spend_spike", "budget_overrun"})
 
 
 class IncidentError(ValueError):
@@ -48,7 +53,14 @@ def _duration(spec: str, text: str) -> float:
 
 @dataclass(frozen=True)
 class Incident:
-    """A change to the traffic of a segment from ``at`` for ``duration`` seconds."""
+    """A change to the traffic of a segment from ``at`` for ``duration`` seconds.
+
+    ``spend_spike`` raises the segment's prices (CPM, CPC, fees): CPC and the other
+    cost KPIs rise. ``budget_overrun`` buys ``1 + by`` times the segment's usual
+    traffic at its usual prices (a raised cap, a broken pacing rule at the ad
+    platform): spend rises as fast but every ratio KPI stays put, so only budget
+    pacing can see it. It lasts until the simulation stops unless ``for`` is given.
+    """
 
     kind: str
     at: float  # seconds after the simulation start
@@ -74,6 +86,8 @@ class Incident:
                 f"unknown incident {kind!r}; use one of {', '.join(INCIDENT_KINDS)}"
             )
         fields: dict[str, Any] = {"kind": kind, "at": 0.0}
+        if kind == "budget_overrun":
+            fields["duration"] = math.inf  # from the onset on, unless for= says otherwise
         for part in parts:
             name, sep, value = part.partition("=")
             if not sep:
@@ -94,8 +108,11 @@ class Incident:
                 fields["event_type"] = value
             else:
                 raise IncidentError(f"{spec!r}: unknown field {name!r}")
-        if kind != "spend_spike" and not 0 < fields.get("by", 0.4) <= 1:
+        by = fields.get("by", 0.4)
+        if kind not in RISES and not 0 < by <= 1:
             raise IncidentError(f"{spec!r}: a drop must be between 0% and 100%")
+        if kind in RISES and not by > 0:
+            raise IncidentError(f"{spec!r}: a rise must be above 0%")
         return cls(**fields)
 
 
@@ -189,7 +206,7 @@ class Simulator:
         factor = 1.0
         for inc in self.config.incidents:
             if inc.kind == kind and inc.active(offset, c.id, c.channel):
-                factor *= (1 + inc.by) if kind == "spend_spike" else (1 - inc.by)
+                factor *= (1 + inc.by) if kind in RISES else (1 - inc.by)
         return factor
 
     def _silenced(self, kind: str, offset: float, c: Campaign) -> bool:
@@ -225,7 +242,7 @@ class Simulator:
             offset = now_s - self.origin
             base = impressions_per_s * (diurnal_factor(now_s) if cfg.diurnal else 1)
             for c in self.campaigns:
-                n = _poisson(rng, base * c.weight)
+                n = _poisson(rng, base * c.weight * self._factor("budget_overrun", offset, c))
                 spend_factor = self._factor("spend_spike", offset, c)
                 ctr = c.ctr * self._factor("ctr_drop", offset, c)
                 for _ in range(n):

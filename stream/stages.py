@@ -362,20 +362,23 @@ class Stages:
         there is nothing to send (no records, no heartbeat due, no snapshot, no extra).
 
         ``lags``: records behind per assigned partition, for :meth:`watermark`;
-        ``snapshot`` asks for the scope store's changes; ``extra`` is sent too (the alert
+        ``snapshot`` asks for the segment store's changes; ``extra`` is sent too (the alert
         stage's outbox changes).
         """
         topo = self.topology
+        # The stages in their order. Within one step they are independent: what a stage
+        # sends is read by the next one in a later step, after this one has committed.
         ingested = Ingested()
         for tp, records in batches.items():
-            topic, partition = tp
-            if topic == topo.routed:
-                self.dedup[partition].apply(records, now_ms)
-            elif topic == topo.partials:
+            if tp[0] not in (topo.routed, topo.partials):
+                self.ingest.apply(tp, records, now_ms, ingested)
+        for tp, records in batches.items():
+            if tp[0] == topo.routed:
+                self.dedup[tp[1]].apply(records, now_ms)
+        for tp, records in batches.items():
+            if tp[0] == topo.partials:
                 assert self.segments is not None
                 self.segments.apply(records, now_ms)
-            else:
-                self.ingest.apply(tp, records, now_ms, ingested)
         due = [stage for stage in self.dedup.values() if stage.due(now_ms)]
         extra = list(extra)
         snapshot = snapshot and self.segments is not None

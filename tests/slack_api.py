@@ -53,6 +53,8 @@ class SlackApi:
         self.messages: dict[str, Message] = {}
         self.calls: list[tuple[str, float, dict[str, Any]]] = []
         self.script: dict[str, list[tuple[int, dict[str, str], dict[str, Any]]]] = {}
+        self.down_until = 0.0
+        """``time.monotonic()`` until which every call gets HTTP 503 (an outage)."""
         self._clock = time.time()  # ts are wall-clock times, like Slack's
         api = self
 
@@ -101,6 +103,8 @@ class SlackApi:
     def handle(self, method: str, p: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
         with self.lock:
             self.calls.append((method, time.monotonic(), p))
+            if time.monotonic() < self.down_until:
+                return 503, {}, {"ok": False, "error": "service_unavailable"}
             scripted = self.script.get(method)
             if scripted:
                 return scripted.pop(0)

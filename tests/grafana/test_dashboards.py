@@ -21,6 +21,7 @@ EXPECTED_RUNBOOKS = {
     "worker-down.md", "events-rejected.md", "no-events.md", "watermark-lag.md",
     "consumer-lag.md", "partition-stalled.md", "notification-failures.md",
     "cardinality.md", "rate-drop.md", "volume-drop.md", "cost-rise.md", "value-drop.md",
+    "target-breach.md", "pacing.md",
 }  # fmt: skip
 RUNBOOK_DIR = REPO / "docs" / "runbooks"
 
@@ -66,7 +67,7 @@ def test_wall_kpi_stats(title: str, kpi: str, colour: str) -> None:
     assert len({s["color"] for s in steps}) >= 3
     values = [s["value"] for s in steps[1:]]
     assert values == sorted(values)
-    (target,) = panel["targets"]
+    target = panel["targets"][0]  # the KPI; the second query colours it by its goal
     assert f'kpi="{kpi}"' in target["expr"]
     assert 'scope="global"' in target["expr"] and 'window="15m"' in target["expr"]
 
@@ -139,10 +140,11 @@ def test_alert_dashboard_url_opens_the_drilldown(scope: str, channel: str, campa
 
 def test_every_kpi_panel_compares_with_baseline_and_last_week() -> None:
     board = by_uid()["kpimon-campaign"]
-    kpi_panels = [p for p in panels(board) if p["type"] == "timeseries" and len(p["targets"]) == 4]
+    kpi_panels = [p for p in panels(board) if p["type"] == "timeseries" and len(p["targets"]) == 5]
     assert len(kpi_panels) == 10
     for panel in kpi_panels:
-        value, base, line, last_week = (t["expr"] for t in panel["targets"])
+        value, base, line, last_week, goal = (t["expr"] for t in panel["targets"])
+        assert "kpimon_kpi_target" in goal and 'kpi="' in goal
         assert "kpimon_kpi_baseline" in base and "kpimon_kpi_baseline" in line
         assert "offset 7d" in last_week and last_week.replace(" offset 7d", "") == value
         for expr in (value, base, line, last_week):

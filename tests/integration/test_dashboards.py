@@ -2,9 +2,12 @@
 
 One scenario (``SCENARIO``): simulated history produced to a real broker before
 the worker starts (a backlog it replays), bad input, a CTR incident, live traffic
-while the test runs, a producer that starts writing a new campaign id per event
-once Prometheus watches (folded by the cardinality guard), the worker scraped
-every second by a real Prometheus with the repository's config. Then, for every
+while the test runs, a targets file with goals for every KPI at every scope and
+budgets for global, every channel and the focus campaign (so goal and pacing
+panels have series; its day starts within the history, see ``demo_day``), a
+producer that starts writing a new campaign id per event once Prometheus watches
+(folded by the cardinality guard), the worker scraped every second by a real
+Prometheus with the repository's config. Then, for every
 panel target and annotation of every committed dashboard, with
 ``$channel``/``$campaign`` set to a pair that exists, to (channel, All) and to
 (All, All) (All is ``.*``, the variables' allValue), and Grafana's
@@ -32,11 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from alerts.rules import DEFAULT_RULES, parse_rules
+from alerts.targets import parse_targets
+from stream.cli import demo_day
 from stream.devstack import free_port, prometheus_process
 from stream.durations import parse_duration
-from stream.simulate import Incident, SimConfig, Simulator, produce_to_kafka
+from stream.kpis import RATIOS
+from stream.simulate import CHANNELS, Incident, SimConfig, Simulator, produce_to_kafka
 from tests.conftest import require_binary
 from tests.grafana.walk import Query, by_uid, load_dashboards, queries, variables
 from tests.helpers import WorkerProcess, create_topics, produce, run, wait_for
@@ -46,6 +53,21 @@ pytestmark = pytest.mark.integration
 TOPIC_ENV = {"impression": "KPIMON_TOPIC_IMPRESSIONS", "click": "KPIMON_TOPIC_CLICKS",
              "lead": "KPIMON_TOPIC_LEADS", "order": "KPIMON_TOPIC_ORDERS",
              "spend": "KPIMON_TOPIC_SPEND"}  # fmt: skip
+
+
+def _targets() -> str:
+    """A goal for every KPI (in its good direction, one a range) at every scope, and
+    budgets for global, every channel and the focus campaign."""
+    goals: dict[str, dict[str, float]] = {
+        k.name: {"max": 1000.0} if k.bad == "up" else {"min": -0.5 if k.shift else 0.0001}
+        for k in RATIOS
+    }
+    goals["ctr"] = {"min": 0.001, "max": 0.5}
+    return yaml.safe_dump({
+        "global": {"kpis": goals, "budget": {"daily": 50000}},
+        "channels": {ch: {"kpis": goals, "budget": {"daily": 10000}} for ch in CHANNELS},
+        "campaigns": {"c0": {"budget": {"daily": 5000}}, "*": {"kpis": goals}},
+    })  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -64,6 +86,7 @@ class Scenario:
     worker_env: dict[str, str] = field(
         default_factory=lambda: {"KPIMON_EVAL_INTERVAL_SECONDS": "1"}
     )
+    targets: str = field(default_factory=_targets)
     # The simulation's campaign ids (at most 14 with the unattributed ones) fit under
     # the guard; then a producer writes its click ids into campaign_id: they fill the
     # guard and the rest are folded into __other__ of this channel.
@@ -160,6 +183,10 @@ def dashboard_stack(
     parse_rules(scenario.rules)  # a typo here would silently leave the worker without rules
     rules = tmp_path / "rules.yml"
     rules.write_text(scenario.rules)
+    parse_targets(scenario.targets)
+    targets = tmp_path / "targets.yml"
+    targets.write_text(scenario.targets)
+    zone, _ = demo_day(time.time())  # "today" began 70-130 min ago: never an empty day
     topics = {kind: worker_env[env] for kind, env in TOPIC_ENV.items()}
     sim = Simulator(SimConfig(
         seed=scenario.seed, campaigns=scenario.campaigns, rate=scenario.rate,
@@ -174,7 +201,8 @@ def dashboard_stack(
     try:
         worker = start_worker(
             KPIMON_RULES=str(rules), KPIMON_ALERTMANAGER_URL=alertmanager_url,
-            KPIMON_MAX_CAMPAIGNS=str(scenario.max_campaigns), **scenario.worker_env,
+            KPIMON_MAX_CAMPAIGNS=str(scenario.max_campaigns), KPIMON_TARGETS=str(targets),
+            KPIMON_TIMEZONE=zone, **scenario.worker_env,
         )  # fmt: skip
         worker.wait_ready()
         port = free_port()

@@ -202,7 +202,7 @@ def test_recorded_kpis_equal_the_worker_kpis(
 
 def _code_blocks(language: str) -> Iterator[tuple[str, str]]:
     """(page, command) for every command in the runbooks' ``language`` code blocks."""
-    fence = re.compile(rf"^```{language}\n(.*?)^```", re.M | re.S)
+    fence = re.compile(rf"^[ \t]*```{language}\n(.*?)^[ \t]*```", re.M | re.S)  # in lists too
     for page in sorted(RUNBOOKS.glob("*.md")):
         for block in fence.findall(page.read_text()):
             for line in block.replace("\\\n", " ").splitlines():

@@ -295,7 +295,12 @@ def test_every_runbook_url_names_an_existing_page() -> None:
     missing = {url: sorted(rules) for url, rules in urls.items() if not (REPO / url).is_file()}
     assert not missing
     linked = {(REPO / url).resolve() for url in urls}
-    assert linked == {p.resolve() for p in _runbook_pages()}, "runbooks no rule links"
+    # Pages for alerts whose rules are not wired yet (target breach, pacing: issue 14) are
+    # reached from the dashboards' links until then.
+    for board in (REPO / "grafana" / "dashboards").glob("*.json"):
+        for name in re.findall(r"docs/runbooks/([a-z0-9-]+\.md)", board.read_text()):
+            linked.add((RUNBOOKS / name).resolve())
+    assert linked == {p.resolve() for p in _runbook_pages()}, "runbooks nothing links"
     assert {Path(url).name for url in urls} >= {
         "worker-down.md", "events-rejected.md", "no-events.md", "watermark-lag.md",
         "consumer-lag.md", "partition-stalled.md", "notification-failures.md",
@@ -315,6 +320,17 @@ def test_runbook_pages_link_only_existing_pages() -> None:
     for page in [*_runbook_pages(), RUNBOOKS / "README.md"]:
         for target in re.findall(r"\]\(([^)#:]+\.md)(?:#[^)]*)?\)", page.read_text()):
             assert (RUNBOOKS / target).is_file(), f"{page.name} links {target}"
+
+
+def _targets_exposition(store: SegmentStore, now_ms: int) -> bytes:
+    """Goals, budgets and pacing as the demo's targets file has the worker export them."""
+    from datetime import UTC
+
+    from alerts.targets import TargetsWatcher
+    from alerts.targets_export import TargetsExporter
+
+    watcher = TargetsWatcher.load(REPO / "alerts" / "targets.demo.yml", now_ms / 1000)
+    return TargetsExporter(watcher, UTC).render(store.series, now_ms // 60_000, now_ms / 1000)
 
 
 def _known_metrics() -> set[str]:
@@ -339,6 +355,7 @@ def _known_metrics() -> set[str]:
             {("ctr", "global", "", "", "15m"): 0.02},
             evaluation,
         )
+        + _targets_exposition(store, now)
     )
     names = {
         s.name

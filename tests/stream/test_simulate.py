@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import subprocess
 import sys
 from collections import Counter
@@ -184,3 +185,58 @@ def test_spend_reports_are_lumps_that_scale_with_traffic_and_spikes() -> None:
     assert 0.1 < share < 0.7  # a real part of spend arrives in lumps
     assert 3.5 < reported(busy) / reported(normal) < 4.5  # proportional to traffic served
     assert 1.8 < reported(spiked) / reported(normal) < 2.2
+
+
+def _seconds(value: object) -> float:
+    from datetime import datetime
+
+    if isinstance(value, int):
+        return value / 1000
+    return datetime.fromisoformat(str(value)).timestamp()
+
+
+def totals_of(events: list[tuple[str, dict[str, object]]], campaign: str, lo: float,
+              hi: float) -> tuple[int, int, float, float]:  # fmt: skip
+    """Impressions, clicks, impression cost and click cost of a campaign in event-time
+    seconds [lo, hi) of the run."""
+    imps = clicks = 0
+    imp_cost = click_cost = 0.0
+    for kind, body in events:
+        if body.get("campaign_id") != campaign or not lo <= _seconds(body["ts"]) - START < hi:
+            continue
+        if kind == "impression":
+            imps, imp_cost = imps + 1, imp_cost + float(str(body["cost"]))
+        elif kind == "click":
+            clicks, click_cost = clicks + 1, click_cost + float(str(body["cost"]))
+    return imps, clicks, imp_cost, click_cost
+
+
+def test_budget_overrun_buys_more_traffic_at_the_usual_prices() -> None:
+    """From the onset on, c1 spends 150% of its usual rate; its CTR and CPC stay put,
+    the other campaigns and everything before the onset are untouched."""
+    base = SimConfig(seed=5, rate=200, late_rate=0, slightly_late_rate=0, out_of_order_rate=0,
+                     duplicate_rate=0, diurnal=False)  # fmt: skip
+    overrun = Incident.parse("budget_overrun:campaign=c1:at=+10m:by=50%")
+    assert overrun.duration == math.inf  # from the onset on
+    normal = run_sim(base, 2400)
+    over = run_sim(dataclasses.replace(base, incidents=[overrun]), 2400)
+    assert totals_of(over, "c1", 0, 590) == totals_of(normal, "c1", 0, 590)
+    (i0, k0, ic0, cc0), (i1, k1, ic1, cc1) = (
+        totals_of(run, "c1", 600, 2390) for run in (normal, over)
+    )
+    assert 1.4 < (ic1 + cc1) / (ic0 + cc0) < 1.6  # spend at 150%
+    assert 1.4 < i1 / i0 < 1.6 and 1.3 < k1 / k0 < 1.7  # by buying more traffic
+    assert 0.9 < (k1 / i1) / (k0 / i0) < 1.1  # CTR unchanged
+    assert 0.95 < (cc1 / k1) / (cc0 / k0) < 1.05  # CPC unchanged
+    assert 0.95 < (ic1 / i1) / (ic0 / i0) < 1.05  # CPM unchanged
+    other = [totals_of(run, "c2", 600, 2390) for run in (normal, over)]
+    assert 0.95 < (other[1][2] + other[1][3]) / (other[0][2] + other[0][3]) < 1.05
+
+
+def test_budget_overrun_spec() -> None:
+    inc = Incident.parse("budget_overrun:channel=social:at=+1h:by=50%:for=2h")
+    assert (inc.kind, inc.channel, inc.at, inc.by, inc.duration) == (
+        "budget_overrun", "social", 3600.0, 0.5, 7200.0,
+    )  # fmt: skip
+    with pytest.raises(IncidentError, match="rise"):
+        Incident.parse("budget_overrun:by=0%")

@@ -1,0 +1,92 @@
+"""The demo: its day starts with its history, and its budgets fit the simulator's spend.
+
+``kpimon demo`` runs the simulator at seed 7 with ``alerts/targets.demo.yml``; the
+budgets there must be the simulator's usual daily spend, so that pacing reads about 1
+on a normal run and the demo's ``budget_overrun`` visibly moves it. Checked here with
+the real pacing maths (``alerts.pacing.pace``) on the simulated spend, at a tenth of
+the demo's rate against a tenth of the budgets (spend scales with the rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from alerts.pacing import FLAT, Shape, local_day, pace
+from alerts.targets import load_targets
+from stream.cli import DEMO_HISTORY_MINUTES, DEMO_TARGETS, demo_day
+from stream.simulate import Incident, SimConfig, Simulator
+
+MIDNIGHT = 1_796_169_600  # a UTC midnight: the simulated day starts with the run
+DEMO_RATE, RATE = 300.0, 30.0
+MINUTES = 150
+
+
+@pytest.mark.parametrize("offset_s", [0, 1, 3599, 4200, 7799, 7800, 40_000, 86_399])
+def test_demo_day_starts_at_a_local_midnight_within_the_history(offset_s: int) -> None:
+    now = MIDNIGHT + offset_s + 0.5
+    zone, midnight = demo_day(now)
+    lo, hi = DEMO_HISTORY_MINUTES
+    assert lo * 60 <= now - midnight < hi * 60
+    local = datetime.fromtimestamp(midnight, ZoneInfo(zone))
+    assert (local.hour, local.minute, local.second) == (0, 0, 0)
+
+
+def _spend_by_minute(config: SimConfig) -> dict[tuple[str, str, str], dict[int, float]]:
+    """Spend per series key and epoch minute, as the worker would sum it."""
+    out: dict[tuple[str, str, str], dict[int, float]] = defaultdict(lambda: defaultdict(float))
+    for kind, body in Simulator(config).events(MIDNIGHT, MINUTES * 60):
+        amount = float(str(body.get("amount" if kind == "spend" else "cost", 0)))
+        if not amount:
+            continue
+        ts = body["ts"]
+        ms = ts if isinstance(ts, int) else int(datetime.fromisoformat(str(ts)).timestamp() * 1000)
+        minute = ms // 60_000
+        channel, campaign = str(body["channel"]), str(body["campaign_id"])
+        for key in (("global", "", ""), ("channel", channel, ""),
+                    ("campaign", channel, campaign)):  # fmt: skip
+            out[key][minute] += amount
+    return out
+
+
+def _pacing(config: SimConfig) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """(pacing ratio, projection / budget) of every series with a demo budget."""
+    targets = load_targets(DEMO_TARGETS)
+    now = MIDNIGHT // 60 + MINUTES
+    day = local_day(now, UTC)
+    out = {}
+    for key, minutes in _spend_by_minute(config).items():
+        budget = targets.resolve(key).budget
+        if budget is None:
+            continue
+
+        def spend(start: int, end: int, minutes: dict[int, float] = minutes) -> float:
+            return sum(v for m, v in minutes.items() if start <= m < end)
+
+        p = pace(spend, budget.daily * RATE / DEMO_RATE, day, now, Shape(FLAT, "flat"))
+        assert p.ratio is not None
+        out[key] = (p.ratio, p.projected / p.budget)
+    return out
+
+
+def test_demo_budgets_pace_near_one_and_the_overrun_moves_them() -> None:
+    quiet = SimConfig(seed=7, rate=RATE, diurnal=False, duplicate_rate=0, late_rate=0,
+                      slightly_late_rate=0, out_of_order_rate=0)  # fmt: skip
+    normal = _pacing(quiet)
+    c0 = ("campaign", "search", "c0")
+    assert {("global", "", ""), ("channel", "search", ""), ("channel", "email", ""), c0,
+            ("campaign", "social", "c1")} <= set(normal)  # fmt: skip
+    for key, (ratio, _) in normal.items():
+        assert 0.85 < ratio < 1.1, (key, ratio)  # on pace (the newest fees are not in yet)
+    overrun = Incident.parse("budget_overrun:campaign=c0:at=30m:by=50%")
+    over = _pacing(dataclasses.replace(quiet, incidents=[overrun]))
+    assert over[c0][0] > normal[c0][0] * 1.3  # (30 + 1.5 x 120) / 150 = 1.4
+    assert over[c0][1] > 1.2 * normal[c0][1]  # heading past the +20% margin
+    search = ("channel", "search", "")
+    assert over[search][0] > normal[search][0] * 1.15  # c0 is most of search's spend
+    social = ("channel", "social", "")  # untouched (its own random draws differ)
+    assert over[social][0] == pytest.approx(normal[social][0], rel=0.05)
