@@ -78,7 +78,8 @@ class BatchOutput:
     late: Counter[str] = field(default_factory=Counter)
     out_of_order: Counter[str] = field(default_factory=Counter)
     too_late: list[TooLate] = field(default_factory=list)
-    source_ts: list[int] = field(default_factory=list)
+    source_hist: dict[int, int] = field(default_factory=dict)
+    """Counted events by source timestamp rounded down to 100 ms (end-to-end latency)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,12 +201,18 @@ class DedupState:
         self._expire()
         clock_minute = self.clock_ms // 60_000
         shown_before = evaluation_minute(self.clock_ms, self.horizons.settle_ms)
-        seen, clicks, cells = self.seen.entries, self.clicks.entries, out.cells
-        attribution, dedup = self.horizons.attribution_minutes, self._dedup
+        cells, attribution, dedup = out.cells, self.horizons.attribution_minutes, self._dedup
+        clicks = self.clicks.entries
+        # The dedup keys' structures, written here directly (this is the per-event loop):
+        # what _ExpiringKeys.put does, without a call per event.
+        seen, by_minute, minutes, log = (self.seen.entries, self.seen.by_minute,
+                                         self.seen.minutes, self.seen.log)  # fmt: skip
         max_ts = self.max_ts
+        applied = dict.fromkeys(EVENT_TYPES, 0)
+        hist = out.source_hist
         for ev in events:
-            kind = str(ev[R_TYPE])
-            ts = int(ev[R_TS])  # type: ignore[call-overload]
+            kind: str = ev[R_TYPE]  # type: ignore[assignment]
+            ts: int = ev[R_TS]  # type: ignore[assignment]
             key = xxh3_64_intdigest(f"{kind[0]}{ev[R_KEY]}".encode())  # key_hash, inlined
             if key in seen:
                 out.duplicates[kind] += 1
@@ -216,13 +223,20 @@ class DedupState:
                 out.late[kind] += 1
                 out.too_late.append(TooLate(ev, self.clock_ms))
                 continue
-            self.seen.put(key, expires)
+            expires = minutes.setdefault(expires, expires)
+            seen[key] = expires
+            keys = by_minute.get(expires)
+            if keys is None:
+                by_minute[expires] = [key]
+            else:
+                keys.append(key)
+            log.append((key, expires))
             if ts > max_ts:
                 max_ts = ts
             if minute < shown_before:
                 out.out_of_order[kind] += 1
-            campaign = ev[R_CAMPAIGN]
-            channel = str(ev[R_CHANNEL])
+            campaign: str | None = ev[R_CAMPAIGN]  # type: ignore[assignment]
+            channel: str = ev[R_CHANNEL]  # type: ignore[assignment]
             click_id = ev[R_CLICK]
             if kind == "click" and click_id is not None:
                 self.clicks.put(key_hash("click", str(click_id)), minute + attribution,
@@ -236,10 +250,10 @@ class DedupState:
                     campaign = clicked[0]
                     if channel == "unknown":
                         channel = clicked[1]
-            cell = (channel, str(campaign), minute)
-            values = cells.get(cell)
+            cell = (channel, campaign, minute)
+            values = cells.get(cell)  # type: ignore[arg-type]  # campaign is set by now
             if values is None:
-                values = cells[cell] = [0] * N_MEASURES
+                values = cells[cell] = [0] * N_MEASURES  # type: ignore[index]
             if kind == "impression":
                 values[IMPRESSIONS] += 1
                 values[SPEND] += ev[R_SPEND]  # type: ignore[operator]
@@ -254,9 +268,12 @@ class DedupState:
                 values[REVENUE] += ev[R_REVENUE]  # type: ignore[operator]
             else:
                 values[SPEND] += ev[R_SPEND]  # type: ignore[operator]
-            out.applied[kind] += 1
-            out.source_ts.append(int(ev[R_SOURCE_TS]))  # type: ignore[call-overload]
+            applied[kind] += 1
+            source: int = ev[R_SOURCE_TS]  # type: ignore[assignment]
+            bucket = source - source % 100
+            hist[bucket] = hist.get(bucket, 0) + 1
         self.max_ts = max_ts
+        out.applied.update({kind: n for kind, n in applied.items() if n})
         return out
 
     def _expire(self) -> None:
@@ -272,11 +289,11 @@ class DedupState:
         change = {
             "max_ts": self.max_ts,
             "clock": self.clock_ms,
-            "seen": [[k, e] for k, e in self.seen.log],
-            "clicks": [[k, e, v] for k, e, v in self.clicks.log],
+            "seen": self.seen.log,  # (key, expires) tuples: JSON arrays, as written
+            "clicks": self.clicks.log,
         }
-        self.seen.log.clear()
-        self.clicks.log.clear()
+        self.seen.log = []
+        self.clicks.log = []
         return change
 
     def load_changes(self, change: dict[str, object]) -> None:
@@ -464,12 +481,13 @@ class SegmentStore:
         """Progress of one routed-events partition, as its owner last reported it."""
         self.reporters[partition] = _Reporter(watermark_ms, caught_up, now_ms)
 
-    def observe_latency(self, source_ts: Iterable[int], now_ms: int) -> None:
+    def observe_latency(self, source_ts: Iterable[int], now_ms: int, n: int = 1) -> None:
+        """Events that reached the state at ``now_ms``, ``n`` for each source timestamp."""
         counts, bounds = self.latency_counts, LATENCY_BUCKETS
         for ts in source_ts:
             seconds = max(0.0, (now_ms - ts) / 1000)
-            counts[bisect.bisect_left(bounds, seconds)] += 1
-            self.latency_sum += seconds
+            counts[bisect.bisect_left(bounds, seconds)] += n
+            self.latency_sum += seconds * n
 
     def replaying(self, now_ms: int) -> bool:
         """True while the watermark lags the wall clock by more than a short hiccup:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -124,14 +124,6 @@ def cells_list(cells: Mapping[tuple[str, str, int], Sequence[int]]) -> list[list
         [channel, campaign, minute, *values]
         for (channel, campaign, minute), values in cells.items()
     ]
-
-
-def source_histogram(timestamps: Iterable[int]) -> list[list[int]]:
-    counts: dict[int, int] = {}
-    for ts in timestamps:
-        bucket = ts - ts % 100
-        counts[bucket] = counts.get(bucket, 0) + 1
-    return [[ts, n] for ts, n in counts.items()]
 
 
 def encode_json(value: Any) -> bytes:

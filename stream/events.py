@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args, get_origin
 
+import orjson
+from annotated_types import Ge
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -26,6 +30,8 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
 )
+from pydantic.fields import FieldInfo
+from pydantic.types import AllowInfNan
 
 EVENT_TYPES: tuple[str, ...] = ("impression", "click", "lead", "order", "spend")
 MONEY_FIELDS: frozenset[str] = frozenset({"cost", "revenue", "amount"})
@@ -334,6 +340,14 @@ class EventParser:
 
     def parse(self, raw: bytes | None, *, topic_type: str | None, now_ms: int) -> Event | Rejection:
         """Parse one message value; ``topic_type`` is None on a shared topic."""
+        if raw and len(raw) <= self._max_bytes:
+            done = self._fast(raw, topic_type, now_ms)
+            if done is not None:
+                return done
+        return self._parse(raw, topic_type, now_ms)
+
+    def _parse(self, raw: bytes | None, topic_type: str | None, now_ms: int) -> Event | Rejection:
+        """Through the pydantic models."""
         if raw is None or len(raw) == 0:
             return Rejection(RejectReason.NOT_JSON, "empty message")
         if len(raw) > self._max_bytes:
@@ -355,8 +369,56 @@ class EventParser:
             return Rejection(RejectReason.NOT_JSON, str(exc)[:200])
         return self._normalise(model, now_ms)
 
+    def parse_validated(
+        self, raw: bytes | None, *, topic_type: str | None, now_ms: int
+    ) -> Event | Rejection:
+        """:meth:`parse` through the pydantic models only (no fast path): the reference
+        the fast path is tested against."""
+        return self._parse(raw, topic_type, now_ms)
+
     def _normalise(self, model: EventModel, now_ms: int) -> Event | Rejection:
-        ts = timestamp_ms(model.ts)
+        money = None
+        new_customer = None
+        click_id = customer_id = order_id = None
+        if isinstance(model, Impression):
+            money = model.cost
+        elif isinstance(model, Click):
+            money = model.cost
+            click_id = model.click_id
+        elif isinstance(model, Lead):
+            click_id = model.click_id
+        elif isinstance(model, Order):
+            money = model.revenue
+            new_customer = model.new_customer
+            click_id = model.click_id
+            customer_id = model.customer_id
+            order_id = model.order_id
+        elif isinstance(model, Spend):
+            money = model.amount
+        return self._event(
+            now_ms,
+            model.kind, model.event_id, timestamp_ms(model.ts), model.campaign_id,
+            model.channel, model.currency, money, click_id, new_customer, customer_id,
+            order_id,
+        )  # fmt: skip
+
+    def _event(
+        self,
+        now_ms: int,
+        kind: str,
+        event_id: str,
+        ts: int,
+        campaign_id: str | None,
+        channel: str | None,
+        currency: str | None,
+        money: float | None,
+        click_id: str | None,
+        new_customer: bool | None,
+        customer_id: str | None,
+        order_id: str | None,
+    ) -> Event | Rejection:
+        """The rules beyond the schema (range, clock skew, rates), on validated fields:
+        shared by the pydantic path and the fast path, so they cannot differ here."""
         if not _MIN_TS_MS <= ts < _MAX_TS_MS:
             return Rejection(
                 RejectReason.BAD_TIMESTAMP,
@@ -368,41 +430,190 @@ class EventParser:
                 f"ts is {(ts - now_ms) / 1000:.0f} s in the future "
                 f"(limit {self._max_future_skew_ms / 1000:.0f} s)",
             )
-        currency = model.currency.upper() if model.currency else self._reporting_currency
+        currency = currency.upper() if currency else self._reporting_currency
         rate = self._rates.get(currency)
         if rate is None:
             return Rejection(RejectReason.UNKNOWN_CURRENCY, f"no rate configured for {currency}")
         spend = revenue = 0.0
-        new_customer = False
-        click_id = customer_id = None
-        dedup_key = model.event_id
-        if isinstance(model, Impression):
-            spend = (model.cost or 0.0) * rate
-        elif isinstance(model, Click):
-            spend = (model.cost or 0.0) * rate
-            click_id = model.click_id
-        elif isinstance(model, Lead):
-            click_id = model.click_id
-        elif isinstance(model, Order):
-            revenue = model.revenue * rate
-            new_customer = bool(model.new_customer)
-            click_id = model.click_id
-            customer_id = model.customer_id
-            dedup_key = model.order_id or model.event_id
-        elif isinstance(model, Spend):
-            spend = model.amount * rate
+        if kind == "order":
+            revenue = (money or 0.0) * rate
+        else:
+            spend = (money or 0.0) * rate
         if not (spend + revenue) < MAX_MONEY:
             return Rejection(RejectReason.INVALID_VALUE, "money too large after conversion")
         return Event(
-            type=model.kind,
-            event_id=model.event_id,
-            dedup_key=dedup_key,
-            ts_ms=ts,
-            campaign_id=model.campaign_id,
-            channel=model.channel or "unknown",
-            click_id=click_id,
-            spend_micros=round(spend * 1_000_000),
-            revenue_micros=round(revenue * 1_000_000),
-            new_customer=new_customer,
-            customer_id=customer_id,
+            kind,
+            event_id,
+            order_id or event_id,
+            ts,
+            campaign_id,
+            channel or "unknown",
+            click_id,
+            round(spend * 1_000_000),
+            round(revenue * 1_000_000),
+            bool(new_customer),
+            customer_id,
         )
+
+    def _fast(self, raw: bytes, topic_type: str | None, now_ms: int) -> Event | Rejection | None:
+        """The event of ``raw`` when it has the common shape, else None and the pydantic
+        models decide. It never accepts what they would refuse nor reads a field
+        differently: each check (see :func:`_fast_source`) is narrower than the schema's,
+        and tests/stream/test_fast_path.py compares both over generated inputs."""
+        try:
+            body = _loads(raw)
+        except _JSONDecodeError:
+            return None
+        if type(body) is not dict:
+            return None
+        tag = body.get("type")
+        if topic_type is None:
+            check = _FAST_CHECKS.get(tag) if type(tag) is str else None
+            if check is None:
+                return None
+        else:
+            if tag is not None and tag != topic_type:
+                return None
+            check = _FAST_CHECKS[topic_type]
+        fields = check(body)
+        if fields is None:
+            return None
+        return self._event(now_ms, *fields)
+
+
+# -- the fast path's view of the models ----------------------------------------------
+# Each field of each model, as one of a few rules the fast path checks in plain Python.
+# Derived from the models at import: a field of a shape it does not know fails here, at
+# import, rather than being let through unchecked.
+_STR, _LOWER, _MONEY, _TS, _CURRENCY, _BOOL, _TAG = range(7)
+_INF = float("inf")
+_EXACT_INT = 2**53
+"""Integers up to here are exact as floats (pydantic reads JSON integers as floats here)."""
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:[0-5]\d(?:\.\d{1,6})?(?:Z|[+-]\d{2}:\d{2})")
+"""The usual shape of a ``ts`` string (a subset of what pydantic reads, second 60 left to it)."""
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+
+FastField = tuple[str, int, bool, bool, int, int]
+"""(name, rule, required, nullable, min length, max length)."""
+_MONEY_METADATA = sorted(map(repr, [Ge(ge=0), AllowInfNan(allow_inf_nan=False)]))
+
+
+def _fast_field(name: str, info: Any) -> FastField:
+    annotation = info.annotation
+    nullable = False
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and type(None) in args:
+        nullable = True
+        rest = [a for a in args if a is not type(None)]
+        annotation = rest[0] if len(rest) == 1 else Union[tuple(rest)]  # noqa: UP007
+    required = info.is_required()
+    metadata = list(info.metadata)
+    if get_origin(annotation) is Annotated:
+        for m in annotation.__metadata__:
+            metadata += list(m.metadata) if isinstance(m, FieldInfo) else [m]
+        annotation = get_args(annotation)[0]
+    if name == "ts":
+        return name, _TS, required, nullable, 0, 0
+    if get_origin(annotation) is Literal:
+        return name, _TAG, required, nullable, 0, 0
+    if annotation is bool:
+        return name, _BOOL, required, nullable, 0, 0
+    if annotation is float and sorted(map(repr, metadata)) == _MONEY_METADATA:
+        return name, _MONEY, required, nullable, 0, 0
+    if annotation is str:
+        (c,) = [m for m in metadata if isinstance(m, StringConstraints)]
+        if c.pattern == r"^[A-Za-z]{3}$" and c.max_length is None and not c.to_lower:
+            return name, _CURRENCY, required, nullable, 0, 0
+        if c.pattern is None and not c.to_upper and c.max_length is not None:
+            if c.strip_whitespace and c.to_lower and not c.min_length:
+                return name, _LOWER, required, nullable, 0, c.max_length
+            if not c.strip_whitespace and not c.to_lower:
+                return name, _STR, required, nullable, c.min_length or 0, c.max_length
+    raise TypeError(f"the parser's fast path does not know field {name!r}: {info}")
+
+
+_FAST_FIELDS: dict[str, tuple[FastField, ...]] = {
+    kind: tuple(_fast_field(name, info) for name, info in model.model_fields.items())
+    for kind, model in MODELS.items()
+}
+_READ = ("event_id", "ts", "campaign_id", "channel", "currency", "", "click_id",
+         "new_customer", "customer_id", "order_id")  # fmt: skip
+"""The fields :meth:`EventParser._event` takes, in order ("": the type's money field)."""
+
+
+def _fast_source(kind: str, fields: tuple[FastField, ...]) -> str:
+    """Python source of the fast check of one type: ``body`` -> the arguments of
+    :meth:`EventParser._event` (but ``now_ms``), or None. One block per field, in the
+    model's order; a field the model lacks is passed as None (an extra is ignored)."""
+    lines = [f"def check_{kind}(body):"]
+    money = None
+    for name, rule, required, nullable, lo, hi in fields:
+        if rule == _TAG:
+            continue  # the type: checked before
+        var = f"f_{name}"
+        lines.append(f"    {var} = body.get({name!r})")
+        if rule == _MONEY:
+            money = var
+        if rule == _TS:
+            lines += [
+                f"    t = type({var})",
+                "    if t is int:",
+                f"        if not -EXACT_INT <= {var} <= EXACT_INT: return None",
+                "    elif t is float:",
+                f"        if not -INF < {var} < INF: return None",
+                f"        {var} = int({var})",
+                "    elif t is str:",
+                f"        if RFC3339({var}) is None: return None",
+                f"        try: {var} = (fromisoformat({var}) - EPOCH) // MS",
+                "        except ValueError: return None",
+                "    else: return None",
+            ]
+            continue
+        if rule == _STR:
+            bad = f"type({var}) is not str or not {lo} <= len({var}) <= {hi}"
+            fix = None
+        elif rule == _LOWER:  # strip and lower-case do the same in Python and pydantic here
+            bad = (f"type({var}) is not str or len({var}) > {hi} or ({var} and (not "
+                   f"{var}.isascii() or {var}[0] <= ' ' or {var}[-1] <= ' '))")  # fmt: skip
+            fix = f"{var} = {var}.lower()"
+        elif rule == _CURRENCY:
+            bad = (f"type({var}) is not str or len({var}) != 3 or not {var}.isascii() "
+                   f"or not {var}.isalpha()")  # fmt: skip
+            fix = None
+        elif rule == _BOOL:
+            bad = f"type({var}) is not bool"
+            fix = None
+        else:  # _MONEY
+            bad = (f"not (type({var}) is float and 0.0 <= {var} < INF or type({var}) is int "
+                   f"and 0 <= {var} <= EXACT_INT)")  # fmt: skip
+            fix = f"{var} = float({var})"
+        if required and not nullable:
+            lines.append(f"    if {bad}: return None")
+        else:
+            lines.append(f"    if {var} is not None:")
+            lines.append(f"        if {bad}: return None")
+            if required:
+                lines.append(f"    elif {name!r} not in body: return None")
+            elif not nullable:
+                lines.append(f"    elif {name!r} in body: return None")
+        if fix:
+            lines.append(f"    {'    ' if not required or nullable else ''}{fix}")
+    have = {f[0] for f in fields}
+    read = [money or "None" if n == "" else f"f_{n}" if n in have else "None" for n in _READ]
+    lines.append(f"    return ({kind!r}, {', '.join(read)})")
+    return "\n".join(lines) + "\n"
+
+
+def _compile_checks() -> dict[str, Callable[[dict[str, Any]], tuple[Any, ...] | None]]:
+    namespace: dict[str, Any] = {
+        "EXACT_INT": _EXACT_INT, "INF": _INF, "RFC3339": _RFC3339.fullmatch,
+        "fromisoformat": datetime.fromisoformat, "EPOCH": _EPOCH, "MS": _MS,
+    }  # fmt: skip
+    for kind, fields in _FAST_FIELDS.items():
+        exec(_fast_source(kind, fields), namespace)
+    return {kind: namespace[f"check_{kind}"] for kind in _FAST_FIELDS}
+
+
+_FAST_CHECKS = _compile_checks()
+"""Per type: its fast check (source: ``_fast_source``)."""

@@ -6,9 +6,13 @@ dicts and this collector turns them into metric families when scraped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
+    CONTENT_TYPE_LATEST,
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
     PROCESS_COLLECTOR,
@@ -34,6 +38,9 @@ class PipelineCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
+        """Runs in the metrics thread while the event loop changes ``stats``: every dict is
+        copied before it is read (a dict copy is one step under the GIL; iterating the
+        live dict could see it change size)."""
         stats = self._stats
         for name, doc, label, counts in (
             ("kpimon_events", "Valid events consumed, by type (before dedup)", "type",
@@ -48,7 +55,7 @@ class PipelineCollector(Collector):
              "already shown (the windows were restated), by type", "type", stats.out_of_order),
         ):  # fmt: skip
             family = CounterMetricFamily(name, doc, labels=[label])
-            for key, count in counts.items():
+            for key, count in counts.copy().items():
                 family.add_metric([str(key)], count)
             yield family
         yield GaugeMetricFamily(
@@ -62,21 +69,21 @@ class PipelineCollector(Collector):
             "Event time of the newest valid event seen, by type",
             labels=["type"],
         )
-        for kind, ts_ms in stats.last_event_ms.items():
+        for kind, ts_ms in stats.last_event_ms.copy().items():
             last.add_metric([kind], ts_ms / 1000)
         yield last
         notified = CounterMetricFamily(
             "kpimon_notifications", "Alert notification attempts, by sink channel and outcome",
             labels=["channel", "outcome"],
         )  # fmt: skip
-        for (channel, outcome), n in sorted(stats.notifications.items()):
+        for (channel, outcome), n in sorted(stats.notifications.copy().items()):
             notified.add_metric([channel, outcome], n)
         yield notified
         pending = GaugeMetricFamily(
             "kpimon_outbox_pending", "Notifications waiting in the outbox for their sink",
             labels=["channel"],
         )  # fmt: skip
-        for channel, n in sorted(stats.outbox_pending.items()):
+        for channel, n in sorted(stats.outbox_pending.copy().items()):
             pending.add_metric([channel], n)
         yield pending
         lag = GaugeMetricFamily(
@@ -84,7 +91,7 @@ class PipelineCollector(Collector):
             "Records between this worker's position and the end of each assigned partition",
             labels=["topic", "partition"],
         )
-        for (topic, partition), n in sorted(stats.consumer_lag.items()):
+        for (topic, partition), n in sorted(stats.consumer_lag.copy().items()):
             lag.add_metric([topic, str(partition)], n)
         yield lag
         stalled = GaugeMetricFamily(
@@ -92,14 +99,14 @@ class PipelineCollector(Collector):
             "1 while a partition is paused on a record batch this worker cannot read",
             labels=["topic", "partition", "reason"],
         )
-        for (topic, partition), reason in sorted(stats.stalled.items()):
+        for (topic, partition), reason in sorted(stats.stalled.copy().items()):
             stalled.add_metric([topic, str(partition), reason], 1)
         yield stalled
         unreadable = CounterMetricFamily(
             "kpimon_batches_unreadable", "Failed attempts to read a fetched record batch",
             labels=["topic", "reason"],
         )  # fmt: skip
-        for (topic, reason), n in sorted(stats.unreadable.items()):
+        for (topic, reason), n in sorted(stats.unreadable.copy().items()):
             unreadable.add_metric([topic, reason], n)
         yield unreadable
         yield CounterMetricFamily(
@@ -123,6 +130,64 @@ def build_registry(stats: PipelineStats) -> CollectorRegistry:
 
 def render(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
+
+
+class MetricsServer:
+    """``/metrics`` served from a daemon thread, so a scrape never waits for the event loop.
+
+    The body is ``body()``: the registry rendered at scrape time (plain counters read
+    from dicts) plus the last evaluation tick's exposition bytes, which the worker
+    replaces whole. The thread takes the GIL in switch-interval slices while a batch is
+    processed (``sys.setswitchinterval``), not after the batch. Other paths: 404.
+    """
+
+    def __init__(self, host: str, port: int, body: Callable[[], bytes]) -> None:
+        self._body = body
+        self._server = _Server((host, port), self._handler())
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+            name="kpimon-metrics", daemon=True,
+        )  # fmt: skip
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop answering (returns within the poll interval)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+        self._server.server_close()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        body = self._body
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/metrics":
+                    self.send_error(404)
+                    return
+                content = body()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(content)))
+                self.end_headers()
+                self.wfile.write(content)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # a scrape every few seconds is not worth a log line
+
+        return Handler
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
 
 
 def escape(value: str) -> str:

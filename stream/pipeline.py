@@ -190,6 +190,18 @@ class BatchResult:
     event_sources: list[Record] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     rejected: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    """Events by type (kept as they are added, so the stats need no pass over them)."""
+    newest: dict[str, int] = field(default_factory=dict)
+    """Newest event time by type."""
+
+    def add(self, event: Event, source: Record) -> None:
+        self.events.append(event)
+        self.event_sources.append(source)
+        kind = event.type
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if event.ts_ms > self.newest.get(kind, 0):
+            self.newest[kind] = event.ts_ms
 
     def merge(self, other: BatchResult) -> None:
         self.events += other.events
@@ -197,6 +209,11 @@ class BatchResult:
         self.dead_letters += other.dead_letters
         for reason, count in other.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
+        for kind, count in other.counts.items():
+            self.counts[kind] = self.counts.get(kind, 0) + count
+        for kind, ts in other.newest.items():
+            if ts > self.newest.get(kind, 0):
+                self.newest[kind] = ts
 
 
 @dataclass(slots=True)
@@ -225,12 +242,12 @@ class PipelineStats:
         self.notifications[key] = self.notifications.get(key, 0) + n
 
     def apply(self, batch: BatchResult) -> None:
-        events, last = self.events, self.last_event_ms
-        for event in batch.events:
-            kind = event.type
-            events[kind] += 1
-            if event.ts_ms > last.get(kind, 0):
-                last[kind] = event.ts_ms
+        last = self.last_event_ms
+        for kind, count in batch.counts.items():
+            self.events[kind] += count
+        for kind, ts in batch.newest.items():
+            if ts > last.get(kind, 0):
+                last[kind] = ts
         for reason, count in batch.rejected.items():
             self.rejected[reason] = self.rejected.get(reason, 0) + count
 
@@ -272,10 +289,13 @@ class RecordHandler:
         for record in records:
             parsed = parse(record.value, topic_type=topic_types[record.topic], now_ms=now_ms)
             if isinstance(parsed, Event):
-                result.events.append(parsed)
-                result.event_sources.append(record)
+                result.add(parsed, record)
             else:
-                result.dead_letters.append(dead_letter(record, parsed))
-                reason = parsed.reason.value
-                result.rejected[reason] = result.rejected.get(reason, 0) + 1
+                self.reject(result, record, parsed)
         return result
+
+    @staticmethod
+    def reject(result: BatchResult, record: Record, rejection: Rejection) -> None:
+        result.dead_letters.append(dead_letter(record, rejection))
+        reason = rejection.reason.value
+        result.rejected[reason] = result.rejected.get(reason, 0) + 1

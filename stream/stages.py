@@ -26,6 +26,7 @@ from typing import Any
 
 from stream import codec
 from stream.aggregate import BatchOutput, DedupState, Horizons, SegmentStore, StateKey
+from stream.events import Event
 from stream.pipeline import (
     BatchResult,
     DeadLetter,
@@ -126,21 +127,39 @@ class IngestStage:
         return self.handler.topics
 
     def apply(self, tp: Partition, records: Sequence[Record], now_ms: int, into: Ingested) -> None:
+        """Parse and route in one pass (``RecordHandler.handle``'s work, fused with routing:
+        this is the per-event loop of the stage)."""
         topic, partition = tp
-        result = self.handler.handle(records, now_ms)
-        if result.events:
-            newest = max(event.ts_ms for event in result.events)
-            if newest > self.newest.get(tp, 0):
-                self.newest[tp] = newest
+        parse, handler = self.handler.parser.parse, self.handler
+        topic_type = handler.topic_types[topic]
+        result = into.result
+        events, sources, counts = result.events, result.event_sources, result.counts
         carry, routed, n = self._carry_before, into.routed, self.routed_partitions
-        for event, source in zip(result.events, result.event_sources, strict=True):
-            if event.ts_ms < now_ms - carry[event.type]:
-                where = codec.origin(topic, partition, source.offset, source.key, source.value)
+        newest = self.newest.get(tp, 0)
+        for record in records:
+            event = parse(record.value, topic_type=topic_type, now_ms=now_ms)
+            if type(event) is not Event:
+                handler.reject(result, record, event)  # type: ignore[arg-type]
+                continue
+            events.append(event)
+            sources.append(record)
+            kind, ts = event.type, event.ts_ms
+            counts[kind] = counts.get(kind, 0) + 1
+            if ts > newest:
+                newest = ts
+            if ts < now_ms - carry[kind]:
+                where = codec.origin(topic, partition, record.offset, record.key, record.value)
             else:
-                where = codec.origin(topic, partition, source.offset)
-            rows = routed.setdefault(codec.route_partition(event, n), [])
-            rows.append(codec.routed_row(event, source.timestamp, where))
-        into.result.merge(result)
+                where = codec.origin(topic, partition, record.offset)
+            p = codec.route_partition(event, n)
+            rows = routed.get(p)
+            if rows is None:
+                rows = routed[p] = []
+            rows.append(codec.routed_row(event, record.timestamp, where))
+            if ts > result.newest.get(kind, 0):
+                result.newest[kind] = ts
+        if newest > self.newest.get(tp, 0):
+            self.newest[tp] = newest
 
     def messages(self, ingested: Ingested, watermark_before: int) -> Iterator[Message]:
         """Routed rows (stamped with the event time this worker had reached before the
@@ -182,7 +201,7 @@ class DedupStage:
         """The step's partials (cells and progress) and dedup changelog entries."""
         out, self._output = self._output, None
         cells = codec.cells_list(out.cells) if out else []
-        source_ts = codec.source_histogram(out.source_ts) if out else []
+        source_ts = [[ts, n] for ts, n in out.source_hist.items()] if out else []
         messages = []
         for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):
             partial = codec.Partial(
@@ -228,7 +247,7 @@ class SegmentStage:
             store.report(partial.partition, partial.watermark_ms, caught_up=partial.caught_up,
                          now_ms=now_ms)  # fmt: skip
             for ts, n in partial.source_ts:
-                store.observe_latency([ts] * n, now_ms)
+                store.observe_latency((ts,), now_ms, n)
         if records:
             self.position = records[-1].offset + 1
 

@@ -1,11 +1,12 @@
 """The stream worker: the runtime that runs kpimon's stages in a faust-streaming app.
 
-Faust provides the worker's lifecycle, web server (``/metrics``), signal handling and
-logging. The pipeline is a faust/mode ``Service`` with one aiokafka consumer (one consumer
-group) and one transactional producer. The work itself is done by pure stage objects
-(``stream.stages``: ingest, partition, scope; ``alerts.stage``: alerts), each on the
-partitions the group gave it; this module only moves records and messages between them
-and Kafka:
+Faust provides the worker's lifecycle, signal handling and logging; ``/metrics`` is
+served from a thread of its own (``stream.metrics.MetricsServer``), so a scrape does not
+wait for the batch on the event loop. The pipeline is a faust/mode ``Service`` with one
+aiokafka consumer (one consumer group) and one transactional producer. The work itself
+is done by pure stage objects (``stream.stages``: ingest, dedup, segments;
+``alerts.stage``: alerts), each on the partitions the group gave it; this module only
+moves records and messages between them and Kafka:
 
 - consume a batch, hand each partition's records to its stage, and commit every message
   they return plus the consumed offsets in one transaction (``stream.checkpoint``), so a
@@ -48,7 +49,6 @@ from aiokafka.errors import (
 )
 from faust.app.base import BootStrategy
 from mode import Service
-from prometheus_client import CONTENT_TYPE_LATEST
 
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
@@ -57,7 +57,7 @@ from alerts.slack import slack_setup
 from alerts.stage import AlertStage, Tick, compute_tick
 from alerts.targets_export import TargetsExporter
 from stream import checkpoint, clients, codec, logs
-from stream.metrics import build_registry, render
+from stream.metrics import MetricsServer, build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
 from stream.shutdown import Watchdog
@@ -170,6 +170,22 @@ class PipelineService(Service):
         self.stopped_cleanly = True
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        registry = build_registry(stats)
+        self.metrics: MetricsServer | None = None
+        self._metrics_body = lambda: render(registry) + self.kpi_exposition
+
+    def start_metrics(self) -> None:
+        """Serve /metrics (its own thread: see ``MetricsServer``); fails fast when the port
+        is taken."""
+        s = self.settings
+        try:
+            self.metrics = MetricsServer(s.metrics_host, s.metrics_port, self._metrics_body)
+        except OSError as exc:
+            where = f"{s.metrics_host}:{s.metrics_port}"
+            log.critical("cannot serve /metrics on %s (KPIMON_METRICS_HOST, "
+                         "KPIMON_METRICS_PORT): %s", where, exc)  # fmt: skip
+            raise
+        self.metrics.start()
 
     # -- lifecycle ----------------------------------------------------------------
     def _new_producer(self) -> AIOKafkaProducer:
@@ -202,6 +218,8 @@ class PipelineService(Service):
         self._consumer.subscribe(
             topics=[*ingest.topics, topo.routed, topo.partials], listener=_Rebalance(self)
         )
+        if self.metrics is None:
+            self.start_metrics()
         log.info(
             "worker %s in group %s: ingesting %s; dead letters to %s; metrics on %s:%d; "
             "%d alert rules from %s; notifications to %s",
@@ -304,6 +322,8 @@ class PipelineService(Service):
                 clean = False
             except Exception as exc:  # a failing close must not keep the process alive
                 log.warning("stopping: closing the %s failed: %r", name, exc)
+        if self.metrics is not None:
+            self.metrics.stop()
         self.stopped_cleanly = clean
 
     # -- rebalance: state follows partitions ----------------------------------------
@@ -653,33 +673,27 @@ async def _cancel(tasks: Iterable[asyncio.Future[Any]], *, until: float) -> None
         _, pending = await asyncio.wait(pending, timeout=min(left, 0.2))
 
 
-def create_app(settings: Settings, stats: PipelineStats, pipeline: PipelineService) -> faust.App:
-    """The faust app: web server with ``/metrics``; no faust agents, tables or Kafka clients.
+def create_app(settings: Settings) -> faust.App:
+    """The faust app: lifecycle, signals and logging only; no agents, tables, Kafka
+    clients or web server.
 
     The pipeline has its own consumer and transactional producer; faust's own
     (a consumer in a ``<group>-host`` group, a producer, the table recovery and the
     monitor sensor) did nothing here but join a group, create a topic, log, and
-    take up to a minute to stop when the broker is unreachable.
+    take up to a minute to stop when the broker is unreachable. ``/metrics`` is served
+    by the pipeline's own thread (``MetricsServer``): faust's aiohttp server runs on the
+    event loop, so a scrape waited for the batch in progress.
     """
     app = faust.App(
         f"{settings.group_id}-host",
         broker=f"kafka://{settings.kafka_bootstrap}",
         store="memory://",
-        web_host=settings.metrics_host,
-        web_port=settings.metrics_port,
-        web_in_thread=False,
+        web_enabled=False,
         datadir=str(settings.state_dir / "faust"),
         topic_replication_factor=settings.topic_replication_factor,
         autodiscover=False,
     )
     app.boot_strategy = BootStrategy(app, enable_kafka=False, enable_sensors=False)
-    registry = build_registry(stats)
-
-    @app.page("/metrics")
-    async def metrics(web: Any, request: Any) -> Any:
-        body = render(registry) + pipeline.kpi_exposition
-        return web.bytes(body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
     return app
 
 
@@ -758,6 +772,6 @@ def run_worker(settings: Settings, rules: RulesFile, targets: TargetsExporter | 
     gc.freeze()
     stats = PipelineStats()
     pipeline = PipelineService(settings, stats, rules, targets)
-    app = create_app(settings, stats, pipeline)
+    app = create_app(settings)
     KpimonWorker(app, pipeline, settings).execute_from_commandline()
     return 0
