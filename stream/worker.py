@@ -33,7 +33,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
-import aiohttp
 import faust
 from aiokafka import (
     AIOKafkaConsumer,
@@ -50,10 +49,9 @@ from aiokafka.errors import (
 from faust.app.base import BootStrategy
 from mode import Service
 
+from alerts.delivery import Delivery
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
-from alerts.sinks import AlertmanagerSink, ConsoleSink, Sender, Sink
-from alerts.slack import slack_setup
 from alerts.stage import AlertStage, Tick, compute_tick
 from alerts.targets_export import TargetsExporter
 from stream import checkpoint, clients, codec, logs
@@ -155,10 +153,7 @@ class PipelineService(Service):
         self.stages = Stages(settings, self.topology)
         self.alerting: AlertStage | None = None
         """The alert stage, beside the segment stage (None while this worker has none)."""
-        self._session: aiohttp.ClientSession | None = None
-        self._alertmanager: AlertmanagerSink | None = None
-        self._senders: list[Sender] = []
-        self._sender_tasks: list[asyncio.Task[None]] = []
+        self.delivery = Delivery(settings, self._outbox, self._count, self._firing)
         self.kpi_exposition = b""
         self._next_snapshot = 0.0
         self._lock = asyncio.Lock()
@@ -212,7 +207,9 @@ class PipelineService(Service):
         self.stages.dead_letters.limit = limit - DLQ_RECORD_OVERHEAD
         self._consumer = clients.new_consumer(s)
         await self._producer.start()
-        self._start_senders()
+        self.delivery.start()
+        for channel in ("kafka", *self._channels):
+            self.stats.notified(channel, "sent", 0)
         ingest.routed_partitions = len(await self._producer.partitions_for(topo.routed))
         await self._consumer.start()
         self._consumer.subscribe(
@@ -228,35 +225,9 @@ class PipelineService(Service):
             ", ".join([s.alerts_topic, *self._channels]),
         )  # fmt: skip
 
-    def _start_senders(self) -> None:
-        """One sender per configured sink, each draining its channel of the outbox."""
-        s = self.settings
-        self._session = aiohttp.ClientSession()
-        sinks: list[Sink] = []
-        slack = slack_setup(self._session, self._outbox, s)
-        if slack is not None:
-            sinks.append(slack.sink)
-        if s.alertmanager_url:
-            self._alertmanager = AlertmanagerSink(self._session, s.alertmanager_url)
-            sinks.append(self._alertmanager)
-        if s.console_alerts:
-            sinks.append(ConsoleSink())
-        self._senders = [
-            Sender(sink, self._outbox, self._count,
-                   min_interval=s.notify_min_interval_seconds,
-                   max_backoff=s.notify_max_backoff_seconds,
-                   resend=self._resend_firing if sink is self._alertmanager else None,
-                   resend_every=s.alertmanager_resend_seconds)
-            for sink in sinks
-        ]  # fmt: skip
-        for channel in ("kafka", *self._channels):
-            self.stats.notified(channel, "sent", 0)
-        self._sender_tasks = [asyncio.create_task(sender.run()) for sender in self._senders]
-        self._sender_tasks += slack.start() if slack is not None else []
-
     @property
     def _channels(self) -> tuple[str, ...]:
-        return tuple(sender.sink.channel for sender in self._senders)
+        return self.delivery.channels
 
     def _outbox(self) -> Outbox | None:
         return self.alerting.outbox if self.alerting is not None else None
@@ -295,14 +266,14 @@ class PipelineService(Service):
                     "aborts it; its records are processed again after a restart)"
                 )
             await _cancel(pending, until=min(deadline, time.monotonic() + 1.0))
-        for task in self._sender_tasks:
+        for task in self.delivery.tasks:
             task.cancel()
-        await _cancel(self._sender_tasks, until=deadline)
+        await _cancel(self.delivery.tasks, until=deadline)
         clean = True
         steps: list[tuple[str, Any]] = [
             ("consumer", self._consumer.stop if self._consumer else None),
             ("producer", self._producer.stop if self._producer else None),
-            ("http session", self._session.close if self._session else None),
+            ("http session", self.delivery.session.close if self.delivery.session else None),
         ]
         for name, stop in steps:
             if stop is None:
@@ -392,8 +363,7 @@ class PipelineService(Service):
         alerting.restored()
         self.stages.segments, self.alerting = scope, alerting
         self._outbox_changed()
-        for sender in self._senders:
-            sender.wake()
+        self.delivery.wake()
         assert self._consumer is not None
         self._consumer.seek(tp, scope.position)
         log.info("restored scope state from %d changelog entries; replaying partials from %d",
@@ -644,17 +614,10 @@ class PipelineService(Service):
         for record in tick.records:
             log.log(level, "alert %s: %s", record["notification"], record["summary"])
         if tick.records:
-            for sender in self._senders:
-                sender.wake()
+            self.delivery.wake()
 
-    async def _resend_firing(self) -> int:
-        """Alertmanager forgets an alert not re-sent within its resolve timeout."""
-        sink, alerting = self._alertmanager, self.alerting
-        if sink is None or alerting is None:
-            return 0
-        records = alerting.engine.firing_records(time.time())
-        await sink.deliver_many(records)
-        return len(records)
+    def _firing(self, now_s: float) -> list[dict[str, Any]]:
+        return self.alerting.firing_records(now_s) if self.alerting is not None else []
 
 
 async def _cancel(tasks: Iterable[asyncio.Future[Any]], *, until: float) -> None:
