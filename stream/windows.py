@@ -234,6 +234,34 @@ class SeriesBuckets:
         hours = [*self.blocks, *self.coarse]
         return min(hours) * 60 if hours else None
 
+    def first_minute(self, steady: int = 10) -> int | None:
+        """First minute of steady data: the first minute holding data from which at least
+        half of the next ``steady`` minutes do (a few stray events long before the rest,
+        e.g. out of order before a stream's start, do not start its history); else the
+        first minute holding data at all. Folded hours count by 5-minute bucket."""
+        hours = sorted([*self.blocks, *self.coarse])
+        if not hours:
+            return None
+        filled: list[npt.NDArray[np.bool_]] = []
+        for hour in range(hours[0], hours[0] + 6):  # steady data starts within hours
+            rows = self.block(hour)
+            if rows is None:
+                filled.append(np.zeros(60, dtype=bool))
+            else:
+                filled.append(np.repeat(rows.any(axis=1), 60 // int(rows.shape[0])))
+        minutes = np.concatenate(filled)
+        ahead = np.convolve(minutes.astype(np.int64), np.ones(steady, dtype=np.int64))
+        steady_at = np.flatnonzero(minutes & (ahead[steady - 1 :] * 2 >= steady))
+        if steady_at.size:
+            return hours[0] * 60 + int(steady_at[0])
+        for hour in hours:  # sparse data: its first minute
+            rows = self.block(hour)
+            assert rows is not None
+            any_at = np.flatnonzero(rows.any(axis=1))
+            if any_at.size:
+                return hour * 60 + int(any_at[0]) * (60 // int(rows.shape[0]))
+        return None
+
     def block(self, hour: int) -> Totals | None:
         block = self.blocks.get(hour)
         return block if block is not None else self.coarse.get(hour)
