@@ -380,40 +380,66 @@ DETECTOR_STATE_VERSION = 1
 
 @dataclass
 class Cusum:
-    """One rule's CUSUMs for one segment: per magnitude a statistic, its threshold and the
+    """One rule's CUSUMs for one segment. Per magnitude: a statistic, its threshold, the
     first minute of its current excursion (where the move began, and where the baseline
-    stops: a change is not its own baseline), and the last minute added (a minute is
-    added once, however often it is evaluated)."""
+    stops: a change is not its own baseline) and the judged count seen and expected over
+    that excursion (how large the move it measures is). And the last minute added: a
+    minute is added once, however often it is evaluated."""
 
     stats: list[float]
     limits: list[float]
     starts: list[int | None]
+    seen: list[float]
+    expected: list[float]
     last: int | None = None
+
+    @classmethod
+    def empty(cls, n: int) -> Cusum:
+        return cls([0.0] * n, [math.inf] * n, [None] * n, [0.0] * n, [0.0] * n)
+
+    def copy(self) -> Cusum:
+        return Cusum(list(self.stats), list(self.limits), list(self.starts), list(self.seen),
+                     list(self.expected), self.last)  # fmt: skip
+
+    def row(self) -> list[object]:
+        """JSON-safe state, as ``_cusum`` reads it back (after the segment key)."""
+        limits = [_finite(x) for x in self.limits]
+        return [self.last, list(self.starts), list(self.stats), limits, list(self.seen),
+                list(self.expected)]  # fmt: skip
 
     @property
     def since(self) -> int | None:
         """Start of the oldest current excursion; None when every statistic is at 0."""
         return min((s for s in self.starts if s is not None), default=None)
 
-    def add(self, minute: int, ratios: Sequence[float], limits: Sequence[float]) -> None:
-        """Add minute ``minute``'s log-likelihood ratios; capped at the thresholds."""
+    def add(
+        self, minute: int, ev: Evidence, ratios: Sequence[float], limits: Sequence[float]
+    ) -> None:
+        """Add minute ``minute``'s weighted log-likelihood ratios; capped at the thresholds."""
         if self.last is not None and minute <= self.last:
             raise ValueError(f"minute {minute} was already added (last {self.last})")
-        stats, starts = [], []
-        for s, start, ratio, limit in zip(self.stats, self.starts, ratios, limits, strict=True):
-            s = min(limit, max(0.0, s + ratio)) if math.isfinite(limit) else 0.0
-            stats.append(s)
-            starts.append(None if s <= 0 else minute if start is None else start)
-        self.stats, self.starts, self.limits = stats, starts, list(limits)
+        for i, (ratio, limit) in enumerate(zip(ratios, limits, strict=True)):
+            s = min(limit, max(0.0, self.stats[i] + ratio)) if math.isfinite(limit) else 0.0
+            self.stats[i] = s
+            if s <= 0:
+                self.starts[i], self.seen[i], self.expected[i] = None, 0.0, 0.0
+            else:
+                if self.starts[i] is None:
+                    self.starts[i] = minute
+                self.seen[i] += ev.x
+                self.expected[i] += ev.mu
+        self.limits = list(limits)
         self.last = minute
 
-    def alarm(self) -> int | None:
-        """Index of the magnitude at its threshold (the largest share of it), if any."""
-        best, index = 0.0, None
-        for i, (s, limit) in enumerate(zip(self.stats, self.limits, strict=True)):
-            if math.isfinite(limit) and limit > 0 and s / limit > best:
-                best, index = s / limit, i
-        return index if index is not None and best >= 1.0 - 1e-9 else None
+    def alarms(self) -> list[int]:
+        """Indices of the magnitudes at their thresholds, closest to the threshold first."""
+        at = [i for i, (s, limit) in enumerate(zip(self.stats, self.limits, strict=True))
+              if math.isfinite(limit) and s >= limit * (1 - 1e-9)]  # fmt: skip
+        return sorted(at, key=lambda i: -self.stats[i] / self.limits[i])
+
+    def ratio(self, i: int) -> float | None:
+        """The judged count's observed / expected over magnitude ``i``'s excursion."""
+        return self.seen[i] / self.expected[i] if self.expected[i] > 0 else None
 
     def still_bad(self) -> bool:
         """Above half a threshold: the hysteresis that keeps a firing alert firing."""
@@ -441,24 +467,18 @@ class Detectors:
     def get(self, key: tuple[str, str, str]) -> Cusum:
         cusum = self.by_segment.get(key)
         if cusum is None:
-            n = len(self.multipliers)
-            cusum = self.by_segment[key] = Cusum([0.0] * n, [math.inf] * n, [None] * n)
+            cusum = self.by_segment[key] = Cusum.empty(len(self.multipliers))
         return cusum
 
     def clone(self) -> Detectors:
-        return Detectors(self.multipliers, {
-            key: Cusum(list(c.stats), list(c.limits), list(c.starts), c.last)
-            for key, c in self.by_segment.items()
-        })  # fmt: skip
+        copies = {key: c.copy() for key, c in self.by_segment.items()}
+        return Detectors(self.multipliers, copies)
 
     def to_dict(self) -> dict[str, object]:
         return {
             "version": DETECTOR_STATE_VERSION,
             "multipliers": list(self.multipliers),
-            "segments": [
-                [*key, c.last, list(c.starts), list(c.stats), [_finite(x) for x in c.limits]]
-                for key, c in sorted(self.by_segment.items())
-            ],
+            "segments": [[*key, *c.row()] for key, c in sorted(self.by_segment.items())],
         }
 
     @classmethod
@@ -494,10 +514,11 @@ def _finite(x: float) -> float | None:
 
 
 def _cusum(entry: object, n: int) -> tuple[tuple[str, str, str], Cusum]:
-    """One stored segment: [scope, channel, campaign, last, starts, stats, limits]."""
-    if not (isinstance(entry, list) and len(entry) == 7):
-        raise ValueError(f"detector entry must be a list of 7, got {entry!r}")
-    scope, channel, campaign, last, starts, stats, limits = entry
+    """One stored segment: [scope, channel, campaign, last, starts, stats, limits, seen,
+    expected]."""
+    if not (isinstance(entry, list) and len(entry) == 9):
+        raise ValueError(f"detector entry must be a list of 9, got {entry!r}")
+    scope, channel, campaign, last, starts, stats, limits, seen, expected = entry
     if not all(isinstance(part, str) for part in (scope, channel, campaign)):
         raise ValueError(f"detector key must be 3 strings, got {entry[:3]!r}")
     if last is not None and not _is_minute(last):
@@ -512,8 +533,13 @@ def _cusum(entry: object, n: int) -> tuple[tuple[str, str, str], Cusum]:
     if not (isinstance(limits, list) and len(limits) == n and all(
             x is None or (_is_number(x) and x > 0) for x in limits)):  # fmt: skip
         raise ValueError(f"detector thresholds must be {n} numbers > 0 or null, got {limits!r}")
+    for name, sums in (("seen", seen), ("expected", expected)):
+        if not (isinstance(sums, list) and len(sums) == n and all(
+                _is_number(x) and 0 <= x < math.inf for x in sums)):  # fmt: skip
+            raise ValueError(f"detector {name} must be {n} numbers >= 0, got {sums!r}")
     cusum = Cusum([float(s) for s in stats], [math.inf if x is None else float(x) for x in limits],
-                  list(starts), last)  # fmt: skip
+                  list(starts), [float(x) for x in seen], [float(x) for x in expected],
+                  last)  # fmt: skip
     for s, start, limit in zip(cusum.stats, cusum.starts, cusum.limits, strict=True):
         if s > limit or (s > 0) != (start is not None):
             raise ValueError(f"inconsistent detector statistics: {entry!r}")

@@ -57,6 +57,9 @@ are skipped, not judged late, so a long outage of the worker costs one tick, not
 STATE_VERSION = 2
 """Version of :meth:`AlertEngine.to_dict` (1: a bare map of rule lifecycles)."""
 
+MATERIAL = 0.75
+"""Share of ``min_change`` a move must measure for its evidence to alert (see _alarm)."""
+
 BaselineKey = tuple[str, str, str, str, str]
 """(kpi, scope, channel, campaign, window) of an exported baseline."""
 
@@ -158,7 +161,7 @@ class AlertEngine:
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)
             now_at[alert_key] = judged
-            alarm = cusum.alarm()
+            alarm = self._alarm(rule, cusum)
             if alarm is not None:
                 bad[alert_key] = self._details(rule, key, cusum, alarm, judged, segments)
             elif cusum.still_bad():
@@ -172,6 +175,25 @@ class AlertEngine:
                                                     j.end, j.base)  # fmt: skip
                 note.alert.details.update(value=value, baseline=base, change=change)
         return notes
+
+    def _alarm(self, rule: Rule, cusum: Cusum) -> int | None:
+        """The magnitude that alarms: at its threshold, with a material move.
+
+        A CUSUM for a move r also gathers evidence from moves about half as large (its
+        drift is positive from the point where r and the baseline are equally far, in KL
+        terms), and at high volume quickly: so an alarm also needs the move measured over
+        its excursion to reach MATERIAL x ``min_change``, as the rule promises.
+        """
+        p = self.plans[rule.name]
+        for i in cusum.alarms():
+            ratio = cusum.ratio(i)
+            if ratio is None:
+                continue
+            factor = (1 / ratio if ratio > 0 else math.inf) if p.inverse else ratio
+            move = KPI[rule.kpi].worse_by(factor - 1)
+            if move >= MATERIAL * rule.min_change:
+                return i
+        return None
 
     # -- evidence ---------------------------------------------------------------------
     def _base(
@@ -222,7 +244,7 @@ class AlertEngine:
                 cusum.last = minute
                 continue
             ratios = [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
-            cusum.add(minute, ratios, [h] * len(rs))
+            cusum.add(minute, ev, ratios, [h] * len(rs))
 
     def _judged(
         self, rule: Rule, segments: SegmentView, key: SeriesKey, cusum: Cusum, end: int
