@@ -77,8 +77,9 @@ REMOVED_KEYS: dict[str, str] = {
 """Keys of the window-test rules (before sequential detection) and what replaced each: an
 old file is rejected at each such key rather than silently meaning something else."""
 DISPLAY_WINDOWS: tuple[str, str] = ("5m", "1h")
-"""The window dashboards show a KPI over: 5m when its measures arrive together, 1h when one
-trails the other or comes in lumps (the same hour the baselines judge those on)."""
+"""The window dashboards show a KPI over: 5m for impressions and clicks (they arrive at once
+and are plentiful), 1h when conversions (minutes after their click, and sparse) or spend
+(in lumps) are part of it: a 5-minute CPA or AOV would mostly show noise."""
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -208,8 +209,7 @@ class Rule(BaseModel):
     def window(self) -> str:
         """The window dashboards and alert texts show the KPI over (see DISPLAY_WINDOWS)."""
         known = KPI[self.kpi]
-        measures = {known.num, known.den}
-        late = len(measures & TRAILING) == 1 or bool(measures & LUMPY)
+        late = bool({known.num, known.den} & (TRAILING | LUMPY))
         return DISPLAY_WINDOWS[1] if late else DISPLAY_WINDOWS[0]
 
     @property
