@@ -9,7 +9,7 @@ so the baseline is per minute, not per window, and says how much data stands beh
   (clicks per impression, orders per unit spend) hardly move with the level, so their
   span is three hours, for three times the evidence.
 - The daily and weekly shape, once the history holds them: the same minutes yesterday
-  and last week (an hour around them), scaled to the recent level by the ratio of
+  and last week (half an hour around them), scaled to the recent level by the ratio of
   today's trailing span to the same span that day. So a Monday-morning ramp is expected
   on Monday morning, from the first minute of it, instead of being lagged behind.
 - How sure: each measure's expected value carries the counts it was estimated from
@@ -41,9 +41,10 @@ LEVEL_MINUTES = 60
 steepest slope of the simulator's day) before the daily shape is known."""
 RATIO_MINUTES = 180
 """Trailing span of ratios, which the day's level cancels out of."""
-SHAPE_MINUTES = 60
-"""The span around the same minute yesterday / last week that gives the day's shape.
-Older history is kept in 5-minute buckets, so seasonal spans are aligned to 5 minutes."""
+SHAPE_MINUTES = 30
+"""The span around the same minute yesterday / last week that gives the day's shape (its
+information is counted: a small segment's shape is known roughly, and judged so). History
+older than two days is kept in 5-minute buckets, so last week's spans are aligned to 5."""
 FREEZE_MINUTES = 120
 """How far behind the judged minute a baseline may stay frozen at the start of an
 excursion (``alerts.detectors``): a lasting change (a campaign paused on purpose) becomes
@@ -72,11 +73,14 @@ def _align(minute: int) -> int:
 
 
 def _information(*sums: Floats) -> Floats:
-    """1 / the relative variance of a product or ratio of Poisson-like sums."""
-    with np.errstate(divide="ignore"):
-        variance = sum((np.where(s > 0, 1.0 / np.maximum(s, 1e-300), np.inf) for s in sums),
-                       np.zeros(N_MEASURES))  # fmt: skip
-    return np.where(np.isfinite(variance), 1.0 / variance, 0.0)
+    """1 / the relative variance of a product or ratio of Poisson-like sums (0 where one
+    of them is empty: nothing is known)."""
+    known = np.ones(N_MEASURES, dtype=bool)
+    variance = np.zeros(N_MEASURES)
+    for s in sums:
+        known &= s > 0
+        variance += 1.0 / np.where(s > 0, s, 1.0)
+    return np.where(known, 1.0 / variance, 0.0)
 
 
 def expected(
@@ -99,8 +103,9 @@ def expected(
     variances: list[Floats] = []
     names = []
     for lag, name in ((DAY, "yesterday"), (WEEK, "last week")):
-        then = _align(end - span - lag)
-        around = _align(minute - lag - SHAPE_MINUTES // 2)
+        align = _align if lag > DAY else int
+        then = align(end - span - lag)
+        around = align(minute - lag - SHAPE_MINUTES // 2)
         if end - start < span or first > min(then, around):
             continue  # the history does not hold that day's span yet
         before = segments.sum(key, then, then + span).astype(np.float64) / span

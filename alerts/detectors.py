@@ -80,6 +80,10 @@ SPEND_INFORMATION_PER_MINUTE = 5.0
 """Spend is not a count: its baseline's information (1 / relative variance) is taken as 5
 per minute of span, i.e. a three-hour baseline known within ~3% (18 reports +-1 of which
 about half the spend comes in lumps)."""
+LUMP_SD = 0.1
+"""Relative spread of an hour's spend from its lumps (six reports, give or take one, of
+a share of the spend): it persists for minutes, so it is counted like the baseline's own
+uncertainty. This is what makes small moves of cost KPIs slow to tell at any volume."""
 WEEK_MINUTES = 7 * 24 * 60
 SILENCE = 0.0
 """The multiplier of a stream gone silent."""
@@ -295,7 +299,9 @@ def evidence(
     ratio = float(rate[j] / rate[e])
     conversions = p.kpi.volume_index
     info_j = counts[conversions] if j in MONEY else counts[j]
-    info_e = SPEND_INFORMATION_PER_MINUTE * span if e in LUMPY else counts[e]
+    info_e = counts[e]
+    if e in LUMPY:
+        info_e = 1.0 / (1.0 / (SPEND_INFORMATION_PER_MINUTE * span) + LUMP_SD**2)
     info = 0.0 if min(info_j, info_e) <= 0 else 1.0 / (1.0 / info_j + 1.0 / info_e)
     x = float(minute[j])
     if p.binomial:

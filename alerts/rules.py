@@ -81,6 +81,10 @@ DISPLAY_WINDOWS: tuple[str, str] = ("5m", "1h")
 and are plentiful), 1h when conversions (minutes after their click, and sparse) or spend
 (in lumps) are part of it: a 5-minute CPA or AOV would mostly show noise."""
 
+_DISPLAY_WINDOW: dict[str, str] = {
+    k.name: DISPLAY_WINDOWS[1 if {k.num, k.den} & (TRAILING | LUMPY) else 0] for k in KPI.values()
+}
+
 _NAME = re.compile(r"^[a-z0-9_]+$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 _MAX_DURATION = 7 * 86400.0
@@ -208,9 +212,7 @@ class Rule(BaseModel):
     @property
     def window(self) -> str:
         """The window dashboards and alert texts show the KPI over (see DISPLAY_WINDOWS)."""
-        known = KPI[self.kpi]
-        late = bool({known.num, known.den} & (TRAILING | LUMPY))
-        return DISPLAY_WINDOWS[1] if late else DISPLAY_WINDOWS[0]
+        return _DISPLAY_WINDOW[self.kpi]
 
     @property
     def window_minutes(self) -> int:
