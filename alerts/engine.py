@@ -53,7 +53,9 @@ from stream.segments import SegmentView
 DASHBOARD_UID = "kpimon-campaign"
 CATCH_UP_MINUTES = 60
 """Minutes missed (a held backlog, a stopped worker) added at most at once: older ones
-are skipped, not judged late, so a long outage of the worker costs one tick, not hours."""
+are skipped, not judged late, so a long outage of the worker costs one tick, not hours.
+A new detector (a fresh deployment over recorded history, a new rule) starts this far
+back too, where its segment's history holds a baseline: it judges the last hour at once."""
 STATE_VERSION = 2
 """Version of :meth:`AlertEngine.to_dict` (1: a bare map of rule lifecycles)."""
 
@@ -234,9 +236,11 @@ class AlertEngine:
         self, rule: Rule, h: float, segments: SegmentView, key: SeriesKey, cusum: Cusum,
         newest: int,
     ) -> None:  # fmt: skip
-        """Add every settled minute this detector has not added yet, in order."""
-        first = newest if cusum.last is None else cusum.last + 1
-        first = max(first, newest - CATCH_UP_MINUTES + 1)
+        """Add every settled minute this detector has not added yet, in order (a new one:
+        the last CATCH_UP_MINUTES its history holds a baseline for)."""
+        first = newest - CATCH_UP_MINUTES + 1
+        if cusum.last is not None:
+            first = max(first, cusum.last + 1)
         p, rs = self.plans[rule.name], self.detectors[rule.name].multipliers
         for minute in range(first, newest + 1):
             ev = self._evidence(p, segments, key, minute, cusum)

@@ -90,22 +90,16 @@ def rules_file(path: Path, tag: str) -> Path:
     """CTR at every scope plus conversion, clicks and orders rules: only c1's CTR may fire.
 
     c1 carries about two thirds of its channel's clicks, so its 80% drop moves the channel's
-    CTR 50-55% once the 5-minute window is all inside the incident: the channel rule's
-    ``min_change`` (0.75) sits clearly above that, whenever the (load-dependent) timing of
-    the kill lets the restarted worker judge that window.
+    CTR 50-55%: the channel rule's ``min_change`` (0.9) is designed for a move whose
+    CUSUM gathers no evidence from that (its drift turns positive beyond ~61%), and
+    an alarm also needs a measured move of 0.75 x 0.9.
     """
     path.write_text(f"""
 rules:
   - name: e2e_ctr_campaign
     kpi: ctr
     scopes: [campaign]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
     min_change: 0.4
-    resolve_change: 0.2
-    p_value: 0.01
-    min_volume: 1000
     for: 0s
     keep_firing_for: 0s
     severity: ticket
@@ -114,12 +108,7 @@ rules:
   - name: e2e_ctr
     kpi: ctr
     scopes: [global, channel]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
-    min_change: 0.75
-    p_value: 0.0001
-    min_volume: 2000
+    min_change: 0.9
     for: 30s
     severity: ticket
     labels: {{e2e: "{tag}"}}
@@ -127,12 +116,7 @@ rules:
   - name: e2e_conversion
     kpi: conversion_rate
     scopes: [global, channel, campaign]
-    window: 15m
-    baseline: trailing
-    baseline_windows: 2
     min_change: 0.6
-    p_value: 0.0001
-    min_volume: 200
     for: 1m
     severity: ticket
     labels: {{e2e: "{tag}"}}
@@ -140,12 +124,7 @@ rules:
   - name: e2e_clicks_global
     kpi: clicks
     scopes: [global]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
     min_change: 0.5
-    p_value: 0.0001
-    min_volume: 100
     for: 1m
     severity: page
     labels: {{e2e: "{tag}"}}
