@@ -13,7 +13,7 @@ so the baseline is per minute, not per window, and says how much data stands beh
   today's trailing span to the same span that day. So a Monday-morning ramp is expected
   on Monday morning, from the first minute of it, instead of being lagged behind.
 - How sure: each measure's expected value carries the counts it was estimated from
-  (1 / its relative variance). A fresh deployment, with 15 minutes of history, is judged
+  (1 / its relative variance). A fresh deployment, with five minutes of history, is judged
   from then on, but a baseline from a few counts raises the detectors' thresholds
   (``alerts.detectors.inflated``): it cannot be told from a change by little data, and it
   is not taken as exact.
@@ -33,9 +33,10 @@ from stream.kpis import N_MEASURES
 from stream.segments import SegmentView
 
 DAY, WEEK = 1440, 7 * 1440
-MIN_HISTORY = 15
+MIN_HISTORY = 5
 """Minutes of history before a segment is judged at all (a fresh deployment, a new
-campaign): less says nothing about a level, and costs nothing to wait for."""
+campaign): fewer hardly say anything about a level. From then on the baseline is used
+with its uncertainty counted (the detectors discount evidence against a short one)."""
 LEVEL_MINUTES = 60
 """Trailing span of volumes: an hour lags the day's shape by half an hour (~8% at the
 steepest slope of the simulator's day) before the daily shape is known."""

@@ -113,7 +113,7 @@ def test_state_survives_a_restart_without_duplicates() -> None:
     assert len(firing) == 1 and len(resolved) == 1
 
 
-def test_a_fresh_deployment_judges_from_its_first_quarter_hour() -> None:
+def test_a_fresh_deployment_judges_from_its_first_minutes() -> None:
     """30 minutes in, c1's CTR drops 60%: a deployment with half an hour of history fires
     (its short baseline discounts the evidence, it does not blind it), one with two hours
     of history fires sooner; before MIN_HISTORY minutes nothing is judged."""
