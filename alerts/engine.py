@@ -322,6 +322,8 @@ class AlertEngine:
             "change": change,
             "statistic": statistic,
             "threshold": limit,
+            # Ville: a likelihood ratio (discounted: a supermartingale) exceeds e^S by
+            # chance with probability at most e^-S, per excursion of a stationary segment
             "p_value": math.exp(-statistic),
             "reason": reason,
             "baseline_kind": judged.base.kind,
