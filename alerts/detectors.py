@@ -39,7 +39,10 @@ false alarm of N x M x 10,080 / budget minutes, and since a CUSUM's is at least 
 ``h = ln(N x M x 10,080 / budget)`` (rules weigh their share with ``budget_share``). So
 adding campaigns costs a little threshold (ln: 10x the segments is +2.3), never noise.
 N is counted at each evaluation: when segments come, h rises a little, when they go it
-falls; a statistic is compared with the threshold of the minute, so nothing is re-judged.
+falls; a statistic is capped at and compared with the threshold of the minute it was last
+added at, so nothing is re-judged. A new segment starts at 0 (judged from its first
+minutes of history); a segment that goes (expired, or folded into ``__other__``) loses
+its statistics with it.
 
 The baseline is estimated, not known: a change of its estimate by chance looks like a move.
 Each minute's evidence for a magnitude is discounted by the ratio of the variance it takes

@@ -148,6 +148,8 @@ class AlertEngine:
         now_at: dict[AlertKey, Judged] = {}
         detectors = self.detectors[rule.name]
         newest = end - 1
+        for gone in detectors.by_segment.keys() - set(keys):
+            del detectors.by_segment[gone]  # expired or folded: its evidence goes with it
         for key in keys:
             cusum = detectors.get(key)
             if not replaying:
