@@ -365,3 +365,12 @@ def test_add_rules_parser_wires_check(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "no rules" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["rules"])  # the action is required
+
+
+def test_the_budget_belongs_to_the_whole_file() -> None:
+    assert parse_rules(rules_text()).false_alerts_per_week == 1.0
+    text = "false_alerts_per_week: 0\n" + rules_text()
+    (issue,) = issues_of(text)
+    assert (issue.line, issue.path) == (1, "false_alerts_per_week")
+    assert "greater than 0" in issue.message
+    assert parse_rules("false_alerts_per_week: 2.5\n" + rules_text()).false_alerts_per_week == 2.5
