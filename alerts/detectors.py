@@ -457,14 +457,6 @@ class Cusum:
             for s, limit in zip(self.stats, self.limits, strict=True)
         )
 
-    def share(self) -> float:
-        """How close to alarming: the largest statistic / threshold, 0..1."""
-        return max(
-            (s / limit for s, limit in zip(self.stats, self.limits, strict=True)
-             if math.isfinite(limit) and limit > 0),
-            default=0.0,
-        )  # fmt: skip
-
 
 @dataclass
 class Detectors:
@@ -484,10 +476,21 @@ class Detectors:
         return Detectors(self.multipliers, copies)
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-safe state. Segments at rest (every statistic at 0) are stored by key and
+        last minute only: they are most, and a rule over hundreds of campaigns is written
+        to the changelog every minute."""
+        active: list[list[object]] = []
+        quiet: dict[int | None, list[list[str]]] = {}
+        for key, c in sorted(self.by_segment.items()):
+            if any(s > 0 for s in c.stats):
+                active.append([*key, *c.row()])
+            else:
+                quiet.setdefault(c.last, []).append(list(key))
         return {
             "version": DETECTOR_STATE_VERSION,
             "multipliers": list(self.multipliers),
-            "segments": [[*key, *c.row()] for key, c in sorted(self.by_segment.items())],
+            "segments": active,
+            "quiet": [[last, keys] for last, keys in sorted(quiet.items(), key=_by_minute)],
         }
 
     @classmethod
@@ -510,7 +513,27 @@ class Detectors:
             if key in restored.by_segment:
                 raise ValueError(f"segment {key!r} appears twice")
             restored.by_segment[key] = cusum
+        quiet = d.get("quiet")
+        if not isinstance(quiet, list):
+            raise ValueError("quiet must be a list")
+        for group in quiet:
+            if not (isinstance(group, list) and len(group) == 2 and isinstance(group[1], list)
+                    and (group[0] is None or _is_minute(group[0]))):  # fmt: skip
+                raise ValueError(f"quiet segments must be [last minute, keys], got {group!r}")
+            for key in group[1]:
+                if not (isinstance(key, list) and len(key) == 3
+                        and all(isinstance(part, str) for part in key)):  # fmt: skip
+                    raise ValueError(f"segment key must be 3 strings, got {key!r}")
+                if tuple(key) in restored.by_segment:
+                    raise ValueError(f"segment {key!r} appears twice")
+                cusum = Cusum.empty(len(multipliers))  # at rest: no threshold to remember
+                cusum.last = group[0]
+                restored.by_segment[(key[0], key[1], key[2])] = cusum
         return restored
+
+
+def _by_minute(item: tuple[int | None, object]) -> int:
+    return -1 if item[0] is None else item[0]
 
 
 def _is_number(value: object) -> bool:
