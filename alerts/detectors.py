@@ -18,13 +18,18 @@ What is judged is a count given what it is exposed to, derived from the catalogu
 - rates whose numerator trails its denominator (orders, leads after their clicks):
   Poisson, given the clicks of the last ``MATURING_MINUTES`` (the exposure that has had
   time to convert; the click-to-order delay is spread over minutes, and the mean of the
-  last ten minutes' clicks is that convolution for delays spread evenly over ten);
+  last ten minutes' clicks is that convolution for delays spread evenly over ten). Cohorts
+  (orders by the minute of their click) would be exact, but the minute sums keep an order
+  at its own time, and a cohort matures only after the longest delay: a lagged exposure
+  judges every minute at once, and errs only while clicks themselves move fast;
 - money per spend (CPC ... CAC: conversions per unit spend; ROAS, ROI: revenue per spend):
   Poisson, given the spend of the last ``LUMP_MINUTES``. Spend arrives in lumps (platform
   reports every ~10 min, minutes late): one minute of spend says nothing, an hour holds
   six reports give or take one. So cost KPIs are judged on the conversions side, each
   minute's conversions against the hour's spend rate; the price is that a spend spike
-  shows up as it enters that hour (detection ramps over up to an hour), not at once;
+  shows up as it enters that hour (detection ramps over up to an hour), not at once, and
+  that the hour's spend is itself uncertain by a report (``LUMP_SD``, counted below), so
+  small moves of cost KPIs take long to tell at any volume;
 - revenue is counted in units of ``aov * (1 + cv^2)`` (a compound Poisson sum: orders at
   random, values spread with ``ORDER_VALUE_CV``), which makes it Poisson-like; revenue
   per order (AOV) given the minute's orders in units of ``aov * cv^2``.
@@ -32,6 +37,10 @@ What is judged is a count given what it is exposed to, derived from the catalogu
 Several magnitudes: a CUSUM is designed for one move, and is slow for much larger ones. So
 each rule runs three: ``min_change``, twice it, and silence (the judged count gone: a
 tracking outage, or a conversion stream lost), the first to reach its threshold alerts.
+A CUSUM for a move r also gathers evidence from moves about half as large (its drift turns
+positive where r and "no move" are equally far in KL), quickly at high volume; so an alarm
+also needs the move measured over its excursion (judged count seen / expected) to reach
+three quarters of ``min_change`` (``alerts.engine.MATERIAL``): the rule's promise.
 
 Thresholds: one false-alarm budget for the whole rules file (``false_alerts_per_week``,
 default 1), split over its N detectors and their M magnitudes: each gets a mean time to a
