@@ -46,6 +46,9 @@ SHAPE_MINUTES = 30
 """The span around the same minute yesterday / last week that gives the day's shape (its
 information is counted: a small segment's shape is known roughly, and judged so). History
 older than two days is kept in 5-minute buckets, so last week's spans are aligned to 5."""
+MAX_SHAPE = 4.0
+"""Bound of the daily shape's factor: within an hour, traffic hardly moves fourfold, and a
+day whose history was thin (a campaign's first hours) must not multiply a baseline."""
 FREEZE_MINUTES = 120
 """How far behind the judged minute a baseline may stay frozen at the start of an
 excursion (``alerts.detectors``): a lasting change (a campaign paused on purpose) becomes
@@ -115,7 +118,8 @@ def expected(
         known = (before > 0) & (at > 0)
         if not known.any():
             continue
-        shapes.append(np.where(known, at / np.where(known, before, 1.0), 1.0))
+        shape = np.where(known, at / np.where(known, before, 1.0), 1.0)
+        shapes.append(np.clip(shape, 1 / MAX_SHAPE, MAX_SHAPE))
         info = _information(before * span, at * SHAPE_MINUTES)
         with np.errstate(divide="ignore"):
             variances.append(np.where(known, 1.0 / np.maximum(info, 1e-300), 0.0))

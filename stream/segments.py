@@ -52,7 +52,8 @@ class SegmentView:
         return self._starts[key]
 
     def first_minute(self, key: SeriesKey) -> int | None:
-        """First minute ``key`` holds data for (not its hour): how long a baseline it has."""
+        """First minute of ``key``'s steady data (not its hour, nor a trickle of strays before
+        it): where its baselines may start."""
         if key not in self._firsts:
             self._firsts[key] = self._series[key].first_minute()
         return self._firsts[key]
