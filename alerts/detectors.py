@@ -1,113 +1,112 @@
-"""Detectors: did a KPI move in its bad direction by enough, and are we sure?
+"""Detectors: did a KPI move in its bad direction? Judged minute by minute, at the limit.
 
-Pure statistics over window sums (see ``stream.windows``), no I/O, so that the
-live rule engine and the offline backtest reach the same verdicts. Three kinds:
+Pure statistics, no clock and no I/O, so the live worker and the offline backtest reach the
+same verdicts. Every rule watches every segment of its scopes with a CUSUM (Page): each
+settled minute adds its log-likelihood ratio "moved by the rule's ``min_change``" against
+"as the baseline expects", the sum is floored at 0, and the alert fires when it reaches the
+threshold ``h``. Among all procedures with the same rate of false alarms (one every ~e^h
+minutes per detector) it has the least worst-case delay, ~h / KL minutes (Lorden): a large
+move fires in a minute or two at any volume, a small one once the evidence suffices, and a
+segment with little traffic is watched too, accumulating evidence slowly. No floor needed.
 
-- rates (ctr, conversion_rate, lead_rate): two-proportion z-test, one-sided in
-  the bad direction, only above the textbook volume floor (n·p, n·(1-p) >= 10);
-- counts (impressions, clicks, leads, orders): one-sided Poisson test of the
-  current count against the baseline scaled to the current window, which also
-  catches a stream going silent;
-- cost ratios (cpc … aov): minimum spend and conversions (the ratios are
-  heavy-tailed: a few conversions more or less swing them), plus a z-test of
-  the conversions behind them: conversions per unit spend are Poisson, so a
-  cost per conversion (cpc, cpl, cpa, cac) compares two Poisson rates with
-  spend as exposure (the conditional binomial test); revenue (roas, roi, aov)
-  is a compound Poisson sum whose order values are assumed to vary with a
-  coefficient of variation of ``ORDER_VALUE_CV``.
+What is judged is a count given what it is exposed to, derived from the catalogue's fields
+(never from KPI names):
 
-Every verdict needs both a material move (``min_change``) and significance:
-with large volumes anything is significant, with small ones any move is
-plausible noise. Floors alone are not enough for cost ratios: with 30 orders a
-window (floor 20) against a baseline of six windows, chance alone raises CPA by
-40% in one window out of twenty, so fixed floors with a fixed ``min_change``
-fired many times a day at low volume and were needlessly deaf at high volume.
-What the tests cannot see is noise in spend itself (platforms report it in
-lumps): ``min_change`` and the rule's ``for`` cover that.
+- counts (impressions ... orders): Poisson against the baseline's expected count;
+- rates whose measures arrive together (CTR): binomial, clicks given the minute's
+  impressions;
+- rates whose numerator trails its denominator (orders, leads after their clicks):
+  Poisson, given the clicks of the last ``MATURING_MINUTES`` (the exposure that has had
+  time to convert; the click-to-order delay is spread over minutes, and the mean of the
+  last ten minutes' clicks is that convolution for delays spread evenly over ten). Cohorts
+  (orders by the minute of their click) would be exact, but the minute sums keep an order
+  at its own time, and a cohort matures only after the longest delay: a lagged exposure
+  judges every minute at once, and errs only while clicks themselves move fast;
+- money per spend (CPC ... CAC: conversions per unit spend; ROAS, ROI: revenue per spend):
+  Poisson, given the spend of the last ``LUMP_MINUTES``. Spend arrives in lumps (platform
+  reports every ~10 min, minutes late): one minute of spend says nothing, an hour holds
+  six reports give or take one. So cost KPIs are judged on the conversions side, each
+  minute's conversions against the hour's spend rate; the price is that a spend spike
+  shows up as it enters that hour (detection ramps over up to an hour), not at once, and
+  that the hour's spend is itself uncertain by a report (``LUMP_SD``, counted below), so
+  small moves of cost KPIs take long to tell at any volume;
+- revenue is counted in units of ``aov * (1 + cv^2)`` (a compound Poisson sum: orders at
+  random, values spread with ``ORDER_VALUE_CV``), which makes it Poisson-like; revenue
+  per order (AOV) given the minute's orders in units of ``aov * cv^2``.
 
-Tail probabilities are computed here (no scipy) and stay accurate far into the
-tails and for counts in the billions.
+Several magnitudes: a CUSUM is designed for one move, and is slow for much larger ones. So
+each rule runs three: ``min_change``, twice it, and silence (the judged count gone: a
+tracking outage, or a conversion stream lost), the first to reach its threshold alerts.
+A CUSUM for a move r also gathers evidence from moves about half as large (its drift turns
+positive where r and "no move" are equally far in KL), quickly at high volume; so an alarm
+also needs the move measured over its excursion (judged count seen / expected) to reach
+three quarters of ``min_change`` (``alerts.engine.MATERIAL``): the rule's promise.
 
-The count test takes the expected count as exact. A baseline that is itself
-noisy (one window of the same length, ``baseline_scale`` 1) doubles the
-variance, and the test alone then fires ~1.3% of the time at p 0.001 on
-stationary traffic (~0.25% at scale 1/4); ``min_change`` 0.25 brings that to
-~0.2% at the 200-count floor and to nothing from ~1000. Prefer baselines of
-several windows for counts.
+Thresholds: one false-alarm budget for the whole rules file (``false_alerts_per_week``,
+default 1), split over its N detectors and their M magnitudes: each gets a mean time to a
+false alarm of N x M x 10,080 / budget minutes, and since a CUSUM's is at least e^h,
+``h = ln(N x M x 10,080 / budget)`` (rules weigh their share with ``budget_share``). So
+adding campaigns costs a little threshold (ln: 10x the segments is +2.3), never noise.
+N is counted at each evaluation: when segments come, h rises a little, when they go it
+falls; a statistic is capped at and compared with the threshold of the minute it was last
+added at, so nothing is re-judged. A new segment starts at 0 (judged from its first
+minutes of history); a segment that goes (expired, or folded into ``__other__``) loses
+its statistics with it.
+
+The baseline is estimated, not known: a change of its estimate by chance looks like a move.
+Each minute's evidence for a magnitude is discounted by the ratio of the variance it takes
+to reach h (the ~h / c(r) counts) to that plus what the baseline adds (those counts squared
+over the baseline's own counts): weight ``1 / (1 + h / (c(r) x counts))``. A short
+baseline (a fresh deployment) judges at once, but only moves that are clear beyond its
+own uncertainty.
+
+The statistic is capped at its threshold: evidence beyond it would only delay the resolve
+by as long as the move lasted. An alert is "still bad" (hysteresis) while the statistic
+stays above half its threshold, and resolves once it falls below (plus ``keep_firing_for``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
-from stream.kpis import (
-    KPI,
-    MEASURES,
-    N_MEASURES,
-    ORDERS,
-    REVENUE,
-    SPEND,
-    Kpi,
-    measure_value,
-    unshifted,
-)
-from stream.windows import kpis
+import numpy as np
+import numpy.typing as npt
+
+from alerts.baselines import LEVEL_MINUTES, RATIO_MINUTES
+from stream.kpis import LUMPY, MICROS, MONEY, TRAILING, Kpi
 
 # Coefficient of variation of one order's revenue, assumed by the revenue tests (window sums
 # carry no sum of squares). Baskets are right-skewed: 1.0 is a lognormal with sigma 0.83, more
-# spread than most shops (the simulator draws sigma 0.6, i.e. 0.66); heavier tails need larger
-# floors or min_change rather than a different test.
+# spread than most shops (the simulator draws sigma 0.6, i.e. 0.66); heavier tails make the
+# revenue detectors fire more often than budgeted, and call for a higher cv here.
 ORDER_VALUE_CV = 1.0
 MIN_EXPECTED_COUNT = 5  # below this a Poisson test cannot reach any useful significance
 TEXTBOOK_FLOOR = 10  # n·p and n·(1-p) for the normal approximation of a proportion
+MATURING_MINUTES = 10
+"""Minutes of clicks a trailing conversion is judged against (see the module text)."""
+LUMP_MINUTES = 60
+"""Minutes of spend a conversion per unit spend is judged against: several reports."""
+SPEND_INFORMATION_PER_MINUTE = 5.0
+"""Spend is not a count: its baseline's information (1 / relative variance) is taken as 5
+per minute of span, i.e. a three-hour baseline known within ~3% (18 reports +-1 of which
+about half the spend comes in lumps)."""
+LUMP_SD = 0.1
+"""Relative spread of an hour's spend from its lumps (six reports, give or take one, of
+a share of the spend): it persists for minutes, so it is counted like the baseline's own
+uncertainty. This is what makes small moves of cost KPIs slow to tell at any volume."""
+WEEK_MINUTES = 7 * 24 * 60
+SILENCE = 0.0
+"""The multiplier of a stream gone silent."""
 
 _EPS = 1e-15
-_CHANGE_TOLERANCE = 1e-9  # 4 -> 3 is a 25% drop even if float division says 24.99...%
 _TINY = 1e-300
 _MAX_ITER = 100_000
 # Above this shape the exact incomplete-gamma loops get long (O(sqrt(a)) steps, ~1k here).
 # Wilson-Hilferty is then within 1e-4 relative at p ~ 1e-3 and 1e-2 at p ~ 1e-20: ample
 # for a decision at p < 0.001, and O(1) for counts in the billions.
 _ASYMPTOTIC_SHAPE = 10_000.0
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """What counts as a bad move, and how much data is needed to say so."""
-
-    min_change: float  # relative change in the bad direction needed (e.g. 0.25)
-    p_value: float = 0.001  # one-sided significance of every test (rates, counts, cost ratios)
-    min_volume: int = 200  # rates: min denominator in both windows; counts: min expected count
-    min_conversions: int = 10  # cost ratios: min count of the conversion measure in both
-    min_spend: float = 50.0  # cost ratios: min spend (reporting currency) in both windows
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.min_change) and self.min_change >= 0):
-            raise ValueError(f"min_change must be a finite number >= 0, got {self.min_change}")
-        if not 0 < self.p_value <= 1:
-            raise ValueError(f"p_value must be in (0, 1], got {self.p_value}")
-        if self.min_volume < 0 or self.min_conversions < 0:
-            raise ValueError("min_volume and min_conversions must be >= 0")
-        if not (math.isfinite(self.min_spend) and self.min_spend >= 0):
-            raise ValueError(f"min_spend must be a finite number >= 0, got {self.min_spend}")
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One KPI's comparison of a current window against its baseline."""
-
-    kpi: str
-    kind: str  # "rate" | "count" | "cost"
-    value: float | None  # current KPI value (or count)
-    baseline: float | None  # baseline KPI value (or expected count, scaled to the current window)
-    change: float | None  # relative change (value - baseline) / |baseline|, signed
-    bad: bool  # moved in the bad direction by >= min_change, significant, with enough volume
-    statistic: float | None  # z for rates and cost ratios (signed like the change), else None
-    p_value: float | None  # one-sided p in the bad direction
-    enough_data: bool  # volume floors met (when False, bad is False: "cannot tell")
-    reason: str  # short human explanation
 
 
 # --- distributions ---------------------------------------------------------------------------
@@ -118,23 +117,6 @@ def normal_sf(z: float) -> float:
     if math.isnan(z):
         raise ValueError("z is NaN")
     return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def two_proportion_z(x1: int, n1: int, x2: int, n2: int) -> float:
-    """Pooled two-proportion z for p1 - p2 (current vs baseline).
-
-    0.0 when there is no evidence either way: an empty sample, or a pooled rate
-    of 0 or 1 (no variance), so callers never see NaN or inf.
-    """
-    if min(x1, n1, x2, n2) < 0 or x1 > n1 or x2 > n2:
-        raise ValueError(f"not two proportions: {x1}/{n1} vs {x2}/{n2}")
-    if n1 == 0 or n2 == 0:
-        return 0.0
-    pooled = (x1 + x2) / (n1 + n2)
-    variance = pooled * (1.0 - pooled) * (1.0 / n1 + 1.0 / n2)
-    if variance <= 0.0:
-        return 0.0
-    return (x1 / n1 - x2 / n2) / math.sqrt(variance)
 
 
 def _gamma_prefactor(a: float, x: float) -> float:
@@ -221,200 +203,400 @@ def poisson_sf(k: int, mu: float) -> float:
     return _gamma_pq(float(k), mu)[0]
 
 
-def bonferroni(p_value: float, comparisons: int) -> float:
-    """Per-test threshold keeping the family-wise false-alarm rate at ``p_value``.
+# --- what is judged --------------------------------------------------------------------------
 
-    Hundreds of segments x KPIs are judged at once; each one at ``p_value``
-    would fire somewhere almost every evaluation. No comparisons count as one.
+Floats = npt.NDArray[np.float64]
+Sums = Sequence[int] | Sequence[float] | npt.NDArray[np.int64] | Floats
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one KPI is judged: which count, per what exposure, over how many minutes of it."""
+
+    kpi: Kpi
+    judged: int
+    """Index of the measure judged: the count the KPI moves with (or against)."""
+    exposure: int | None
+    """Index of the measure it is judged per; None: judged against the baseline level."""
+    lag: int
+    """Minutes of exposure a minute's count is judged against (1: the same minute)."""
+    binomial: bool
+    """The judged count is out of the exposure's trials, in the same minute (CTR)."""
+    inverse: bool
+    """The judged count is the KPI's denominator (a cost per conversion moves against it)."""
+    value_cv2: float | None
+    """Money judged (revenue): counted in units of the value per conversion times this."""
+
+    @property
+    def span(self) -> int:
+        """The trailing baseline span: an hour for volumes, three for ratios."""
+        return LEVEL_MINUTES if self.exposure is None else RATIO_MINUTES
+
+
+def plan(kpi: Kpi) -> Plan:
+    """The judged count of ``kpi`` and its exposure, from the catalogue's fields."""
+    if kpi.denominator is None:
+        return Plan(kpi, kpi.num, None, 1, False, False, None)
+    num, den = kpi.num, kpi.den
+    exposure = num if num in LUMPY else den
+    judged = den if exposure == num else num
+    if exposure in LUMPY:
+        lag = LUMP_MINUTES
+    elif judged in TRAILING and exposure not in TRAILING:
+        lag = MATURING_MINUTES
+    else:
+        lag = 1
+    binomial = lag == 1 and judged not in MONEY and exposure not in MONEY
+    cv2 = None
+    if judged in MONEY:  # given the conversions: their values' spread; else compound Poisson
+        given = exposure == kpi.volume_index
+        cv2 = ORDER_VALUE_CV**2 + (0.0 if given else 1.0)
+    return Plan(kpi, judged, exposure, lag, binomial, judged == den, cv2)
+
+
+def multipliers(p: Plan, min_change: float) -> tuple[float, ...]:
+    """The judged count's mean, relative to the baseline, under the moves a rule looks for:
+    its ``min_change`` in the bad direction, twice that, and silence (0)."""
+    out: list[float] = []
+    for move in (min_change, 2 * min_change):
+        factor = 1 - move if p.kpi.bad == "down" else 1 + move  # of the KPI (ROI: of ROAS)
+        if factor <= 0:
+            continue  # a fall of 100% or more: silence
+        r = 1 / factor if p.inverse else factor
+        if not 0 < r < 1:
+            raise ValueError(f"{p.kpi.name}: a bad move must lower the judged count")
+        if r not in out:
+            out.append(r)
+    out.append(SILENCE)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One minute of the judged count against what the baseline expects of it."""
+
+    x: float
+    """The judged count (money in its units)."""
+    mu: float
+    """Its expected value (Poisson); for a binomial, ``trials`` x ``p0``."""
+    trials: float | None
+    p0: float
+    counts: float
+    """Information of the baseline behind ``mu`` (1 / its relative variance)."""
+
+
+def evidence(
+    p: Plan,
+    minute: Sums,
+    exposed: Sums | None,
+    rate: Floats,
+    counts: Floats,
+    span: int,
+) -> Evidence | None:
+    """One minute's evidence; None when the baseline expects nothing to judge by.
+
+    ``minute``: the minute's sums; ``exposed``: the sums over the ``p.lag`` minutes ending
+    with it; ``rate``/``counts``: the baseline per minute and its information
+    (``alerts.baselines.Expected``) over ``span`` minutes.
     """
-    if not 0 < p_value <= 1:
-        raise ValueError(f"p_value must be in (0, 1], got {p_value}")
-    if comparisons < 0:
-        raise ValueError(f"comparisons must be >= 0, got {comparisons}")
-    return p_value / max(comparisons, 1)
+    j = p.judged
+    if p.exposure is None:
+        mu = float(rate[j])
+        if mu <= 0:
+            return None
+        return Evidence(float(minute[j]), mu, None, 0.0, float(counts[j]))
+    e = p.exposure
+    if rate[j] <= 0 or rate[e] <= 0:
+        return None
+    ratio = float(rate[j] / rate[e])
+    conversions = p.kpi.volume_index
+    info_j = counts[conversions] if j in MONEY else counts[j]
+    info_e = counts[e]
+    if e in LUMPY:
+        info_e = 1.0 / (1.0 / (SPEND_INFORMATION_PER_MINUTE * span) + LUMP_SD**2)
+    info = 0.0 if min(info_j, info_e) <= 0 else 1.0 / (1.0 / info_j + 1.0 / info_e)
+    x = float(minute[j])
+    if p.binomial:
+        if ratio >= 1:
+            return None  # not a proportion (e.g. more orders than tracked clicks)
+        trials = float(minute[e])
+        return Evidence(x, trials * ratio, trials, ratio, float(info))
+    assert exposed is not None
+    mu = ratio * float(exposed[e]) / p.lag
+    if p.value_cv2 is not None:
+        if rate[conversions] <= 0:
+            return None
+        unit = float(rate[j] / rate[conversions]) * p.value_cv2
+        x, mu = x / unit, mu / unit
+    return Evidence(x, mu, None, 0.0, float(info))
 
 
-# --- judging ---------------------------------------------------------------------------------
-
-
-def judge(
-    kpi: str,
-    current: Sequence[int],
-    baseline: Sequence[int],
-    baseline_scale: float,
-    th: Thresholds,
-) -> Verdict:
-    """Judge one KPI from the current and baseline window sums (MEASURES order, money in micros).
-
-    ``baseline_scale`` is current window length / baseline span length; it turns
-    baseline counts into expected counts (rates and cost ratios are scale-free).
-    Zeros anywhere give a verdict with ``enough_data`` False, never an exception;
-    ValueError only for a malformed call (unknown kpi, wrong length, scale <= 0).
-    """
-    if len(current) != N_MEASURES or len(baseline) != N_MEASURES:
-        raise ValueError(f"expected {N_MEASURES} measures, got {len(current)} and {len(baseline)}")
-    if not (math.isfinite(baseline_scale) and baseline_scale > 0):
-        raise ValueError(f"baseline_scale must be finite and > 0, got {baseline_scale}")
-    known = KPI.get(kpi)
-    if known is None:
-        raise ValueError(f"unknown kpi {kpi!r}")
-    if known.kind == "rate":
-        return _judge_rate(known, current, baseline, th)
-    if known.kind == "count":
-        index = known.num
-        return _judge_count(known, current[index], baseline[index], baseline_scale, th)
-    return _judge_cost(known, current, baseline, th)
-
-
-def _is_bad_move(kpi: Kpi, change: float | None, th: Thresholds) -> bool:
-    if change is None:
-        return False
-    worse = kpi.worse_by(change)
-    return worse > 0 and worse >= th.min_change - _CHANGE_TOLERANCE
-
-
-def _cannot_tell(kpi: str, kind: str, value: float | None, base: float | None, why: str) -> Verdict:
-    """A verdict without a test: the data cannot support one, so never bad."""
-    return Verdict(kpi, kind, value, base, None, False, None, None, False, f"{kpi}: {why}")
-
-
-def _moved(change: float | None) -> str:
-    return f" ({change:+.0%})" if change is not None else ""
-
-
-def _judge_rate(
-    known: Kpi, current: Sequence[int], baseline: Sequence[int], th: Thresholds
-) -> Verdict:
-    kpi, num, den = known.name, known.num, known.den
-    x1, n1, x2, n2 = int(current[num]), int(current[den]), int(baseline[num]), int(baseline[den])
-    value = x1 / n1 if n1 > 0 else None
-    base = x2 / n2 if n2 > 0 else None
-    if value is None or base is None:
-        missing = "current" if value is None else "baseline"
-        return _cannot_tell(kpi, "rate", value, base, f"no {MEASURES[den]} in the {missing} window")
-    if min(x1, x2) < 0 or x1 > n1 or x2 > n2:  # e.g. orders without tracked clicks
-        why = f"{MEASURES[num]} exceed {MEASURES[den]}, not a proportion"
-        return _cannot_tell(kpi, "rate", value, base, why)
-    change = (value - base) / base if base > 0 else None
-    z = two_proportion_z(x1, n1, x2, n2)
-    p = normal_sf(known.worse_by(z))  # one-sided: z signed like the change
-    pooled = (x1 + x2) / (n1 + n2)
-    n_min = min(n1, n2)
-    enough = (
-        n_min >= th.min_volume
-        and n_min * pooled >= TEXTBOOK_FLOOR
-        and n_min * (1.0 - pooled) >= TEXTBOOK_FLOOR
-    )
-    bad = enough and _is_bad_move(known, change, th) and p < th.p_value
-    reason = f"{kpi} {value:.2%} vs {base:.2%}{_moved(change)}, z={z:.1f}, p={p:.2g}"
-    if not enough:
-        reason += f"; not enough data ({MEASURES[den]} {n1} / {n2}, {MEASURES[num]} {x1} / {x2})"
-    return Verdict(kpi, "rate", value, base, change, bad, z, p, enough, reason)
-
-
-def _judge_count(
-    known: Kpi, observed: int, base_count: int, scale: float, th: Thresholds
-) -> Verdict:
-    kpi = known.name
-    observed, base_count = int(observed), int(base_count)
-    expected = base_count * scale
-    if observed < 0 or expected <= 0:
-        why = f"{observed} vs expected {expected:.1f}, no baseline volume"
-        return _cannot_tell(kpi, "count", float(observed), expected, why)
-    change = (observed - expected) / expected
-    p = poisson_cdf(observed, expected)  # a volume drop is the bad direction of every count
-    floor = max(th.min_volume, MIN_EXPECTED_COUNT)
-    enough = expected >= floor
-    bad = enough and _is_bad_move(known, change, th) and p < th.p_value
-    reason = f"{kpi} {observed} vs expected {expected:.1f}{_moved(change)}, p={p:.2g}"
-    if not enough:
-        reason += f"; not enough data (expected < {floor})"
-    return Verdict(kpi, "count", float(observed), expected, change, bad, None, p, enough, reason)
-
-
-def _judge_cost(
-    known: Kpi, current: Sequence[int], baseline: Sequence[int], th: Thresholds
-) -> Verdict:
-    kpi = known.name
-    value = kpis(current).get(kpi)
-    base = kpis(baseline).get(kpi)
-    # ROI hovers around 0, where a relative change means nothing (-3% -> -12% is "-300%"):
-    # a shifted KPI is judged by the relative change of its ratio (ROAS = 1 + ROI) instead.
-    change = known.change(value, base)
-    conversion = known.volume_index
-    short: list[str] = []
-    for label, totals in (("current", current), ("baseline", baseline)):
-        spend = measure_value(SPEND, int(totals[SPEND]))
-        conversions = int(totals[conversion])
-        if spend < th.min_spend:
-            short.append(f"{label} spend {spend:.2f} < {th.min_spend:g}")
-        if conversions < th.min_conversions:
-            short.append(f"{label} {MEASURES[conversion]} {conversions} < {th.min_conversions}")
-    if value is None or base is None:
-        short.append(f"undefined in the {'current' if value is None else 'baseline'} window")
-    elif known.relative_to(base) is None:
-        ratio = unshifted(known)
-        short.append("baseline is 0" if ratio is known else f"baseline {ratio.title} is 0")
-    enough = not short
-    z = cost_z(kpi, current, baseline) if value is not None and base is not None else None
-    p = None if z is None else normal_sf(known.worse_by(z))  # z signed like the change
-    bad = enough and _is_bad_move(known, change, th) and p is not None and p < th.p_value
-    shown = [f"{v:.4g}" if v is not None else "n/a" for v in (value, base)]
-    reason = f"{kpi} {shown[0]} vs {shown[1]}{_moved(change)}"
-    if z is not None and p is not None:
-        reason += f", z={z:.1f}, p={p:.2g}"
-    if short:
-        reason += "; not enough data (" + ", ".join(short) + ")"
-    return Verdict(kpi, "cost", value, base, change, bad, z, p, enough, reason)
-
-
-def _conditional_z(x1: float, x2: float, exposure1: float, exposure2: float) -> float:
-    """z of x1 given x1 + x2, for two Poisson counts with rates proportional to their exposures.
-
-    Under "same rate per unit exposure" x1 | x1 + x2 is binomial with p =
-    e1 / (e1 + e2): the exact way to compare two Poisson rates, here by its
-    normal approximation (the volume floors keep the counts large enough).
-    Positive when x1 is above what its exposure predicts; 0.0 without variance.
-    """
-    total, exposure = x1 + x2, exposure1 + exposure2
-    if total <= 0 or exposure <= 0:
-        return 0.0
-    share = exposure1 / exposure
-    variance = total * share * (1.0 - share)
-    if variance <= 0.0:
-        return 0.0
-    return (x1 - total * share) / math.sqrt(variance)
-
-
-def cost_z(kpi: str, current: Sequence[int], baseline: Sequence[int]) -> float:
-    """z of a cost ratio's change, signed like the change (positive: the KPI rose).
-
-    - cpc, cpl, cpa, cac (spend per conversion): the conversions are Poisson
-      with the window's spend as exposure; fewer per unit spend is a higher cost.
-    - roas, roi (revenue per spend): revenue is a compound Poisson sum of order
-      values, whose variance is its mean times ``aov * (1 + cv^2)``; counted in
-      units of that size it is Poisson-like, then compared as above.
-    - aov (revenue per order): given the orders, each window's revenue has mean
-      ``orders * aov`` and variance ``orders * (cv * aov)^2``.
-    0.0 when the windows carry no evidence either way.
-    """
-    known = KPI[kpi]
-    spend1, spend2 = float(current[SPEND]), float(baseline[SPEND])
-    revenue1, revenue2 = float(current[REVENUE]), float(baseline[REVENUE])
-    orders1, orders2 = float(current[ORDERS]), float(baseline[ORDERS])
-    cv2 = ORDER_VALUE_CV**2
-    if known.num == REVENUE:
-        if orders1 + orders2 <= 0 or revenue1 + revenue2 <= 0:
+def llr(ev: Evidence, r: float) -> float:
+    """Log-likelihood ratio of one minute: the judged mean at ``r`` x the baseline vs at it."""
+    x = ev.x
+    if ev.trials is not None:
+        n, p0 = ev.trials, ev.p0
+        if n <= 0 or x > n:
             return 0.0
-        aov = (revenue1 + revenue2) / (orders1 + orders2)
-        if known.den == ORDERS:
-            if orders1 <= 0 or orders2 <= 0:
-                return 0.0
-            sd = math.sqrt(cv2) * aov * math.sqrt(1.0 / orders1 + 1.0 / orders2)
-            return (revenue1 / orders1 - revenue2 / orders2) / sd
-        unit = aov * (1.0 + cv2)
-        return _conditional_z(revenue1 / unit, revenue2 / unit, spend1, spend2)
-    conversions = known.volume_index
-    return -_conditional_z(
-        float(current[conversions]), float(baseline[conversions]), spend1, spend2
-    )
+        if r == SILENCE:
+            return -math.inf if x > 0 else -n * math.log1p(-p0)
+        p1 = p0 * r
+        return x * math.log(r) + (n - x) * (math.log1p(-p1) - math.log1p(-p0))
+    if r == SILENCE:
+        return -math.inf if x > 0 else ev.mu
+    return x * math.log(r) - (r - 1.0) * ev.mu
+
+
+def kl_per_count(r: float) -> float:
+    """KL information per expected count of a Poisson mean moving by ``r``: r ln r - r + 1."""
+    return 1.0 if r == SILENCE else r * math.log(r) - r + 1.0
+
+
+def information_bound(h: float, r: float, mu: float) -> float:
+    """Minutes a CUSUM at threshold ``h`` needs, on average, for a move ``r`` at ``mu`` a
+    minute (Lorden's h / KL): what detection delays are measured against."""
+    return h / (kl_per_count(r) * mu)
+
+
+def threshold(total_weight: float, share: float, magnitudes: int, budget: float) -> float:
+    """h of one detector: its budget share of false alerts a week, over its magnitudes.
+
+    ``total_weight``: the sum of ``budget_share`` over every detector of the rules file;
+    the detector gets budget x share / total_weight false alerts a week, so a mean time
+    to a false alarm of that many weeks' minutes, split over its ``magnitudes`` CUSUMs.
+    """
+    if not (share > 0 and budget > 0 and magnitudes > 0):
+        raise ValueError("share, budget and magnitudes must be > 0")
+    return math.log(magnitudes * WEEK_MINUTES * max(total_weight, share) / (budget * share))
+
+
+def discount(h: float, r: float, counts: float) -> float:
+    """The weight of one minute's evidence for magnitude ``r`` against a baseline known
+    from ``counts`` (1 for an exact baseline, 0 without one).
+
+    Reaching ``h`` takes ~h / c(r) counts, whose sum has that variance; an estimated
+    baseline adds its square over ``counts``. Dividing the evidence by the ratio (a
+    variance inflation) keeps a short baseline's chance errors from looking like a move,
+    and it is the evidence that is discounted, not the threshold raised, so a statistic
+    gathered while the baseline was short is not suddenly past a threshold once it grows.
+    """
+    if counts <= 0:
+        return 0.0
+    return 1.0 / (1.0 + h / (kl_per_count(r) * counts))
+
+
+def weighted(ratio: float, weight: float) -> float:
+    """``ratio`` x ``weight``, where no weight leaves no evidence (not -inf x 0 = NaN)."""
+    return 0.0 if weight <= 0 else ratio * weight
+
+
+# --- the statistic ---------------------------------------------------------------------------
+
+DETECTOR_STATE_VERSION = 1
+"""Version of :meth:`Detectors.to_dict`; bumped on incompatible changes."""
+
+
+@dataclass
+class Cusum:
+    """One rule's CUSUMs for one segment. Per magnitude: a statistic, its threshold, the
+    first minute of its current excursion (where the move began, and where the baseline
+    stops: a change is not its own baseline) and the judged count seen and expected over
+    that excursion (how large the move it measures is). And the last minute added: a
+    minute is added once, however often it is evaluated."""
+
+    stats: list[float]
+    limits: list[float]
+    starts: list[int | None]
+    seen: list[float]
+    expected: list[float]
+    last: int | None = None
+
+    @classmethod
+    def empty(cls, n: int) -> Cusum:
+        return cls([0.0] * n, [math.inf] * n, [None] * n, [0.0] * n, [0.0] * n)
+
+    def copy(self) -> Cusum:
+        return Cusum(list(self.stats), list(self.limits), list(self.starts), list(self.seen),
+                     list(self.expected), self.last)  # fmt: skip
+
+    def row(self) -> list[object]:
+        """JSON-safe state, as ``_cusum`` reads it back (after the segment key)."""
+        limits = [_finite(x) for x in self.limits]
+        return [self.last, list(self.starts), list(self.stats), limits, list(self.seen),
+                list(self.expected)]  # fmt: skip
+
+    @property
+    def since(self) -> int | None:
+        """Start of the oldest current excursion; None when every statistic is at 0."""
+        return min((s for s in self.starts if s is not None), default=None)
+
+    def add(
+        self, minute: int, ev: Evidence, ratios: Sequence[float], limits: Sequence[float]
+    ) -> None:
+        """Add minute ``minute``'s weighted log-likelihood ratios; capped at the thresholds."""
+        if self.last is not None and minute <= self.last:
+            raise ValueError(f"minute {minute} was already added (last {self.last})")
+        for i, (ratio, limit) in enumerate(zip(ratios, limits, strict=True)):
+            s = min(limit, max(0.0, self.stats[i] + ratio)) if math.isfinite(limit) else 0.0
+            self.stats[i] = s
+            if s <= 0:
+                self.starts[i], self.seen[i], self.expected[i] = None, 0.0, 0.0
+            else:
+                if self.starts[i] is None:
+                    self.starts[i] = minute
+                self.seen[i] += ev.x
+                self.expected[i] += ev.mu
+        self.limits = list(limits)
+        self.last = minute
+
+    def alarms(self) -> list[int]:
+        """Indices of the magnitudes at their thresholds, closest to the threshold first."""
+        at = [i for i, (s, limit) in enumerate(zip(self.stats, self.limits, strict=True))
+              if math.isfinite(limit) and s >= limit * (1 - 1e-9)]  # fmt: skip
+        return sorted(at, key=lambda i: -self.stats[i] / self.limits[i])
+
+    def ratio(self, i: int) -> float | None:
+        """The judged count's observed / expected over magnitude ``i``'s excursion."""
+        return self.seen[i] / self.expected[i] if self.expected[i] > 0 else None
+
+    def still_bad(self) -> bool:
+        """Above half a threshold: the hysteresis that keeps a firing alert firing."""
+        return any(
+            math.isfinite(limit) and limit > 0 and s >= limit / 2
+            for s, limit in zip(self.stats, self.limits, strict=True)
+        )
+
+
+@dataclass
+class Detectors:
+    """The CUSUMs of one rule, by segment; JSON-safe state restored exactly after restarts."""
+
+    multipliers: tuple[float, ...]
+    by_segment: dict[tuple[str, str, str], Cusum] = field(default_factory=dict)
+
+    def get(self, key: tuple[str, str, str]) -> Cusum:
+        cusum = self.by_segment.get(key)
+        if cusum is None:
+            cusum = self.by_segment[key] = Cusum.empty(len(self.multipliers))
+        return cusum
+
+    def clone(self) -> Detectors:
+        copies = {key: c.copy() for key, c in self.by_segment.items()}
+        return Detectors(self.multipliers, copies)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe state. Segments at rest (every statistic at 0) are stored by key and
+        last minute only: they are most, and a rule over hundreds of campaigns is written
+        to the changelog every minute."""
+        active: list[list[object]] = []
+        quiet: dict[int | None, list[list[str]]] = {}
+        for key, c in sorted(self.by_segment.items()):
+            if any(s > 0 for s in c.stats):
+                active.append([*key, *c.row()])
+            else:
+                quiet.setdefault(c.last, []).append(list(key))
+        return {
+            "version": DETECTOR_STATE_VERSION,
+            "multipliers": list(self.multipliers),
+            "segments": active,
+            "quiet": [[last, keys] for last, keys in sorted(quiet.items(), key=_by_minute)],
+        }
+
+    @classmethod
+    def from_dict(cls, multipliers: tuple[float, ...], d: Mapping[str, object]) -> Detectors:
+        """Restore ``to_dict`` output; a rule whose magnitudes changed starts afresh (its
+        statistics measured other moves); malformed state raises ValueError."""
+        if d.get("version") != DETECTOR_STATE_VERSION:
+            raise ValueError(f"unsupported detector state version {d.get('version')!r}")
+        restored = cls(multipliers)
+        stored = d.get("multipliers")
+        if not isinstance(stored, list) or not all(_is_number(m) for m in stored):
+            raise ValueError(f"multipliers must be a list of numbers, got {stored!r}")
+        if tuple(float(m) for m in stored) != multipliers:
+            return restored
+        segments = d.get("segments")
+        if not isinstance(segments, list):
+            raise ValueError("segments must be a list")
+        for entry in segments:
+            key, cusum = _cusum(entry, len(multipliers))
+            if key in restored.by_segment:
+                raise ValueError(f"segment {key!r} appears twice")
+            restored.by_segment[key] = cusum
+        quiet = d.get("quiet")
+        if not isinstance(quiet, list):
+            raise ValueError("quiet must be a list")
+        for group in quiet:
+            if not (isinstance(group, list) and len(group) == 2 and isinstance(group[1], list)
+                    and (group[0] is None or _is_minute(group[0]))):  # fmt: skip
+                raise ValueError(f"quiet segments must be [last minute, keys], got {group!r}")
+            for key in group[1]:
+                if not (isinstance(key, list) and len(key) == 3
+                        and all(isinstance(part, str) for part in key)):  # fmt: skip
+                    raise ValueError(f"segment key must be 3 strings, got {key!r}")
+                if tuple(key) in restored.by_segment:
+                    raise ValueError(f"segment {key!r} appears twice")
+                cusum = Cusum.empty(len(multipliers))  # at rest: no threshold to remember
+                cusum.last = group[0]
+                restored.by_segment[(key[0], key[1], key[2])] = cusum
+        return restored
+
+
+def _by_minute(item: tuple[int | None, object]) -> int:
+    return -1 if item[0] is None else item[0]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: an unset threshold is stored as null."""
+    return x if math.isfinite(x) else None
+
+
+def _cusum(entry: object, n: int) -> tuple[tuple[str, str, str], Cusum]:
+    """One stored segment: [scope, channel, campaign, last, starts, stats, limits, seen,
+    expected]."""
+    if not (isinstance(entry, list) and len(entry) == 9):
+        raise ValueError(f"detector entry must be a list of 9, got {entry!r}")
+    scope, channel, campaign, last, starts, stats, limits, seen, expected = entry
+    if not all(isinstance(part, str) for part in (scope, channel, campaign)):
+        raise ValueError(f"detector key must be 3 strings, got {entry[:3]!r}")
+    if last is not None and not _is_minute(last):
+        raise ValueError(f"detector last minute must be a minute or null, got {last!r}")
+    before_last = [s is None or (_is_minute(s) and last is not None and s <= last)
+                   for s in (starts if isinstance(starts, list) else [])]  # fmt: skip
+    if not (isinstance(starts, list) and len(starts) == n and all(before_last)):
+        raise ValueError(f"detector excursion starts must be {n} minutes <= last, got {starts!r}")
+    if not (isinstance(stats, list) and len(stats) == n and all(
+            _is_number(s) and 0 <= s < math.inf for s in stats)):  # fmt: skip
+        raise ValueError(f"detector statistics must be {n} numbers >= 0, got {stats!r}")
+    if not (isinstance(limits, list) and len(limits) == n and all(
+            x is None or (_is_number(x) and x > 0) for x in limits)):  # fmt: skip
+        raise ValueError(f"detector thresholds must be {n} numbers > 0 or null, got {limits!r}")
+    for name, sums in (("seen", seen), ("expected", expected)):
+        if not (isinstance(sums, list) and len(sums) == n and all(
+                _is_number(x) and 0 <= x < math.inf for x in sums)):  # fmt: skip
+            raise ValueError(f"detector {name} must be {n} numbers >= 0, got {sums!r}")
+    cusum = Cusum([float(s) for s in stats], [math.inf if x is None else float(x) for x in limits],
+                  list(starts), [float(x) for x in seen], [float(x) for x in expected],
+                  last)  # fmt: skip
+    for s, start, limit in zip(cusum.stats, cusum.starts, cusum.limits, strict=True):
+        if s > limit or (s > 0) != (start is not None):
+            raise ValueError(f"inconsistent detector statistics: {entry!r}")
+    return (scope, channel, campaign), cusum
+
+
+def _is_minute(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def kpi_value(kpi: Kpi, sums: Sums) -> float | None:
+    """The KPI of (possibly fractional, e.g. expected) sums; None on a 0 denominator."""
+    if kpi.denominator is None:
+        return float(sums[kpi.num])
+    den = float(sums[kpi.den]) / (MICROS if kpi.den in MONEY else 1)
+    if den <= 0:
+        return None
+    num = float(sums[kpi.num]) / (MICROS if kpi.num in MONEY else 1)
+    return num / den + kpi.shift

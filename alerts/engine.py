@@ -1,23 +1,48 @@
-"""The alert engine: rules x segments -> verdicts -> lifecycle -> alert records.
+"""The alert engine: rules x segments -> sequential detectors -> lifecycle -> alert records.
 
-Pure code shared by the live worker and ``kpimon backtest``: it reads window
-sums only through a :class:`~stream.segments.SegmentView` of one scope snapshot
-(never the buckets behind it), judges every rule for every
-segment of its scopes against the rule's baseline, steps each rule's alert
-state machine in event time, and turns notifications into the alert object of
-SPEC.md (what moved, where, by how much, against which baseline, how sure,
-since when, which child segments contribute most, links).
+Pure code shared by the live worker and ``kpimon backtest``: it reads window sums only
+through a :class:`~stream.segments.SegmentView` of one scope snapshot (never the buckets
+behind it). Every evaluation adds the newest settled minute of every segment of every
+rule's scopes to that rule's CUSUMs (``alerts.detectors``) against the segment's baseline
+(``alerts.baselines``), steps each rule's alert state machine in event time, and turns
+notifications into the alert object of SPEC.md (what moved, where, by how much, against
+which baseline, how sure, since when, which child segments contribute most, links).
+
+Minutes are added once: an evaluation repeated within a minute adds nothing (each
+detector keeps the last minute it added), and after a pause (a held backlog, a restart)
+the minutes missed are added in order, up to ``CATCH_UP_MINUTES``. A minute restated by
+events later than the settle delay is not added again: its evidence was counted as it
+stood when it settled, and re-adding would count it twice (the baselines read the
+restated sums from then on). Alerts wait while the stream replays a backlog
+(``replaying``): half-applied data must not be judged.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from alerts.detectors import Thresholds, Verdict, bonferroni, judge
+import numpy as np
+
+from alerts.baselines import FREEZE_HISTORY, FREEZE_MINUTES, Expected, expected
+from alerts.detectors import (
+    Cusum,
+    Detectors,
+    Evidence,
+    Plan,
+    discount,
+    evidence,
+    kpi_value,
+    llr,
+    multipliers,
+    plan,
+    threshold,
+    weighted,
+)
 from alerts.incidents import IncidentNote, Incidents, Seen, gap
 from alerts.lifecycle import Alert, AlertKey, AlertState, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
@@ -26,67 +51,38 @@ from stream.aggregate import OTHER, SeriesKey
 from stream.kpis import KPI
 from stream.segments import SegmentView
 
-DAY, WEEK = 1440, 7 * 1440
 DASHBOARD_UID = "kpimon-campaign"
 INCIDENTS = "@incidents"
 """Key of the incident state in :meth:`AlertEngine.to_dict` (rule names cannot start so)."""
 SEVERITY_RANK = {"page": 0, "ticket": 1, "info": 2}
+CATCH_UP_MINUTES = 60
+"""Minutes missed (a held backlog, a stopped worker) added at most at once: older ones
+are skipped, not judged late, so a long outage of the worker costs one tick, not hours.
+A new detector (a fresh deployment over recorded history, a new rule) starts this far
+back too, where its segment's history holds a baseline: it judges the last hour at once."""
+STATE_VERSION = 2
+"""Version of :meth:`AlertEngine.to_dict` (1: a bare map of rule lifecycles)."""
+
+MATERIAL = 0.75
+"""Share of ``min_change`` a move must measure for its evidence to alert (see _alarm)."""
+
+BaselineKey = tuple[str, str, str, str, str]
+"""(kpi, scope, channel, campaign, window) of an exported baseline."""
 
 
 @dataclass(frozen=True)
-class Baseline:
-    """Minutes [start, end) the baseline sums cover, and its length relative to the window."""
+class Judged:
+    """A rule's view of one segment at the newest minute: its baseline, and the span of
+    the current excursion (or of the display window when there is none)."""
 
-    start: int
+    base: Expected
+    since: int
     end: int
-    scale: float
-    kind: str
-
-
-def baseline_span(rule: Rule, end: int, has_data: bool = True) -> Baseline:
-    """The baseline of ``rule`` for windows ending at minute ``end``.
-
-    Same time yesterday / last week fall back to the trailing baseline while the
-    history is short (``has_data`` False for the seasonal span).
-    """
-    w = rule.window_minutes
-    if rule.baseline == "yesterday" and has_data:
-        return Baseline(end - DAY - w, end - DAY, 1.0, "same time yesterday")
-    if rule.baseline == "last_week" and has_data:
-        return Baseline(end - WEEK - w, end - WEEK, 1.0, "same time last week")
-    k = rule.baseline_windows
-    return Baseline(end - w - k * w, end - w, 1.0 / k, f"previous {k * w} min")
-
-
-def thresholds(rule: Rule, segments: int = 1) -> Thresholds:
-    """The rule's thresholds for one of ``segments`` tests (Bonferroni).
-
-    A rule's ``p_value`` is its false-alarm budget per evaluation across all its
-    segments: 500 campaigns tested at 0.001 each would alarm somewhere every other
-    evaluation, so each is tested at p_value / segments.
-    """
-    return Thresholds(
-        min_change=rule.min_change,
-        p_value=bonferroni(rule.p_value, segments),
-        min_volume=rule.min_volume,
-        min_conversions=rule.min_conversions,
-        min_spend=rule.min_spend,
-    )
-
-
-def _covers(segments: SegmentView, key: SeriesKey, span: Baseline) -> bool:
-    """Whether the segment's history covers the baseline: a segment is judged only then.
-
-    A baseline that mostly predates the series is not a baseline: with spend reported in
-    lumps, its first minutes hold clicks whose cost has not been reported yet, and CPC
-    would "rise" on every fresh start and every new campaign.
-    """
-    start = segments.history_start(key)
-    return start is not None and start <= span.start
 
 
 class AlertEngine:
-    """Evaluates a rules file over segment views, tick by tick; holds every rule's alert state."""
+    """Evaluates a rules file over segment views, tick by tick; holds every rule's alert
+    lifecycles and detector statistics."""
 
     def __init__(
         self,
@@ -97,6 +93,7 @@ class AlertEngine:
         top: int = 3,
     ) -> None:
         self.rules = list(rules.rules)
+        self.budget = rules.false_alerts_per_week
         self.grafana_url = grafana_url.rstrip("/") if grafana_url else None
         self.runbook_base_url = runbook_base_url
         self.top = top
@@ -107,7 +104,12 @@ class AlertEngine:
             )
             for r in self.rules
         }
-        self.baselines: dict[tuple[str, str, str, str, str], float] = {}
+        self.plans: dict[str, Plan] = {r.name: plan(KPI[r.kpi]) for r in self.rules}
+        self.detectors = {
+            r.name: Detectors(multipliers(self.plans[r.name], r.min_change)) for r in self.rules
+        }
+        self.baselines: dict[BaselineKey, float] = {}
+        self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
@@ -117,12 +119,24 @@ class AlertEngine:
 
         Each rule's alerts step their own lifecycle; what is notified is the incident
         layer's (``alerts.incidents``): the alerts of one cause make one record."""
-        baselines: dict[tuple[str, str, str, str, str], float] = {}
+        # Folded segments change members when the guard promotes or demotes: a
+        # promoted id's future leaves ``__other__``, which would read as a drop.
+        keys = {
+            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k] for r in self.rules
+        }
+        weight = sum(r.budget_share * len(keys[r.name]) for r in self.rules)
+        baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
+        self._expected = {}
         for rule in self.rules:
-            notes = self._evaluate_rule(rule, segments, end_minute, now_s, replaying, baselines)
+            h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
+                          self.budget)  # fmt: skip
+            notes = self._evaluate_rule(
+                rule, keys[rule.name], h, segments, end_minute, now_s, replaying, baselines
+            )
             resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
         self.baselines = baselines
+        self._expected = {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
         return [self.incident_record(n) for n in self.incidents.step(now_s, self._seen(), resolved)]
@@ -139,94 +153,207 @@ class AlertEngine:
     def _evaluate_rule(
         self,
         rule: Rule,
+        keys: list[SeriesKey],
+        h: float,
         segments: SegmentView,
         end: int,
         now_s: float,
         replaying: bool,
-        baselines: dict[tuple[str, str, str, str, str], float],
+        baselines: dict[BaselineKey, float],
     ) -> list[Notification]:
-        # Folded segments change members when the guard promotes or demotes: a
-        # promoted id's future leaves ``__other__``, which would read as a drop.
-        keys = [k for k in segments if k[0] in rule.scopes and OTHER not in k]
-        th = thresholds(rule, len(keys))
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
-        now_at: dict[AlertKey, Verdict] = {}
+        now_at: dict[AlertKey, Judged] = {}
+        detectors = self.detectors[rule.name]
+        newest = end - 1
+        for gone in detectors.by_segment.keys() - set(keys):
+            del detectors.by_segment[gone]  # expired or folded: its evidence goes with it
         for key in keys:
-            verdict, span = self._judge(rule, th, segments, key, end)
-            if verdict.baseline is not None:
-                baselines[(rule.kpi, *key, rule.window)] = verdict.baseline
-            if not verdict.enough_data or replaying or not _covers(segments, key, span):
+            cusum = detectors.get(key)
+            if not replaying:
+                self._add_minutes(rule, h, segments, key, cusum, newest)
+            judged = self._judged(rule, segments, key, cusum, end)
+            if judged is None:
                 continue
+            value = kpi_value(KPI[rule.kpi], judged.base.rate * rule.window_minutes)
+            if value is not None:
+                baselines[(rule.kpi, *key, rule.window)] = value
+            if replaying or cusum.last != newest:
+                continue  # held, or judged nothing yet
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)
-            now_at[alert_key] = verdict
-            if verdict.bad:
-                bad[alert_key] = self._details(rule, key, verdict, span, segments, end)
-            elif KPI[rule.kpi].worse_by(verdict.change) >= rule.resolve_change:
+            now_at[alert_key] = judged
+            alarm = self._alarm(rule, cusum)
+            if alarm is not None:
+                bad[alert_key] = self._details(rule, key, cusum, alarm, judged, segments)
+            elif cusum.still_bad():
                 still_bad.add(alert_key)
         notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
         for note in notes:
             if note.kind == "resolved":  # say where the KPI is now, not where it was worst
-                v = now_at[note.alert.key]
-                note.alert.details.update(value=v.value, baseline=v.baseline, change=v.change)
+                j = now_at[note.alert.key]
+                start = j.end - rule.window_minutes
+                value, base, change = self._compare(rule, segments, note.alert.key[1:], start,
+                                                    j.end, j.base)  # fmt: skip
+                note.alert.details.update(value=value, baseline=base, change=change)
         return notes
 
+    def _alarm(self, rule: Rule, cusum: Cusum) -> int | None:
+        """The magnitude that alarms: at its threshold, with a material move.
+
+        A CUSUM for a move r also gathers evidence from moves about half as large (its
+        drift is positive from the point where r and the baseline are equally far, in KL
+        terms), and at high volume quickly: so an alarm also needs the move measured over
+        its excursion to reach MATERIAL x ``min_change``, as the rule promises.
+        """
+        p = self.plans[rule.name]
+        for i in cusum.alarms():
+            ratio = cusum.ratio(i)
+            if ratio is None:
+                continue
+            factor = (1 / ratio if ratio > 0 else math.inf) if p.inverse else ratio
+            move = KPI[rule.kpi].worse_by(factor - 1)
+            if move >= MATERIAL * rule.min_change:
+                return i
+        return None
+
+    # -- evidence ---------------------------------------------------------------------
+    def _base(
+        self, segments: SegmentView, key: SeriesKey, minute: int, until: int, span: int
+    ) -> Expected | None:
+        """The baseline of ``key`` at ``minute`` from history before ``until``, once a tick
+        (rules on the same segment share it)."""
+        memo = (key, minute, until, span)
+        if memo not in self._expected:
+            self._expected[memo] = expected(segments, key, minute, until, span)
+        return self._expected[memo]
+
     @staticmethod
-    def _judge(
-        rule: Rule, th: Thresholds, segments: SegmentView, key: SeriesKey, end: int
-    ) -> tuple[Verdict, Baseline]:
-        w = rule.window_minutes
-        current = segments.sum(key, end - w, end)
-        span = baseline_span(rule, end)
-        base = segments.sum(key, span.start, span.end)
-        if span.kind.startswith("same time") and not base.any():
-            span = baseline_span(rule, end, has_data=False)
-            base = segments.sum(key, span.start, span.end)
-        verdict = judge(rule.kpi, current.tolist(), base.tolist(), span.scale, th)
-        return verdict, span
+    def _baseline_end(segments: SegmentView, key: SeriesKey, cusum: Cusum, minute: int) -> int:
+        """Where the baseline of ``minute`` stops: before it, or at the start of the
+        current excursion (so a change is not its own baseline), at most FREEZE_MINUTES
+        back (so a lasting change becomes the new normal). A baseline of less than
+        FREEZE_HISTORY minutes is not frozen: a fresh deployment's first minutes are too
+        few to hold a level (and an excursion from them may be its own short baseline's
+        error), so it goes on learning."""
+        since, first = cusum.since, segments.first_minute(key)
+        if since is None or first is None or since - first < FREEZE_HISTORY:
+            return minute
+        return max(min(since, minute), minute - FREEZE_MINUTES)
+
+    def _evidence(
+        self, p: Plan, segments: SegmentView, key: SeriesKey, minute: int, cusum: Cusum
+    ) -> Evidence | None:
+        until = self._baseline_end(segments, key, cusum, minute)
+        base = self._base(segments, key, minute, until, p.span)
+        if base is None:
+            return None
+        exposed = segments.sum(key, minute + 1 - p.lag, minute + 1)
+        current = segments.sum(key, minute, minute + 1)
+        return evidence(p, current, exposed, base.rate, base.counts, base.minutes)
+
+    def _add_minutes(
+        self, rule: Rule, h: float, segments: SegmentView, key: SeriesKey, cusum: Cusum,
+        newest: int,
+    ) -> None:  # fmt: skip
+        """Add every settled minute this detector has not added yet, in order (a new one:
+        the last CATCH_UP_MINUTES its history holds a baseline for)."""
+        first = newest - CATCH_UP_MINUTES + 1
+        if cusum.last is not None:
+            first = max(first, cusum.last + 1)
+        p, rs = self.plans[rule.name], self.detectors[rule.name].multipliers
+        for minute in range(first, newest + 1):
+            ev = self._evidence(p, segments, key, minute, cusum)
+            if ev is None:  # nothing to judge by yet: the minute passes unjudged
+                cusum.last = minute
+                continue
+            ratios = [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
+            cusum.add(minute, ev, ratios, [h] * len(rs))
+
+    def _judged(
+        self, rule: Rule, segments: SegmentView, key: SeriesKey, cusum: Cusum, end: int
+    ) -> Judged | None:
+        p = self.plans[rule.name]
+        newest = end - 1
+        until = self._baseline_end(segments, key, cusum, newest)
+        base = self._base(segments, key, newest, until, p.span)
+        if base is None:
+            return None
+        since = cusum.since if cusum.since is not None else end - rule.window_minutes
+        return Judged(base, since, end)
+
+    def _compare(
+        self, rule: Rule, segments: SegmentView, key: SeriesKey, start: int, end: int,
+        base: Expected,
+    ) -> tuple[float | None, float | None, float | None]:  # fmt: skip
+        """The KPI over minutes [start, end) against its baseline (counts: per minute)."""
+        known = KPI[rule.kpi]
+        minutes = max(end - start, 1)
+        sums = segments.sum(key, start, end).astype(np.float64)
+        if known.denominator is None:
+            value: float | None = float(sums[known.num]) / minutes
+            baseline: float | None = float(base.rate[known.num])
+        else:
+            value, baseline = kpi_value(known, sums), kpi_value(known, base.rate * minutes)
+        return value, baseline, known.change(value, baseline)
 
     def _details(
-        self, rule: Rule, key: SeriesKey, verdict: Verdict, span: Baseline,
-        segments: SegmentView, end: int,
+        self, rule: Rule, key: SeriesKey, cusum: Cusum, alarm: int, judged: Judged,
+        segments: SegmentView,
     ) -> dict[str, object]:  # fmt: skip
-        th = thresholds(rule)
-        known, w = KPI[rule.kpi], rule.window_minutes
+        known = KPI[rule.kpi]
+        start, end = cusum.starts[alarm] or judged.since, judged.end
+        value, baseline, change = self._compare(rule, segments, key, start, end, judged.base)
         # Each child's share of this segment's gap (alerts.incidents: a child explains it).
-        whole = gap(rule.kpi, verdict.value, verdict.baseline,
-                    float(segments.sum(key, end - w, end)[known.den]))  # fmt: skip
+        whole = gap(rule.kpi, value, baseline, float(segments.sum(key, start, end)[known.den]))
         contributors = []
+        p = self.plans[rule.name]
         for child in segments.children(key):
-            v, _ = self._judge(rule, th, segments, child, end)
-            if v.change is None or v.value is None:
+            base = self._base(segments, child, end - 1, start, p.span)
+            if base is None:
                 continue
-            weight = segments.sum(child, end - w, end)
+            v, b, c = self._compare(rule, segments, child, start, end, base)
+            if c is None or v is None:
+                continue
+            weight = segments.sum(child, start, end)
             volume = int(weight[known.volume_index])
-            part = gap(rule.kpi, v.value, v.baseline, float(weight[known.den]))
+            part = gap(rule.kpi, v, b, float(weight[known.den]))
             contributors.append(
                 {
                     "scope": child[0],
                     "channel": child[1],
                     "campaign": child[2],
-                    "value": v.value,
-                    "baseline": v.baseline,
-                    "change": v.change,
-                    "impact": known.worse_by(v.change) * max(volume, 1),
+                    "value": v,
+                    "baseline": b,
+                    "change": c,
+                    "impact": known.worse_by(c) * max(volume, 1),
                     "share": part / whole if whole > 0 else 0.0,
                 }
             )
         contributors.sort(key=lambda c: -float(c["impact"]))  # type: ignore[arg-type]
         top = [c for c in contributors if float(c["impact"]) > 0][: self.top]  # type: ignore[arg-type]
+        r = self.detectors[rule.name].multipliers[alarm]
+        move = "silence" if r == 0 else f"a {abs((1 / r if p.inverse else r) - 1):.0%} move"
+        statistic, limit = cusum.stats[alarm], cusum.limits[alarm]
+        shown = [f"{x:.4g}" if x is not None else "n/a" for x in (value, baseline)]
+        moved = f" ({change:+.0%})" if change is not None else ""
+        reason = (
+            f"{rule.kpi} {shown[0]} vs {shown[1]} over {end - start} min{moved}: evidence "
+            f"{statistic:.1f} reached the threshold {limit:.1f} of the CUSUM for {move}"
+        )
         return {
-            "value": verdict.value,
-            "baseline": verdict.baseline,
-            "change": verdict.change,
-            "statistic": verdict.statistic,
-            "p_value": verdict.p_value,
-            "reason": verdict.reason,
-            "baseline_kind": span.kind,
-            "window_start": (end - rule.window_minutes) * 60,
+            "value": value,
+            "baseline": baseline,
+            "change": change,
+            "statistic": statistic,
+            "threshold": limit,
+            # Ville: a likelihood ratio (discounted: a supermartingale) exceeds e^S by
+            # chance with probability at most e^-S, per excursion of a stationary segment
+            "p_value": math.exp(-statistic),
+            "reason": reason,
+            "baseline_kind": judged.base.kind,
+            "window_start": start * 60,
             "window_end": end * 60,
             "contributors": top,
         }
@@ -398,35 +525,61 @@ class AlertEngine:
         """
         twin = copy.copy(self)
         twin.states = {name: state.clone() for name, state in self.states.items()}
+        twin.detectors = {name: d.clone() for name, d in self.detectors.items()}
         twin.baselines = dict(self.baselines)
         twin.incidents = self.incidents.clone()
         return twin
 
     # -- state for restarts -----------------------------------------------------------
     def to_dict(self) -> dict[str, object]:
-        state: dict[str, object] = {name: s.to_dict() for name, s in self.states.items()}
-        state[INCIDENTS] = self.incidents.to_dict()
-        return state
+        return {
+            "version": STATE_VERSION,
+            "alerts": {name: state.to_dict() for name, state in self.states.items()},
+            "detectors": {name: d.to_dict() for name, d in self.detectors.items()},
+            "incidents": self.incidents.to_dict(),
+        }
 
     def load(self, data: Mapping[str, Any]) -> None:
-        """Restore ``to_dict`` output; raises ValueError (and changes nothing) if it is bad."""
-        states = dict(self.states)
+        """Restore ``to_dict`` output (ValueError on malformed state, and nothing changes).
+        Version 1 (before sequential detection) restores the lifecycles; the statistics
+        start at zero. A state without incidents adopts what fires, telling nobody again."""
+        alerts: Any = data
+        detectors: Any = {}
+        incidents_state: Any = data.get(INCIDENTS)
+        if "version" in data and data["version"] == STATE_VERSION:
+            alerts, detectors = data.get("alerts"), data.get("detectors")
+            incidents_state = data.get("incidents")
+            if not isinstance(alerts, Mapping) or not isinstance(detectors, Mapping):
+                raise ValueError("alert state needs 'alerts' and 'detectors' objects")
+        elif "version" in data:
+            raise ValueError(f"unsupported alert engine state version {data['version']!r}")
+        states, restored = dict(self.states), dict(self.detectors)
         for rule in self.rules:
-            if rule.name in data:
+            if rule.name in alerts:
                 states[rule.name] = RuleAlerts.from_dict(
-                    rule.name, self.states[rule.name].timing, data[rule.name]
+                    rule.name, self.states[rule.name].timing, alerts[rule.name]
+                )
+            if rule.name in detectors:
+                stored = detectors[rule.name]
+                if not isinstance(stored, Mapping):
+                    raise ValueError(f"detector state of {rule.name!r} must be an object")
+                restored[rule.name] = Detectors.from_dict(
+                    self.detectors[rule.name].multipliers, stored
                 )
         intervals = {r.name: r.repeat_interval_seconds for r in self.rules}
-        if INCIDENTS in data:
-            incidents = Incidents.from_dict(data[INCIDENTS], intervals)
+        if incidents_state is not None:
+            incidents = Incidents.from_dict(incidents_state, intervals)
             incidents.retain(intervals)
-        else:  # a state from before incidents: adopt what fires, telling nobody again
+        else:
+            previous, self.states = self.states, states
+            try:
+                seen = self._seen()
+            finally:
+                self.states = previous
             incidents = Incidents(intervals)
-            self.states = states
-            seen = self._seen()
             if seen:
                 incidents.step(max(s.fired_at for s in seen), seen)
-        self.states, self.incidents = states, incidents
+        self.states, self.detectors, self.incidents = states, restored, incidents
 
 
 def _place(record: Mapping[str, Any]) -> str:

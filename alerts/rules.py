@@ -45,12 +45,11 @@ from alerts.yamlfile import (
     validation_issues,
 )
 from stream.durations import parse_duration
-from stream.kpis import KPI, Kind
+from stream.kpis import KPI, LUMPY, TRAILING, Kind
 from stream.settings import DEFAULT_RULES as DEFAULT_RULES
 from stream.windows import WINDOWS
 
 Scope = Literal["global", "channel", "campaign"]
-Baseline = Literal["trailing", "yesterday", "last_week"]
 Severity = Literal["page", "ticket", "info"]
 
 RULE_KPIS: tuple[str, ...] = tuple(KPI)
@@ -67,12 +66,34 @@ RESERVED_LABELS: frozenset[str] = frozenset(
         "incident_role",
     }
 )
-# Defaults of ``min_volume`` by kind: rates need n*p >= 10 in both windows for the
-# two-proportion test; counts need an expected count large enough for Poisson to mean
-# something; cost ratios gate on ``min_conversions`` and ``min_spend`` instead.
-DEFAULT_MIN_VOLUME: dict[str, int] = {"rate": 200, "count": 20, "cost": 0}
-# A trailing baseline can only look back as far as bucket retention (8 days) allows.
-MAX_BASELINE_MINUTES = 7 * 24 * 60
+REMOVED_KEYS: dict[str, str] = {
+    "window": "'window' was removed: detection is sequential, every settled minute adds its "
+    "evidence (delete the key; the dashboards' window follows from the KPI)",
+    "baseline": "'baseline' was removed: baselines follow the daily and weekly shape on "
+    "their own once history allows (delete the key)",
+    "baseline_windows": "'baseline_windows' was removed: the baseline span is fixed per kind "
+    "(delete the key)",
+    "p_value": "'p_value' was removed: thresholds come from the file's false_alerts_per_week, "
+    "split over every detector; weigh a rule with budget_share",
+    "min_volume": "'min_volume' was removed: no floor leaves a segment unwatched, a small one "
+    "accumulates evidence slowly (delete the key)",
+    "min_conversions": "'min_conversions' was removed: the conversions are what is judged "
+    "(delete the key)",
+    "min_spend": "'min_spend' was removed: spend is the exposure conversions are judged by "
+    "(delete the key)",
+    "resolve_change": "'resolve_change' was removed: an alert resolves when its evidence "
+    "falls to half the threshold (delete the key)",
+}
+"""Keys of the window-test rules (before sequential detection) and what replaced each: an
+old file is rejected at each such key rather than silently meaning something else."""
+DISPLAY_WINDOWS: tuple[str, str] = ("5m", "1h")
+"""The window dashboards show a KPI over: 5m for impressions and clicks (they arrive at once
+and are plentiful), 1h when conversions (minutes after their click, and sparse) or spend
+(in lumps) are part of it: a 5-minute CPA or AOV would mostly show noise."""
+
+_DISPLAY_WINDOW: dict[str, str] = {
+    k.name: DISPLAY_WINDOWS[1 if {k.num, k.den} & (TRAILING | LUMPY) else 0] for k in KPI.values()
+}
 
 _NAME = re.compile(r"^[a-z0-9_]+$")
 _LABEL = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -91,20 +112,16 @@ def _duration(text: str) -> str:
 
 Duration = Annotated[str, Field(min_length=1)]
 Number = Annotated[float, BeforeValidator(number_hint)]
-Count = Annotated[int, BeforeValidator(number_hint), Field(ge=0)]
 
 
 class Rule(BaseModel):
     """One alert rule: alert when ``kpi`` moves ``min_change`` in its bad direction.
 
-    Changes are relative to the baseline (0.3 = 30%). ``p_value`` is the rule's
-    false-alarm budget per evaluation, shared by all its segments (each is tested
-    at p_value / segments, Bonferroni), for the test of its kind: two-proportion
-    for rates, Poisson for counts, conversions (or revenue) per unit spend for cost
-    ratios, which are heavy-tailed and so also need ``min_conversions`` (of
-    ``volume_measure``) and ``min_spend``. ``min_volume`` is the floor on
-    ``volume_measure`` in the window: the denominator for rates, the expected
-    (baseline) count for counts.
+    Changes are relative to the baseline (0.3 = 30%). ``min_change`` is the smallest move
+    worth an alert: the sequential detectors are designed for it (and for twice it, and
+    for silence), so smaller moves take long to accumulate evidence and larger ones fire
+    fast. ``budget_share`` weighs the rule's share of the file's false-alarm budget per
+    detector (2: twice the false alarms of a rule at 1, a lower threshold, faster alerts).
     """
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
@@ -112,37 +129,14 @@ class Rule(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     kpi: str
     scopes: Annotated[tuple[Scope, ...], Field(strict=False)]
-    window: str
-    baseline: Baseline = "trailing"
-    baseline_windows: Annotated[Count, Field(ge=1, le=96)] = 4
     min_change: Annotated[Number, Field(gt=0, le=10)] = 0.2
-    resolve_change: Annotated[Number, Field(ge=0, le=10)] = 0.1
-    p_value: Annotated[Number, Field(gt=0, lt=1)] = 0.001
-    min_volume: Count = DEFAULT_MIN_VOLUME["rate"]
-    min_conversions: Count = 10
-    min_spend: Annotated[Number, Field(ge=0)] = 50.0
-    for_: Duration = Field("5m", alias="for")
+    budget_share: Annotated[Number, Field(gt=0, le=100)] = 1.0
+    for_: Duration = Field("0s", alias="for")
     keep_firing_for: Duration = "10m"
     repeat_interval: Duration = "4h"
     severity: Severity = "ticket"
     labels: dict[str, str] = Field(default_factory=dict)
     runbook_url: str
-
-    @model_validator(mode="before")
-    @classmethod
-    def _dependent_defaults(cls, data: Any) -> Any:
-        """Defaults that depend on other fields: resolve_change and min_volume."""
-        if not isinstance(data, Mapping):
-            return data
-        data = dict(data)
-        change = data.get("min_change", 0.2)
-        numeric = isinstance(change, int | float) and not isinstance(change, bool)
-        if "resolve_change" not in data and numeric and 0 < change <= 10:
-            data["resolve_change"] = change / 2
-        kpi = data.get("kpi")
-        if "min_volume" not in data and isinstance(kpi, str) and kpi in KPI:
-            data["min_volume"] = DEFAULT_MIN_VOLUME[KPI[kpi].kind]
-        return data
 
     @field_validator("name")
     @classmethod
@@ -167,34 +161,12 @@ class Rule(BaseModel):
             raise PydanticCustomError("scopes", "scopes must not repeat")
         return value
 
-    @field_validator("window")
-    @classmethod
-    def _window(cls, value: str) -> str:
-        if value not in WINDOWS:
-            raise PydanticCustomError("literal_error", f"Input should be {one_of(list(WINDOWS))}")
-        return value
-
     @field_validator("for_", "keep_firing_for", "repeat_interval")
     @classmethod
     def _durations(cls, value: str, info: ValidationInfo) -> str:
         _duration(value)
         if info.field_name == "repeat_interval" and parse_duration(value) < 60:
             raise PydanticCustomError("duration", "repeat_interval must be at least 1m")
-        return value
-
-    @field_validator("baseline_windows")
-    @classmethod
-    def _baseline_span(cls, value: int, info: ValidationInfo) -> int:
-        window, baseline = info.data.get("window"), info.data.get("baseline")
-        if baseline == "trailing" and window in WINDOWS:
-            span = value * WINDOWS[window]
-            if span > MAX_BASELINE_MINUTES:
-                raise PydanticCustomError(
-                    "baseline_span",
-                    "a trailing baseline of {n} x {window} spans {hours} h; "
-                    "at most 168 h of history are kept",
-                    {"n": value, "window": window, "hours": span // 60},
-                )
         return value
 
     @field_validator("min_change")
@@ -209,19 +181,6 @@ class Rule(BaseModel):
                 "{kpi} can fall by at most 100%, so min_change must be <= 1 (it is relative: "
                 "0.3 means 30%)",
                 {"kpi": kpi},
-            )
-        return value
-
-    @field_validator("resolve_change")
-    @classmethod
-    def _hysteresis(cls, value: float, info: ValidationInfo) -> float:
-        """Resolving below the firing threshold is what stops an alert from flapping."""
-        change = info.data.get("min_change")
-        if change is not None and value >= change:
-            raise PydanticCustomError(
-                "hysteresis",
-                "resolve_change ({resolve}) must be less than min_change ({change})",
-                {"resolve": value, "change": change},
             )
         return value
 
@@ -252,7 +211,7 @@ class Rule(BaseModel):
 
     @property
     def kind(self) -> Kind:
-        """``rate`` (proportion test), ``count`` (Poisson) or ``cost`` (volume floors)."""
+        """``rate``, ``count`` or ``cost``: the catalogue's kind of the KPI."""
         return KPI[self.kpi].kind
 
     @property
@@ -261,9 +220,9 @@ class Rule(BaseModel):
         return KPI[self.kpi].bad
 
     @property
-    def volume_measure(self) -> str:
-        """The count ``min_volume`` (rates, counts) or ``min_conversions`` (cost) applies to."""
-        return KPI[self.kpi].volume_measure
+    def window(self) -> str:
+        """The window dashboards and alert texts show the KPI over (see DISPLAY_WINDOWS)."""
+        return _DISPLAY_WINDOW[self.kpi]
 
     @property
     def window_minutes(self) -> int:
@@ -287,6 +246,8 @@ class RulesFile(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
+    false_alerts_per_week: Annotated[Number, Field(gt=0, le=10_000)] = 1.0
+    """The false-alarm budget of the whole file, split over its detectors."""
     rules: list[Rule]
 
     @field_validator("rules", mode="before")
@@ -334,10 +295,14 @@ class RulesError(FileError):
 
 def _issue(root: yaml.Node | None, kind: str, loc: tuple[int | str, ...], message: str) -> Issue:
     """A pydantic error as an Issue at its place in the YAML, in the user's words."""
-    return pydantic_issue(
+    issue = pydantic_issue(
         root, kind, loc, message, key_message="label names must be strings",
         missing={("rules",): "no rules: define at least one rule under 'rules:'"},
     )  # fmt: skip
+    removed = REMOVED_KEYS.get(str(loc[-1])) if len(loc) == 3 else None
+    if kind == "extra_forbidden" and removed is not None:
+        return Issue(issue.line, issue.column, issue.path, removed)
+    return issue
 
 
 def _issues(exc: ValidationError, root: yaml.Node | None, data: object) -> list[Issue]:

@@ -19,6 +19,13 @@ MEASURES: tuple[str, ...] = (
 )  # fmt: skip
 IMPRESSIONS, CLICKS, LEADS, ORDERS, NEW_CUSTOMERS, REVENUE, SPEND = range(len(MEASURES))
 MONEY = frozenset({REVENUE, SPEND})
+TRAILING = frozenset({LEADS, ORDERS, NEW_CUSTOMERS, REVENUE})
+"""Measures that trail the clicks they follow (a lead or an order comes minutes after its
+click): a ratio of one to clicks is only meaningful over clicks that have had time to
+convert."""
+LUMPY = frozenset({SPEND})
+"""Measures reported in lumps (ad platforms report spend per period, after the fact): a
+minute of it says little, a window holding several reports says how much was spent."""
 MICROS = 1_000_000
 N_MEASURES = len(MEASURES)
 

@@ -18,12 +18,13 @@ from stream.windows import SeriesBuckets, Totals
 class SegmentView:
     """Segment keys, memoised window sums, history starts and children of one snapshot."""
 
-    __slots__ = ("_by_channel", "_channels", "_series", "_starts", "_sums")
+    __slots__ = ("_by_channel", "_channels", "_firsts", "_series", "_starts", "_sums")
 
     def __init__(self, series: Mapping[SeriesKey, SeriesBuckets]) -> None:
         self._series = series
         self._sums: dict[tuple[SeriesKey, int, int], Totals] = {}
         self._starts: dict[SeriesKey, int | None] = {}
+        self._firsts: dict[SeriesKey, int | None] = {}
         self._channels: list[SeriesKey] | None = None
         self._by_channel: dict[str, list[SeriesKey]] = {}
 
@@ -49,6 +50,13 @@ class SegmentView:
         if key not in self._starts:
             self._starts[key] = self._series[key].history_start()
         return self._starts[key]
+
+    def first_minute(self, key: SeriesKey) -> int | None:
+        """First minute of ``key``'s steady data (not its hour, nor a trickle of strays before
+        it): where its baselines may start."""
+        if key not in self._firsts:
+            self._firsts[key] = self._series[key].first_minute()
+        return self._firsts[key]
 
     def children(self, key: SeriesKey) -> list[SeriesKey]:
         """The segments one level down: every channel of the global segment, the tracked

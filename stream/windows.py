@@ -59,6 +59,7 @@ __all__ = [  # the measures are re-exported: the core has long read them from he
 
 WINDOWS: dict[str, int] = {"5m": 5, "15m": 15, "1h": 60, "24h": 1440}
 MINUTE_MS = 60_000
+MONEY_START = min(MONEY)  # the count measures come first in MEASURES
 
 Totals = npt.NDArray[np.int64]
 # (name, numerator index, denominator index, shift) of every ratio KPI, for the hot loop.
@@ -233,6 +234,34 @@ class SeriesBuckets:
         """First minute of the first hour holding data (minute or folded); None if empty."""
         hours = [*self.blocks, *self.coarse]
         return min(hours) * 60 if hours else None
+
+    def first_minute(self, steady: int = 10) -> int | None:
+        """First minute of steady data: the first minute holding data whose next ``steady``
+        minutes hold at least a quarter of what ``steady`` minutes usually hold (the
+        median over the first hours). A trickle of stray events before the rest (out of
+        order, from before a stream's start) does not start its history; a sparse series
+        starts at its first event. Counts only (money would outweigh them); folded hours
+        count by 5-minute bucket."""
+        hours = sorted([*self.blocks, *self.coarse])
+        if not hours:
+            return None
+        counts = slice(0, MONEY_START)
+        spans: list[npt.NDArray[np.float64]] = []
+        for hour in range(hours[0], hours[0] + 6):  # steady data starts within hours
+            rows = self.block(hour)
+            if rows is None:
+                spans.append(np.zeros(60))
+            else:
+                per = 60 // int(rows.shape[0])
+                spans.append(np.repeat(rows[:, counts].sum(axis=1) / per, per))
+        minutes = np.concatenate(spans)
+        ahead = np.convolve(minutes, np.ones(steady))[steady - 1 :]
+        filled = ahead[ahead > 0]
+        if not filled.size:
+            return None
+        usual = float(np.median(filled))
+        steady_at = np.flatnonzero((minutes > 0) & (ahead * 4 >= usual))
+        return hours[0] * 60 + int(steady_at[0])
 
     def block(self, hour: int) -> Totals | None:
         block = self.blocks.get(hour)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,13 +11,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from alerts.backtest import BacktestStats, Replay, run_backtest
-from alerts.engine import AlertEngine, baseline_span
+from alerts.baselines import DAY, MIN_HISTORY, expected
+from alerts.engine import AlertEngine
 from alerts.rules import parse_rules
 from stream.aggregate import SegmentStore
 from stream.segments import SegmentView
 from stream.settings import Settings
-from stream.simulate import SimConfig, Simulator, encode
+from stream.simulate import SimConfig, Simulator, diurnal_factor, encode
 from stream.windows import MEASURES
 from tests.helpers import REPO
 
@@ -26,13 +30,8 @@ rules:
   - name: ctr_drop
     kpi: ctr
     scopes: [global, channel, campaign]
-    window: 15m
-    baseline_windows: 4
     min_change: 0.3
-    resolve_change: 0.1
-    p_value: 0.0001
-    min_volume: 1000
-    for: 5m
+    for: 1m
     keep_firing_for: 5m
     severity: page
     labels: {team: growth}
@@ -114,24 +113,52 @@ def test_state_survives_a_restart_without_duplicates() -> None:
     assert len(firing) == 1 and len(resolved) == 1
 
 
-def test_segments_are_judged_only_once_their_history_covers_the_baseline() -> None:
-    """30 minutes in, c1's CTR drops: against 30 minutes of a 60-minute baseline that
-    would fire; it is held until the series' history covers the baseline."""
+def test_a_fresh_deployment_judges_from_its_first_minutes() -> None:
+    """30 minutes in, c1's CTR drops 60%: a deployment with half an hour of history fires
+    (its short baseline discounts the evidence, it does not blind it), one with two hours
+    of history fires sooner; before MIN_HISTORY minutes nothing is judged."""
     drop = range(T0_MIN + 30, T0_MIN + 70)
+
+    def first_c1(records: list[dict[str, Any]]) -> int:
+        fired = [r for r in records if r["campaign"] == "c1" and r["notification"] == "firing"]
+        assert fired, "the drop must fire"
+        return int(datetime.fromisoformat(fired[0]["fired_at"]).timestamp()) // 60 - drop[0]
+
     fresh = run(range(T0_MIN, T0_MIN + 70), drop, AlertEngine(RULES), SegmentStore())
-    assert fresh == []
     known = run(range(T0_MIN - 120, T0_MIN + 70), drop, AlertEngine(RULES), SegmentStore())
-    assert any(r["campaign"] == "c1" and r["notification"] == "firing" for r in known)
+    assert 0 < first_c1(known) <= first_c1(fresh) <= 10
+    engine, store = AlertEngine(RULES), SegmentStore()
+    run(range(T0_MIN, T0_MIN + MIN_HISTORY - 1), range(0), engine, store)
+    cusums = engine.detectors["ctr_drop"].by_segment.values()
+    assert cusums and all(limit == math.inf for c in cusums for limit in c.limits)  # unjudged
 
 
-def test_baselines_fall_back_to_trailing_while_history_is_short() -> None:
-    rule = parse_rules(
-        "rules:\n  - {name: r, kpi: ctr, scopes: [global], window: 1h, baseline: last_week,"
-        " runbook_url: x}\n"
-    ).rules[0]
-    assert baseline_span(rule, 20_000).kind == "same time last week"
-    assert baseline_span(rule, 20_000).end == 20_000 - 7 * 1440
-    assert baseline_span(rule, 20_000, has_data=False).kind.startswith("previous")
+def test_baselines_follow_the_day_once_history_holds_it() -> None:
+    """Traffic with the simulator's daily shape, today 50% above yesterday: with yesterday
+    in the history, the expected volume at the day's steepest climb is yesterday's shape
+    scaled to today's level (within 2%); before that, the trailing hour lags the climb."""
+    key = ("campaign", "social", "c1")
+    start = T0_MIN - T0_MIN % DAY
+
+    def volume(minute: int) -> int:
+        level = 1500 if minute >= start + DAY else 1000
+        return round(level * diurnal_factor(minute * 60.0))
+
+    at = start + DAY + 8 * 60  # 08:00 UTC: the simulated day climbs fastest
+    store, young = SegmentStore(), SegmentStore()
+    for minute in range(start, at):
+        cell = [("social", "c1", minute, [volume(minute), 0, 0, 0, 0, 0, 0])]
+        store.apply_cells(cell)
+        if minute >= start + DAY:
+            young.apply_cells(cell)
+    shaped = expected(SegmentView(store.series), key, at, at, 60)
+    assert shaped is not None and shaped.kind == "previous 60 min shaped like yesterday"
+    assert shaped.rate[0] == pytest.approx(volume(at), rel=0.02)
+    trailing = expected(SegmentView(young.series), key, at, at, 60)
+    assert trailing is not None and trailing.kind == "previous 60 min"
+    assert trailing.rate[0] < 0.95 * volume(at)  # the trailing level lags the climb
+    assert trailing.counts[0] == pytest.approx(trailing.rate[0] * 60)
+    assert shaped.counts[0] < trailing.counts[0]  # the shape's own uncertainty counts
 
 
 def test_backtest_finds_a_simulated_ctr_drop(tmp_path: Path) -> None:
@@ -151,7 +178,9 @@ def test_backtest_finds_a_simulated_ctr_drop(tmp_path: Path) -> None:
         records = list(run_backtest(rules, lines, settings, eval_every_s=60, stats=stats))
     assert stats.events > 100_000 and stats.rejected == 0, stats
     assert 0 < stats.too_late < 0.005 * stats.events, "the simulated too-late share is counted"
-    ctr = [r for r in records if r["kpi"] == "ctr" and r["notification"] == "firing"]
+    # An incident record lists its member alerts (the CTR drop is also a clicks drop).
+    alerts = [m for r in records for m in r["incident"]["members"]]
+    ctr = [r for r in alerts if r["kpi"] == "ctr" and r["notification"] == "firing"]
     assert any(r["campaign"] == "c1" for r in ctr), records
     assert all(r["campaign"] in ("c1", "") for r in ctr)
     cli = subprocess.run(
@@ -247,10 +276,9 @@ def test_a_backlog_of_late_events_raises_no_false_alert() -> None:
     """Half-applied restatements (impressions in, clicks not yet) look like a CTR drop;
     alerts wait until the backlog is through, and then the data is whole again."""
     assert _backlog_run(hold=True, real_drop=False) == []
-    unheld = _backlog_run(hold=False, real_drop=False)
-    assert {(r["campaign"], r["rule"]) for r in unheld} >= {("c1", "ctr_drop")}, (
-        "the scenario must show the trap it guards against"
-    )
+    # Unheld too: a settled minute is judged once, as it stood, so a restatement arriving
+    # half-applied is never judged as a drop (the window tests re-judged it, and fired).
+    assert _backlog_run(hold=False, real_drop=False) == []
 
 
 def test_a_backlog_of_late_events_hides_no_real_alert() -> None:
@@ -274,10 +302,10 @@ def test_a_clone_steps_like_the_engine_and_leaves_it_as_it_was() -> None:
         records = [e.evaluate(SegmentView(store.series), m + 1, (m + 1) * 60.0) for m in minutes]
         return list(json.loads(json.dumps(records)))
 
-    step(engine, range(T0_MIN, T0_MIN + 124))
+    step(engine, range(T0_MIN, T0_MIN + 120))
     assert engine.to_dict() != AlertEngine(RULES).to_dict(), "pending alerts"
     before = json.dumps(engine.to_dict())
-    later = range(T0_MIN + 124, T0_MIN + 240)
+    later = range(T0_MIN + 120, T0_MIN + 240)
     from_clone = step(engine.clone(), later)
     notified = {r["notification"] for records in from_clone for r in records}
     assert notified == {"firing", "resolved"}

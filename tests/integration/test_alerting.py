@@ -103,13 +103,7 @@ rules:
   - name: e2e_ctr_campaign
     kpi: ctr
     scopes: [campaign]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
     min_change: 0.4
-    resolve_change: 0.2
-    p_value: 0.01
-    min_volume: 1000
     for: 0s
     keep_firing_for: 0s
     severity: ticket
@@ -117,13 +111,8 @@ rules:
     runbook_url: docs/runbooks/rate-drop.md
   - name: e2e_ctr
     kpi: ctr
-    scopes: [global, channel]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
+    scopes: [channel]
     min_change: 0.2
-    p_value: 0.0001
-    min_volume: 2000
     for: 0s
     keep_firing_for: 0s
     severity: ticket
@@ -132,12 +121,7 @@ rules:
   - name: e2e_conversion
     kpi: conversion_rate
     scopes: [global, channel, campaign]
-    window: 15m
-    baseline: trailing
-    baseline_windows: 2
     min_change: 0.6
-    p_value: 0.0001
-    min_volume: 200
     for: 1m
     severity: ticket
     labels: {{e2e: "{tag}"}}
@@ -145,12 +129,7 @@ rules:
   - name: e2e_clicks_global
     kpi: clicks
     scopes: [global]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
     min_change: 0.5
-    p_value: 0.0001
-    min_volume: 100
     for: 1m
     severity: page
     labels: {{e2e: "{tag}"}}

@@ -101,12 +101,8 @@ class Scenario:
   - name: ctr_drop_fast
     kpi: ctr
     scopes: [global, channel, campaign]
-    window: 5m
-    baseline: trailing
-    baseline_windows: 3
     min_change: 0.2
-    p_value: 0.01
-    min_volume: 300
+    budget_share: 100
     for: 0s
     severity: ticket
     runbook_url: docs/runbooks/rate-drop.md

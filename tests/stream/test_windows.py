@@ -182,3 +182,24 @@ def test_a_block_is_copied_once_per_snapshot_and_only_when_written() -> None:
     assert live.blocks[0] is copied, "written in place until the next snapshot"
     assert live.blocks[1] is second is view.blocks[1], "an unwritten block stays shared"
     assert view.sum(0, 60).tolist() == [1] * N and live.sum(0, 60).tolist() == [3] * N
+
+
+def test_first_minute_skips_a_trickle_of_strays_but_not_a_sparse_series() -> None:
+    """Out-of-order strays before a stream's start do not start its history (a baseline
+    from them would be a fraction of the level); a series that is sparse all along starts
+    at its first event; a folded hour counts by its 5-minute buckets."""
+    series = SeriesBuckets(Retention())
+    for minute in range(6000, 6050):
+        series.add(minute, [1, 0, 0, 0, 0, 0, 0])
+    for minute in range(6050, 6300):
+        series.add(minute, [60, 2, 0, 0, 0, 0, 0])
+    assert 6040 <= series.first_minute() <= 6050  # type: ignore[operator]
+    sparse = SeriesBuckets(Retention())
+    for minute in (6007, 6100, 6230):
+        sparse.add(minute, [1, 0, 0, 0, 0, 0, 0])
+    assert sparse.first_minute() == 6007
+    assert SeriesBuckets(Retention()).first_minute() is None
+    folded = SeriesBuckets(Retention(fine_hours=0))
+    folded.add(6017, [3, 0, 0, 0, 0, 0, 0])
+    folded.expire(6300)
+    assert folded.first_minute() == 6015

@@ -33,11 +33,7 @@ rules:
   - name: ctr_drop
     kpi: ctr
     scopes: [campaign]
-    window: 15m
-    baseline_windows: 4
     min_change: 0.3
-    p_value: 0.0001
-    min_volume: 1000
     for: 0s
     severity: page
     runbook_url: docs/runbooks/rate-drop.md

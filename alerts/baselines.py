@@ -1,0 +1,137 @@
+"""Baselines: what a segment's measures are expected to be in one minute, and how sure that is.
+
+The detectors (``alerts.detectors``) judge each settled minute against an expected value,
+so the baseline is per minute, not per window, and says how much data stands behind it:
+
+- The trailing level: the measures' mean per minute over the span just before the
+  minutes under judgement. Volumes follow the day (traffic doubles from night to
+  afternoon), so a long span would lag behind the level: theirs is an hour. Ratios
+  (clicks per impression, orders per unit spend) hardly move with the level, so their
+  span is three hours, for three times the evidence.
+- The daily and weekly shape, once the history holds them: the same minutes yesterday
+  and last week (half an hour around them), scaled to the recent level by the ratio of
+  today's trailing span to the same span that day. So a Monday-morning ramp is expected
+  on Monday morning, from the first minute of it, instead of being lagged behind.
+- How sure: each measure's expected value carries the counts it was estimated from
+  (1 / its relative variance). A fresh deployment, with five minutes of history, is judged
+  from then on, but a baseline from a few counts raises the detectors' thresholds
+  (``alerts.detectors.inflated``): it cannot be told from a change by little data, and it
+  is not taken as exact.
+
+Pure: the sums come from a :class:`~stream.segments.SegmentView`, no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from stream.aggregate import SeriesKey
+from stream.kpis import N_MEASURES
+from stream.segments import SegmentView
+
+DAY, WEEK = 1440, 7 * 1440
+MIN_HISTORY = 5
+"""Minutes of history before a segment is judged at all (a fresh deployment, a new
+campaign): fewer hardly say anything about a level. From then on the baseline is used
+with its uncertainty counted (the detectors discount evidence against a short one)."""
+LEVEL_MINUTES = 60
+"""Trailing span of volumes: an hour lags the day's shape by half an hour (~8% at the
+steepest slope of the simulator's day) before the daily shape is known."""
+RATIO_MINUTES = 180
+"""Trailing span of ratios, which the day's level cancels out of."""
+SHAPE_MINUTES = 30
+"""The span around the same minute yesterday / last week that gives the day's shape (its
+information is counted: a small segment's shape is known roughly, and judged so). History
+older than two days is kept in 5-minute buckets, so last week's spans are aligned to 5."""
+MAX_SHAPE = 4.0
+"""Bound of the daily shape's factor: within an hour, traffic hardly moves fourfold, and a
+day whose history was thin (a campaign's first hours) must not multiply a baseline."""
+FREEZE_MINUTES = 120
+"""How far behind the judged minute a baseline may stay frozen at the start of an
+excursion (``alerts.detectors``): a lasting change (a campaign paused on purpose) becomes
+the new normal after two hours, and its alert resolves."""
+FREEZE_HISTORY = 60
+"""Minutes of history a baseline needs before an excursion may freeze it."""
+
+Floats = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Expected measures per minute (money in micros) and the counts behind each."""
+
+    rate: Floats
+    counts: Floats
+    """Information of each measure's expected value: 1 / relative variance (0: none)."""
+    minutes: int
+    """Length of the trailing span it was estimated from."""
+    kind: str
+    """How it was made, for alert texts: "previous 60 min", "... and daily shape"."""
+
+
+def _align(minute: int) -> int:
+    return minute - minute % 5
+
+
+def _information(*sums: Floats) -> Floats:
+    """1 / the relative variance of a product or ratio of Poisson-like sums (0 where one
+    of them is empty: nothing is known)."""
+    known = np.ones(N_MEASURES, dtype=bool)
+    variance = np.zeros(N_MEASURES)
+    for s in sums:
+        known &= s > 0
+        variance += 1.0 / np.where(s > 0, s, 1.0)
+    return np.where(known, 1.0 / variance, 0.0)
+
+
+def expected(
+    segments: SegmentView, key: SeriesKey, minute: int, end: int, span: int
+) -> Expected | None:
+    """The baseline of ``key`` at ``minute`` from its history before minute ``end``.
+
+    ``span``: the trailing span (LEVEL_MINUTES or RATIO_MINUTES). None until the
+    segment has MIN_HISTORY minutes of history before ``end``.
+    """
+    first = segments.first_minute(key)
+    if first is None:
+        return None
+    start = max(first, end - span)
+    if end - start < MIN_HISTORY:
+        return None
+    trailing = segments.sum(key, start, end).astype(np.float64)
+    level = trailing / (end - start)
+    shapes: list[Floats] = []
+    variances: list[Floats] = []
+    names = []
+    for lag, name in ((DAY, "yesterday"), (WEEK, "last week")):
+        align = _align if lag > DAY else int
+        then = align(end - span - lag)
+        around = align(minute - lag - SHAPE_MINUTES // 2)
+        if end - start < span or first > min(then, around):
+            continue  # the history does not hold that day's span yet
+        before = segments.sum(key, then, then + span).astype(np.float64) / span
+        at = segments.sum(key, around, around + SHAPE_MINUTES).astype(np.float64)
+        at /= SHAPE_MINUTES
+        known = (before > 0) & (at > 0)
+        if not known.any():
+            continue
+        shape = np.where(known, at / np.where(known, before, 1.0), 1.0)
+        shapes.append(np.clip(shape, 1 / MAX_SHAPE, MAX_SHAPE))
+        info = _information(before * span, at * SHAPE_MINUTES)
+        with np.errstate(divide="ignore"):
+            variances.append(np.where(known, 1.0 / np.maximum(info, 1e-300), 0.0))
+        names.append(name)
+    counts = _information(trailing)
+    kind = f"previous {end - start} min"
+    if shapes:
+        shape = np.mean(shapes, axis=0)
+        level = level * shape
+        extra = np.sum(variances, axis=0) / len(shapes) ** 2
+        with np.errstate(divide="ignore"):
+            total = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), np.inf) + extra
+        counts = np.where(np.isfinite(total), 1.0 / total, 0.0)
+        kind += f" shaped like {' and '.join(names)}"
+    return Expected(level, counts, end - start, kind)
