@@ -399,7 +399,9 @@ def test_every_dashboard_query_returns_data(dashboard_stack: Stack) -> None:
         return not problems
 
     with contextlib.suppress(AssertionError):  # the message below says more than a timeout
-        wait_for(all_have_data, timeout=30, interval=2, what="every query to return data")
+        # The global baselines come last: the detectors judge a segment once its baseline
+        # has history, which the worker reaches after replaying the backlog (slower in CI).
+        wait_for(all_have_data, timeout=120, interval=2, what="every query to return data")
     missing = _metrics_without_series(prom, problems) if problems else []
     assert not problems, (
         f"{len(problems)} dashboard queries without data "
