@@ -38,6 +38,14 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
 
 
+async def until(check: Callable[[], bool], *, within: float, interval: float = 0.02) -> None:
+    """Poll ``check`` on the running loop (other tasks run between polls) until it holds;
+    TimeoutError after ``within`` seconds. The async twin of :func:`wait_for`."""
+    async with asyncio.timeout(within):
+        while not check():  # noqa: ASYNC110 (a polled condition)
+            await asyncio.sleep(interval)
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.loads(resp.read())

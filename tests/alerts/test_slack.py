@@ -27,6 +27,7 @@ from alerts.sinks import Sender
 from alerts.slack import ROOT_EVENT, SlackApiSink, incident_key
 from stream import codec
 from tests.alerts.test_notify import check_limits, record
+from tests.helpers import until
 from tests.slack_api import CHANNEL_ID, TOKEN, SlackApi
 
 NO_PACE = {"chat.postMessage": 0.0, "chat.update": 0.0}
@@ -78,9 +79,7 @@ class Run:
                             min_interval=0, max_backoff=0.2)  # fmt: skip
             task = asyncio.create_task(sender.run())
             try:
-                async with asyncio.timeout(within):
-                    while self.box.counts()["slack"]:  # noqa: ASYNC110 (a polled condition)
-                        await asyncio.sleep(0.01)
+                await until(lambda: not self.box.counts()["slack"], within=within, interval=0.01)
             finally:
                 task.cancel()
         return self.counted

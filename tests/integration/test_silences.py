@@ -27,6 +27,7 @@ from alerts.sinks import Sender
 from alerts.slack import SlackApiSink
 from tests.alerts.test_slack import alert
 from tests.conftest import require_binary
+from tests.helpers import until
 from tests.slack_api import CHANNEL_ID, TOKEN, SlackApi
 
 pytestmark = pytest.mark.integration
@@ -97,9 +98,7 @@ def test_a_silence_mutes_the_matching_incident_until_it_expires(
     box = Outbox(("slack",))
 
     async def until_empty(within: float) -> None:
-        async with asyncio.timeout(within):
-            while box.counts()["slack"]:  # noqa: ASYNC110 (a polled condition)
-                await asyncio.sleep(0.02)
+        await until(lambda: not box.counts()["slack"], within=within)
 
     async def scenario() -> None:
         async with aiohttp.ClientSession() as session:
@@ -123,9 +122,8 @@ def test_a_silence_mutes_the_matching_incident_until_it_expires(
                 assert time.time() < ends, "the check above ran while the silence was active"
                 assert counted == [("slack", "silenced"), ("slack", "sent")]
                 # The silence runs out; the incident still fires: its next repeat goes out.
-                async with asyncio.timeout(lasts + 20):
-                    while watcher.matching({"campaign": silenced}) is not None:  # noqa: ASYNC110
-                        await asyncio.sleep(0.1)
+                await until(lambda: watcher.matching({"campaign": silenced}) is None,
+                            within=lasts + 20, interval=0.1)  # fmt: skip
                 box.add([alert("repeat", "2026-11-21T10:25:00Z", campaign=silenced)])
                 box.commit()
                 await until_empty(10)
