@@ -146,6 +146,25 @@ def simulate(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+QUICK = {
+    "KPIMON_EVAL_INTERVAL_SECONDS": "1",
+    "KPIMON_SETTLE_SECONDS": "5",
+    "KPIMON_NOTIFY_MIN_INTERVAL_SECONDS": "0.2",
+}
+"""Worker settings that make a test's alerts decide and go out within seconds."""
+
+
+def ctr_drop_ending_now(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """30 minutes of history whose last 6 minutes have c1's CTR 80% down, then normal
+    traffic in real time (returned: the caller stops it), so the drop ends now."""
+    backfill = simulate(
+        env, "--start-ago", "30m", "--duration", "30m",
+        "--incident", f"ctr_drop:campaign={INCIDENT_CAMPAIGN}:at=24m:by=80%:for=6m",
+    )  # fmt: skip
+    assert backfill.wait(180) == 0
+    return simulate(env)
+
+
 def _am_alerts(url: str, tag: str) -> list[dict[str, Any]]:
     with urllib.request.urlopen(f"{url}/api/v2/alerts", timeout=5) as resp:
         alerts: list[dict[str, Any]] = json.loads(resp.read())
@@ -177,20 +196,10 @@ def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
         "KPIMON_SLACK_WEBHOOK_URL": slack.url,
         "KPIMON_ALERTMANAGER_URL": alertmanager_url,
         "KPIMON_GRAFANA_URL": "http://grafana.example:3000",
-        "KPIMON_EVAL_INTERVAL_SECONDS": "1",
-        "KPIMON_SETTLE_SECONDS": "5",
-        "KPIMON_NOTIFY_MIN_INTERVAL_SECONDS": "0.2",
+        **QUICK,
         "KPIMON_ALERTMANAGER_RESEND_SECONDS": "5",
     }
-    sim_env = {**os.environ, **worker_env}
-    # 30 minutes of history whose last 6 minutes have c1's CTR 80% down ...
-    backfill = simulate(
-        sim_env, "--start-ago", "30m", "--duration", "30m",
-        "--incident", f"ctr_drop:campaign={INCIDENT_CAMPAIGN}:at=24m:by=80%:for=6m",
-    )  # fmt: skip
-    assert backfill.wait(180) == 0
-    # ... then normal traffic in real time, so the drop ends now.
-    live = simulate(sim_env)
+    live = ctr_drop_ending_now({**os.environ, **worker_env})
     worker = start_worker("w1", **env)
     try:
         worker.wait_ready()

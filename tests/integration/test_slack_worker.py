@@ -18,7 +18,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import WorkerProcess, sample, wait_for
-from tests.integration.test_alerting import INCIDENT_CAMPAIGN, rules_file, simulate
+from tests.integration.test_alerting import (
+    INCIDENT_CAMPAIGN,
+    QUICK,
+    ctr_drop_ending_now,
+    rules_file,
+)
 from tests.slack_api import CHANNEL_ID, TOKEN, SlackApi
 
 pytestmark = pytest.mark.integration
@@ -46,18 +51,10 @@ def test_one_message_per_incident_through_a_kill_and_an_outage_resolved_in_place
         "KPIMON_SLACK_CHANNEL": CHANNEL_ID,
         "KPIMON_SLACK_API_URL": slack_api.base_url,
         "KPIMON_LOG_LEVEL": "DEBUG",
-        "KPIMON_EVAL_INTERVAL_SECONDS": "1",
-        "KPIMON_SETTLE_SECONDS": "5",
-        "KPIMON_NOTIFY_MIN_INTERVAL_SECONDS": "0.2",
+        **QUICK,
         "KPIMON_NOTIFY_MAX_BACKOFF_SECONDS": "5",
     }
-    sim_env = {**os.environ, **worker_env}
-    backfill = simulate(
-        sim_env, "--start-ago", "30m", "--duration", "30m",
-        "--incident", f"ctr_drop:campaign={INCIDENT_CAMPAIGN}:at=24m:by=80%:for=6m",
-    )  # fmt: skip
-    assert backfill.wait(180) == 0
-    live = simulate(sim_env)
+    live = ctr_drop_ending_now({**os.environ, **worker_env})
     worker = start_worker("w1", **env)
     try:
         worker.wait_ready()
