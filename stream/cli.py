@@ -331,9 +331,9 @@ async def _group_coordinator(settings: Settings, timeout_s: float = 30.0) -> Non
     from aiokafka.errors import KafkaError
 
     client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap)
-    await client.bootstrap()
     deadline = time.monotonic() + timeout_s
     try:
+        await client.bootstrap()
         while True:
             try:
                 await client.coordinator_lookup(CoordinationType.GROUP, settings.group_id)
