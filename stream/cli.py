@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stream.events import EVENT_TYPES
 from stream.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from stream.simulate import Incident
 
 
 def _settings() -> Settings:
@@ -168,6 +173,25 @@ def demo_day(now_s: float, minutes: tuple[int, int] = DEMO_HISTORY_MINUTES) -> t
     raise AssertionError("unreachable: 24 zones cover every minute of the day")
 
 
+def demo_incidents(
+    campaign: str, *, start_s: float, onset_s: float, overrun_s: float | None
+) -> list[Incident]:
+    """The demo's incidents at wall-clock instants: a 60% CTR drop of ``campaign`` from
+    ``onset_s`` for 30 minutes, then (``overrun_s``) it buys 150% of its usual traffic.
+
+    The simulator counts an incident's ``at`` from its first event, ``start_s`` (the
+    history's start), so the instants are turned into offsets from there.
+    """
+    from stream.simulate import Incident
+
+    drop = Incident.parse(f"ctr_drop:campaign={campaign}:by=60%:for=30m")
+    incidents = [dataclasses.replace(drop, at=onset_s - start_s)]
+    if overrun_s is not None:
+        overrun = Incident.parse(f"budget_overrun:campaign={campaign}:by=50%")
+        incidents.append(dataclasses.replace(overrun, at=overrun_s - start_s))
+    return incidents
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Worker plus simulated traffic with a CTR drop a few minutes in, then a budget overrun,
     on the local stack, with the demo's targets file (goals and budgets).
@@ -183,7 +207,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaConnectionError
 
     from stream.durations import parse_duration
-    from stream.simulate import Incident, SimConfig, Simulator, produce_to_kafka
+    from stream.simulate import SimConfig, Simulator, produce_to_kafka
 
     base = _settings()
     run_id = time.strftime("%Y%m%d-%H%M%S")
@@ -219,15 +243,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # Flat traffic: the budgets are the simulator's mean daily spend, and with no past
     # week to learn the curve from, the budgets' intraday curve is flat too.
     config = SimConfig(seed=args.seed, rate=args.rate, diurnal=False)
-    biggest = max(Simulator(config).campaigns, key=lambda c: c.weight)
-    incidents = [
-        Incident.parse(f"ctr_drop:campaign={biggest.id}:at={history + after}s:by=60%:for=30m")
-    ]
-    if overrun_after is not None:
-        at = history + overrun_after
-        incidents.append(Incident.parse(f"budget_overrun:campaign={biggest.id}:at={at}s:by=50%"))
-    config.incidents = incidents
     sim = Simulator(config)
+    biggest = max(sim.campaigns, key=lambda c: c.weight)
     topics = settings.type_topics
     try:
         asyncio.run(_create_topics(settings))
@@ -240,7 +257,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 start_s=now - history, seconds=history, realtime=False)  # fmt: skip
     asyncio.run(backfill)
     worker = subprocess.Popen([sys.executable, "-m", "stream.cli", "worker"], env=os.environ)
+    # The incidents count from the banner, not from `now`: the history took a minute or
+    # two to produce, and the live traffic catches up on that gap at full speed.
+    onset = time.time() + after
+    config.incidents = demo_incidents(
+        biggest.id, start_s=now - history, onset_s=onset,
+        overrun_s=onset - after + overrun_after if overrun_after is not None else None,
+    )  # fmt: skip
     metrics = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    onset_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(onset))
     overrun = (
         f"from {args.overrun_after} from now campaign {biggest.id} buys 150% of its usual\n"
         "                 traffic: its pacing and its channel's climb past 1; the projection\n"
@@ -259,14 +284,16 @@ kpimon demo: worker pid {worker.pid}, live traffic at {args.rate:g} events/s
                   "not configured: alerts are printed here as [kpimon] lines"}
   targets:       {settings.targets} (goals and daily budgets); days in
                  KPIMON_TIMEZONE={settings.timezone}, whose midnight is where the history starts
-  the incident:  CTR of campaign {biggest.id} ({biggest.channel}) drops 60% {args.incident_after}
-                 from now; the default rules alert within minutes, then resolve after it ends
+  the incident:  CTR of campaign {biggest.id} ({biggest.channel}) drops 60% at {onset_utc}
+                 ({args.incident_after} from now); the default rules alert within minutes,
+                 then resolve after it ends
   the overrun:   {overrun}
   Ctrl-C stops the worker and the simulator; `kpimon dev down` stops the stack
 """, flush=True)  # fmt: skip
     try:
         asyncio.run(produce_to_kafka(sim, bootstrap=settings.kafka_bootstrap, topics=topics,
-                                     start_s=now, seconds=None, realtime=True))  # fmt: skip
+                                     start_s=now, seconds=None, realtime=True,
+                                     progress=False))  # fmt: skip
     except KeyboardInterrupt:
         pass
     finally:
@@ -285,6 +312,38 @@ async def _create_topics(settings: Settings) -> None:
     from stream.stages import Topology
 
     await ensure_topics(settings, Topology.of(settings), list(settings.type_topics.values()))
+    await _group_coordinator(settings)
+
+
+async def _group_coordinator(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Wait until the broker names the group's coordinator.
+
+    A fresh broker creates its offsets topic on the first lookup and answers
+    "coordinator not available" until then: found here, the worker's first join does
+    not print that as an ERROR in the demo's terminal. Past the deadline the worker
+    retries on its own, as it always does.
+    """
+    import asyncio
+    import time
+
+    from aiokafka import AIOKafkaClient
+    from aiokafka.client import CoordinationType
+    from aiokafka.errors import KafkaError
+
+    client = AIOKafkaClient(bootstrap_servers=settings.kafka_bootstrap)
+    deadline = time.monotonic() + timeout_s
+    try:
+        await client.bootstrap()
+        while True:
+            try:
+                await client.coordinator_lookup(CoordinationType.GROUP, settings.group_id)
+                return
+            except KafkaError:
+                if time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.2)
+    finally:
+        await client.close()
 
 
 def build_parser() -> argparse.ArgumentParser:

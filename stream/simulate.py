@@ -364,8 +364,13 @@ async def produce_to_kafka(
     seconds: int | None,
     realtime: bool,
     shared_topic: str | None = None,
+    progress: bool = True,
 ) -> int:
-    """Send the simulated stream to Kafka; paced by the wall clock when ``realtime``."""
+    """Send the simulated stream to Kafka; paced by the wall clock when ``realtime``.
+
+    ``progress``: a progress bar on a terminal (off where another process prints to the
+    same terminal, as the demo's worker does: its lines would be glued to the bar's).
+    """
     import asyncio
     import time
 
@@ -378,7 +383,8 @@ async def produce_to_kafka(
     )  # fmt: skip
     await producer.start()
     sent = 0
-    bar = tqdm(total=seconds, unit="s", desc="simulated", disable=None, mininterval=1)
+    bar = tqdm(total=seconds, unit="s", desc="simulated", disable=None if progress else True,
+               mininterval=1)  # fmt: skip
     try:
         chunk = 1 if realtime else 60
         tick = 0

@@ -18,7 +18,7 @@ import pytest
 
 from alerts.pacing import FLAT, Shape, local_day, pace
 from alerts.targets import load_targets
-from stream.cli import DEMO_HISTORY_MINUTES, DEMO_TARGETS, demo_day
+from stream.cli import DEMO_HISTORY_MINUTES, DEMO_TARGETS, demo_day, demo_incidents
 from stream.simulate import Incident, SimConfig, Simulator
 
 MIDNIGHT = 1_796_169_600  # a UTC midnight: the simulated day starts with the run
@@ -90,3 +90,26 @@ def test_demo_budgets_pace_near_one_and_the_overrun_moves_them() -> None:
     assert over[search][0] > normal[search][0] * 1.15  # c0 is most of search's spend
     social = ("channel", "social", "")  # untouched (its own random draws differ)
     assert over[social][0] == pytest.approx(normal[social][0], rel=0.05)
+
+
+def _c0_ctr(events: list[tuple[str, dict[str, object]]]) -> float:
+    clicks = sum(1 for kind, e in events if kind == "click" and e["campaign_id"] == "c0")
+    shown = sum(1 for kind, e in events if kind == "impression" and e["campaign_id"] == "c0")
+    return clicks / shown
+
+
+def test_demo_incidents_start_at_their_wall_clock_instants() -> None:
+    """The CTR drop starts when the banner says, however long the history took to produce
+    (the live traffic catches up on that gap first)."""
+    start, onset = float(MIDNIGHT), float(MIDNIGHT + 600)
+    incidents = demo_incidents("c0", start_s=start, onset_s=onset, overrun_s=onset + 2040)
+    assert [(i.kind, i.at, i.by, i.campaign) for i in incidents] == [
+        ("ctr_drop", 600.0, 0.6, "c0"),
+        ("budget_overrun", 2640.0, 0.5, "c0"),
+    ]
+    assert incidents[0].duration == 1800 and incidents[1].duration == float("inf")
+    assert demo_incidents("c0", start_s=start, onset_s=onset, overrun_s=None)[1:] == []
+    sim = Simulator(SimConfig(seed=7, rate=RATE, diurnal=False, incidents=incidents))
+    before = list(sim.events(start, 600))  # the history and the live minutes up to the onset
+    after = list(sim.events(onset, 1200))
+    assert 0.25 < _c0_ctr(after) / _c0_ctr(before) < 0.6  # a 60% drop: 0.4 expected
