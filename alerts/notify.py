@@ -195,6 +195,8 @@ def _kpi_at(m: Mapping[str, Any]) -> str:
 
 MAX_JOINED = 10
 """Late joiners named one by one in a short message; the rest are counted."""
+MAX_JOINED_PART = 200
+"""Characters of one joiner's name: ten of them and the count stay within one section."""
 
 
 def joined_text(record: Mapping[str, Any]) -> str | None:
@@ -206,7 +208,7 @@ def joined_text(record: Mapping[str, Any]) -> str | None:
     for m in found[:MAX_JOINED]:
         change = m.get("change")
         moved = "" if change is None else f", {change:+.0%}"
-        parts.append(f"{_kpi_at(m)}{moved}")
+        parts.append(clip(f"{_kpi_at(m)}{moved}", MAX_JOINED_PART))
     more = f" and {len(found) - MAX_JOINED} more" if len(found) > MAX_JOINED else ""
     return "; ".join(parts) + more
 
