@@ -31,19 +31,20 @@ an incident's id, Slack message and Alertmanager labels never move under people)
 The incident fires when it opens, repeats at the shortest repeat interval of its
 firing members' rules, and resolves when its last member has resolved. Alerts that
 join it later (late joiners: the channel a campaign drags, the cost KPIs of an order
-outage) are told in an *update*: every alert that joined since the incident's last
-message, in one note, at most one per ``update_every`` (the shorter of
-``UPDATE_EVERY`` and a sixth of the repeat interval) counted from that last message
-(the firing, a repeat or an update), so a growing incident makes a message every few
-minutes at most, and its first minutes stand on the firing message alone. A repeat
-due within that spacing carries the joiners instead (a repeat tells every member);
-alerts present when the incident opens are in the firing note. Each member notes
-whether it was told, so the next note says exactly who joined, across restarts.
+outage) are told in an *update* naming every alert that joined since the incident's
+last message. Alerts present when it opens are in the firing note; an update comes
+at least ``spacing`` after the last firing, repeat or update note (the shorter of
+``update_every``, default ``UPDATE_EVERY``, and a sixth of the repeat interval), so
+joins in between coalesce and a growing incident makes one message every few minutes
+at most; a repeat due within that spacing carries the joiners instead (a repeat
+names every member). Each member notes whether it was told, so the next note says
+exactly who joined, across restarts.
 
-The *root* is chosen when it opens, among its first members: the deepest segment (the cause: a
-campaign over the channel it drags), then the most direct KPI (a count, then a rate,
-then a cost ratio), then the largest move. It keeps that role for the incident's life,
-so ``incident_role`` labels (which Alertmanager inhibition keys on) never change.
+The *root* is chosen when it opens, among its first members: the deepest segment
+(the cause: a campaign over the channel it drags), then the most direct KPI (a count,
+then a rate, then a cost ratio), then the largest move. It keeps that role for the
+incident's life, so ``incident_role`` labels (which Alertmanager inhibition keys on)
+never change.
 """
 
 from __future__ import annotations
