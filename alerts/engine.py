@@ -451,8 +451,9 @@ class AlertEngine:
 
         The root member's record (what moved, where, by how much...), with the incident's
         status, times and severity, ``incident`` (id, root, affected KPIs and segments, the
-        member alerts, each with its own labels for Alertmanager) and the contributors of
-        all members."""
+        member alerts, each with its own labels for Alertmanager, and ``joined``: the
+        members this notification names first, which an ``update`` is about) and the
+        contributors of all members."""
         incident, by_name = note.incident, {r.name: r for r in self.rules}
         resolved = note.kind == "resolved"
         members = []
@@ -499,6 +500,11 @@ class AlertEngine:
                     )
                 ],
                 "members": members,
+                "joined": [
+                    {k: m[k] for k in ("rule", "kpi", "scope", "channel", "campaign")}
+                    for m in members
+                    if (m["rule"], m["scope"], m["channel"], m["campaign"]) in note.joined
+                ],
             },
         )
         record["labels"]["severity"] = severity

@@ -29,11 +29,22 @@ open incident its component touches (existing incidents are never merged or spli
 an incident's id, Slack message and Alertmanager labels never move under people).
 
 The incident fires when it opens, repeats at the shortest repeat interval of its
-firing members' rules, and resolves when its last member has resolved. The *root* is
-chosen when it opens, among its first members: the deepest segment (the cause: a
-campaign over the channel it drags), then the most direct KPI (a count, then a rate,
-then a cost ratio), then the largest move. It keeps that role for the incident's life,
-so ``incident_role`` labels (which Alertmanager inhibition keys on) never change.
+firing members' rules, and resolves when its last member has resolved. Alerts that
+join it later (late joiners: the channel a campaign drags, the cost KPIs of an order
+outage) are told in an *update* naming every alert that joined since the incident's
+last message. Alerts present when it opens are in the firing note; an update comes
+at least ``spacing`` after the last firing, repeat or update note (the shorter of
+``update_every``, default ``UPDATE_EVERY``, and a sixth of the repeat interval), so
+joins in between coalesce and a growing incident makes one message every few minutes
+at most; a repeat due within that spacing carries the joiners instead (a repeat
+names every member). Each member notes whether it was told, so the next note says
+exactly who joined, across restarts.
+
+The *root* is chosen when it opens, among its first members: the deepest segment
+(the cause: a campaign over the channel it drags), then the most direct KPI (a count,
+then a rate, then a cost ratio), then the largest move. It keeps that role for the
+incident's life, so ``incident_role`` labels (which Alertmanager inhibition keys on)
+never change.
 """
 
 from __future__ import annotations
@@ -48,8 +59,11 @@ from typing import Literal
 from alerts.lifecycle import AlertKey
 from stream.kpis import KPI
 
-STATE_VERSION = 1
-"""Version of the ``Incidents.to_dict`` layout; bumped on incompatible changes."""
+STATE_VERSION = 2
+"""Version of the ``Incidents.to_dict`` layout; bumped on incompatible changes
+(2: members' ``told`` and incidents' ``last_update_at``; version 1 still loads)."""
+UPDATE_EVERY = 300.0
+"""Longest spacing (seconds) of an incident's messages before a late joiner is told."""
 EXPLAIN_SHARE = 0.5
 """A child explains its parent's move when it makes at least this share of its gap."""
 FAMILY: Mapping[str, str] = {"new_customers": "orders", "revenue": "orders"}
@@ -58,7 +72,7 @@ SCOPE_DEPTH: Mapping[str, int] = {"global": 0, "channel": 1, "campaign": 2}
 KIND_RANK: Mapping[str, int] = {"count": 0, "rate": 1, "cost": 2}
 
 Role = Literal["root", "member"]
-IncidentKind = Literal["firing", "repeat", "resolved"]
+IncidentKind = Literal["firing", "repeat", "update", "resolved"]
 Cause = tuple[str, str]
 """(measure family, direction): a move of one measure."""
 
@@ -112,6 +126,8 @@ class Member:
     fired_at: float
     resolved_at: float | None
     details: dict[str, object]
+    told: bool = True
+    """Named in a note already (firing, repeat, update); False for a late joiner."""
 
     @property
     def firing(self) -> bool:
@@ -122,10 +138,12 @@ class Member:
             "key": list(self.key), "kpi": self.kpi, "role": self.role,
             "active_since": self.active_since, "fired_at": self.fired_at,
             "resolved_at": self.resolved_at, "details": copy.deepcopy(self.details),
+            "told": self.told,
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, object]) -> Member:
+    def from_dict(cls, d: Mapping[str, object], told: bool | None = None) -> Member:
+        """``told``: given for a version 1 record (which has none); else read and checked."""
         key = _field(d, "key")
         if not (isinstance(key, list) and len(key) == 4 and all(isinstance(p, str) for p in key)):
             raise ValueError(f"member key must be 4 strings, got {key!r}")
@@ -136,9 +154,14 @@ class Member:
             raise ValueError(f"member role must be root or member, got {role!r}")
         if not (isinstance(details, dict) and all(isinstance(k, str) for k in details)):
             raise ValueError(f"member details must be an object, got {details!r}")
+        if told is None:
+            stored = _field(d, "told")
+            if not isinstance(stored, bool):
+                raise ValueError(f"member told must be true or false, got {stored!r}")
+            told = stored
         return cls((key[0], key[1], key[2], key[3]), kpi, "root" if role == "root" else "member",
                    _number(d, "active_since"), _number(d, "fired_at"),
-                   _optional_number(d, "resolved_at"), copy.deepcopy(details))  # fmt: skip
+                   _optional_number(d, "resolved_at"), copy.deepcopy(details), told)  # fmt: skip
 
 
 @dataclass
@@ -150,6 +173,8 @@ class Incident:
     last_sent_at: float
     resolved_at: float | None = None
     members: dict[AlertKey, Member] = field(default_factory=dict)
+    last_update_at: float | None = None
+    """When the last update note went out (None: none yet); spaces the next one."""
 
     @property
     def root(self) -> Member:
@@ -158,6 +183,15 @@ class Incident:
     def firing_members(self) -> list[Member]:
         return [m for m in self.members.values() if m.firing]
 
+    def untold(self) -> list[AlertKey]:
+        """Firing members no note has named yet (late joiners), by key."""
+        return sorted(m.key for m in self.members.values() if m.firing and not m.told)
+
+    @property
+    def last_message_at(self) -> float:
+        """The last firing, repeat or update note: the next update is spaced from it."""
+        return max(self.last_sent_at, self.last_update_at or self.last_sent_at)
+
     def ordered(self) -> list[Member]:
         """Members, root first, then by segment depth, KPI directness and key."""
         return sorted(self.members.values(), key=lambda m: (m.role != "root", *_rank(m)))
@@ -165,12 +199,15 @@ class Incident:
     def to_dict(self) -> dict[str, object]:
         return {
             "id": self.id, "fired_at": self.fired_at, "last_sent_at": self.last_sent_at,
-            "resolved_at": self.resolved_at,
+            "resolved_at": self.resolved_at, "last_update_at": self.last_update_at,
             "members": [self.members[k].to_dict() for k in sorted(self.members)],
         }  # fmt: skip
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, object]) -> Incident:
+    def from_dict(cls, d: Mapping[str, object], version: int = STATE_VERSION) -> Incident:
+        """Version 1 had no updates: a member counts as told when it fired by the
+        incident's last message (it joined in that tick or before), so the alerts that
+        joined since are told by the first update after the upgrade."""
         ident = _field(d, "id")
         if not isinstance(ident, str) or not ident:
             raise ValueError(f"incident id must be a string, got {ident!r}")
@@ -179,8 +216,13 @@ class Incident:
             raise ValueError("incident members must be a list of objects")
         incident = cls(ident, _number(d, "fired_at"), _number(d, "last_sent_at"),
                        _optional_number(d, "resolved_at"))  # fmt: skip
+        if version >= 2:
+            incident.last_update_at = _optional_number(d, "last_update_at")
         for record in raw:
-            member = Member.from_dict(record)
+            told = None
+            if version < 2:
+                told = _number(record, "fired_at") <= incident.last_sent_at
+            member = Member.from_dict(record, told)
             if member.key in incident.members:
                 raise ValueError(f"incident {ident}: member {member.key!r} twice")
             incident.members[member.key] = member
@@ -193,11 +235,15 @@ class Incident:
 
 @dataclass(frozen=True)
 class IncidentNote:
-    """Something to tell the sinks about an incident; ``incident`` is a snapshot."""
+    """Something to tell the sinks about an incident; ``incident`` is a snapshot.
+
+    ``joined``: the members this note names for the first time (an update's reason; a
+    repeat may carry some too), by key."""
 
     kind: IncidentKind
     incident: Incident
     at: float
+    joined: tuple[AlertKey, ...] = ()
 
 
 def _rank(m: Member | Seen) -> tuple[int, int, float, AlertKey]:
@@ -249,13 +295,18 @@ class Incidents:
     """Open incidents and their lifecycle; one ``step`` per evaluation tick."""
 
     def __init__(
-        self, repeat_interval: Mapping[str, float], *, explain_share: float = EXPLAIN_SHARE
-    ) -> None:
+        self, repeat_interval: Mapping[str, float], *, explain_share: float = EXPLAIN_SHARE,
+        update_every: float = UPDATE_EVERY,
+    ) -> None:  # fmt: skip
         if not 0 < explain_share <= 1:
             raise ValueError(f"explain_share must be in (0, 1], got {explain_share!r}")
+        if not update_every > 0:
+            raise ValueError(f"update_every must be > 0, got {update_every!r}")
         self.repeat_interval = dict(repeat_interval)
         """Repeat interval (seconds) by rule name."""
         self.explain_share = explain_share
+        self.update_every = float(update_every)
+        """Longest spacing of an incident's messages before an update (see the module doc)."""
         self._open: dict[str, Incident] = {}
         self._clock: float | None = None
 
@@ -291,11 +342,30 @@ class Incidents:
                 del self._open[ident]
             elif now - incident.last_sent_at >= self._interval(incident):
                 incident.last_sent_at = now
-                notes.append(IncidentNote("repeat", copy.deepcopy(incident), now))
+                joined = _tell(incident)
+                notes.append(IncidentNote("repeat", copy.deepcopy(incident), now, joined))
+            elif self._update_due(incident, now):
+                incident.last_update_at = now
+                joined = _tell(incident)
+                notes.append(IncidentNote("update", copy.deepcopy(incident), now, joined))
         return notes
 
     def _interval(self, incident: Incident) -> float:
         return min(self.repeat_interval.get(m.key[0], math.inf) for m in incident.firing_members())
+
+    def spacing(self, incident: Incident) -> float:
+        """The least time between an incident's last message and an update."""
+        return min(self.update_every, self._interval(incident) / 6)
+
+    def _update_due(self, incident: Incident, now: float) -> bool:
+        """Late joiners wait for the spacing, and for a repeat due within it (which
+        names them anyway): one message where there would have been two."""
+        if not incident.untold():
+            return False
+        spacing = self.spacing(incident)
+        if now - incident.last_message_at < spacing:
+            return False
+        return incident.last_sent_at + self._interval(incident) - now > spacing
 
     def _update_members(
         self, now: float, seen: Mapping[AlertKey, Seen],
@@ -344,16 +414,17 @@ class Incidents:
             touched = [self._open[owner[n.key]] for n in component if isinstance(n, Member)]
             if touched:
                 target = min(touched, key=lambda i: (i.fired_at, i.id))
-                for alert in new:
+                for alert in new:  # late joiners (or a member firing again): not told
                     previous = target.members.get(alert.key)
                     role: Role = previous.role if previous is not None else "member"
-                    target.members[alert.key] = _member(alert, role)
+                    target.members[alert.key] = _member(alert, role, told=False)
                 continue
             root = min(new, key=_rank)
             ident = incident_id(root.key, now)
             incident = Incident(ident, now, now)
             for alert in new:
-                incident.members[alert.key] = _member(alert, "root" if alert is root else "member")
+                incident.members[alert.key] = _member(alert, "root" if alert is root else "member",
+                                                      told=True)  # fmt: skip
             self._open[ident] = incident
             opened.add(ident)
         return opened
@@ -377,7 +448,8 @@ class Incidents:
         return [copy.deepcopy(self._open[k]) for k in sorted(self._open)]
 
     def clone(self) -> Incidents:
-        twin = Incidents(self.repeat_interval, explain_share=self.explain_share)
+        twin = Incidents(self.repeat_interval, explain_share=self.explain_share,
+                         update_every=self.update_every)  # fmt: skip
         twin._open = copy.deepcopy(self._open)
         twin._clock = self._clock
         return twin
@@ -394,19 +466,21 @@ class Incidents:
     @classmethod
     def from_dict(
         cls, d: Mapping[str, object], repeat_interval: Mapping[str, float], *,
-        explain_share: float = EXPLAIN_SHARE,
+        explain_share: float = EXPLAIN_SHARE, update_every: float = UPDATE_EVERY,
     ) -> Incidents:  # fmt: skip
-        """Restore ``to_dict`` output; raises ValueError rather than resume from bad state."""
-        if _field(d, "version") != STATE_VERSION:
-            raise ValueError(f"unsupported incident state version {d['version']!r}")
-        restored = cls(repeat_interval, explain_share=explain_share)
+        """Restore ``to_dict`` output (this version's or version 1's); raises ValueError
+        rather than resume from bad state."""
+        version = _field(d, "version")
+        if version not in (1, STATE_VERSION) or isinstance(version, bool):
+            raise ValueError(f"unsupported incident state version {version!r}")
+        restored = cls(repeat_interval, explain_share=explain_share, update_every=update_every)
         restored._clock = _optional_number(d, "clock")
         raw = _field(d, "incidents")
         if not isinstance(raw, list) or not all(isinstance(i, dict) for i in raw):
             raise ValueError("incidents must be a list of objects")
         owners: set[AlertKey] = set()
         for record in raw:
-            incident = Incident.from_dict(record)
+            incident = Incident.from_dict(record, int(version))
             firing = {m.key for m in incident.firing_members()}
             if incident.id in restored._open or firing & owners:
                 raise ValueError(f"incident {incident.id} repeats an incident or a firing alert")
@@ -415,9 +489,17 @@ class Incidents:
         return restored
 
 
-def _member(alert: Seen, role: Role) -> Member:
+def _member(alert: Seen, role: Role, *, told: bool) -> Member:
     return Member(alert.key, alert.kpi, role, alert.active_since, alert.fired_at, None,
-                  copy.deepcopy(dict(alert.details)))  # fmt: skip
+                  copy.deepcopy(dict(alert.details)), told)  # fmt: skip
+
+
+def _tell(incident: Incident) -> tuple[AlertKey, ...]:
+    """A note names every member now: the late joiners it names first, by key."""
+    joined = tuple(incident.untold())
+    for member in incident.members.values():
+        member.told = True
+    return joined
 
 
 def _field(d: Mapping[str, object], name: str) -> object:

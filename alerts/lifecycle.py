@@ -20,7 +20,8 @@ from typing import Literal
 AlertKey = tuple[str, str, str, str]
 """(rule, scope, channel, campaign): one alert per rule and segment."""
 
-NotificationKind = Literal["firing", "repeat", "resolved"]
+NotificationKind = Literal["firing", "repeat", "update", "resolved"]
+"""A rule's alerts fire, repeat and resolve; ``update`` is an incident's (alerts joined it)."""
 
 STATE_VERSION = 1
 """Version of the ``RuleAlerts.to_dict`` layout; bumped on incompatible changes."""

@@ -153,10 +153,12 @@ def _affected(record: Mapping[str, Any]) -> str | None:
     if len(members) < 2:
         return None
     lines = []
+    new = {_identity(j) for j in joined(record)}
     for m in members[1:]:
         change = m.get("change")
         moved = "" if change is None else f" {change:+.0%}"
         done = " (resolved)" if m.get("status") == "resolved" else ""
+        done += " (new)" if _identity(m) in new and not done else ""
         place = _escape(where(m["scope"], m["channel"], m["campaign"]))
         lines.append(f"• {KPI_TITLE.get(m['kpi'], m['kpi'])}{moved}: {place}{done}")
     head = f"*Same incident ({len(members)} alerts)*\n"
@@ -169,6 +171,74 @@ def _affected(record: Mapping[str, Any]) -> str | None:
             kept.append(line)
         text = head + "\n".join(kept) + f"\n… and {len(lines) - len(kept)} more"
     return text
+
+
+def _identity(m: Mapping[str, Any]) -> tuple[str, str, str, str]:
+    return (str(m.get("rule")), str(m.get("scope")), str(m.get("channel")),
+            str(m.get("campaign")))  # fmt: skip
+
+
+def joined(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The member records a notification names first (an update's late joiners)."""
+    incident = record.get("incident")
+    if not isinstance(incident, Mapping):
+        return []
+    wanted = {_identity(j) for j in incident.get("joined") or [] if isinstance(j, Mapping)}
+    return [m for m in incident.get("members") or [] if _identity(m) in wanted]
+
+
+def _kpi_at(m: Mapping[str, Any]) -> str:
+    """``CTR of channel search``: a member alert in words."""
+    kpi = str(m["kpi"])
+    return f"{KPI_TITLE.get(kpi, kpi)} of {where(m['scope'], m['channel'], m['campaign'])}"
+
+
+MAX_JOINED = 10
+"""Late joiners named one by one in a short message; the rest are counted."""
+MAX_JOINED_PART = 200
+"""Characters of one joiner's name: ten of them and the count stay within one section."""
+
+
+def joined_text(record: Mapping[str, Any]) -> str | None:
+    """``CTR of channel search, -35%; Orders of all traffic, -60%``: who joined (plain)."""
+    found = joined(record)
+    if not found:
+        return None
+    parts = []
+    for m in found[:MAX_JOINED]:
+        change = m.get("change")
+        moved = "" if change is None else f", {change:+.0%}"
+        parts.append(clip(f"{_kpi_at(m)}{moved}", MAX_JOINED_PART))
+    more = f" and {len(found) - MAX_JOINED} more" if len(found) > MAX_JOINED else ""
+    return "; ".join(parts) + more
+
+
+def slack_update_message(
+    record: Mapping[str, Any], *, silence_url: str | None = None
+) -> dict[str, Any]:
+    """Webhook mode's short message when alerts join an open incident (no message to edit).
+
+    One line of what joined, one naming the incident it joined (its root and id, so it
+    reads next to the firing message), and the links: no fields, no contributors."""
+    also = joined_text(record) or "more alerts"
+    incident = record.get("incident")
+    ident = str(incident.get("id")) if isinstance(incident, Mapping) else ""
+    root = _kpi_at(record)
+    text = f":heavy_plus_sign: Also affected: {also}"
+    context = f"Same incident as {root} ({ident}), firing since {record.get('starts_at')}"
+    annotations = record.get("annotations") or {}
+    links = [x for x in (_link(annotations.get("dashboard_url"), "Dashboard"),
+                         _link(annotations.get("runbook_url"), "Runbook")) if x]  # fmt: skip
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "text": {"type": "mrkdwn", "text": clip(_escape(text), MAX_SECTION)}},
+        {"type": "context", "elements": [
+            {"type": "mrkdwn", "text": clip(" · ".join([_escape(context), *links]), MAX_SECTION)}
+        ]},
+    ]  # fmt: skip
+    buttons = _buttons(record, silence_url)
+    if buttons:
+        blocks.append(buttons)
+    return {"text": clip(f"{text} ({root})", MAX_FALLBACK), "blocks": blocks}
 
 
 def alertmanager_alerts(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -244,17 +314,26 @@ def slack_incident_message(
 
 
 def slack_thread_note(record: Mapping[str, Any], *, duration_s: float | None) -> dict[str, Any]:
-    """A short reply in the incident's thread for a repeat or the resolve."""
+    """A short reply in the incident's thread for a repeat, an update or the resolve.
+
+    An update says what joined (``:heavy_plus_sign: Also affected: CTR of channel
+    search, -35%``); a repeat that names late joiners adds that line to its own."""
+    also = joined_text(record) if record["status"] == "firing" else None
     if record["status"] == "resolved":
         lasted = f" after {duration_text(duration_s)}" if duration_s is not None else ""
         text = f":white_check_mark: Resolved{lasted}: {_now_line(record)}"
+    elif record.get("notification") == "update":
+        text = f":heavy_plus_sign: Also affected: {also or 'more alerts'}"
+        also = None
     else:
         text = f":repeat: Still firing: {_now_line(record)}"
     contributors = list(record.get("contributors") or [])
-    if contributors and record["status"] == "firing":
+    if contributors and record["status"] == "firing" and record.get("notification") != "update":
         text += "; most from " + ", ".join(
             where(c["scope"], c["channel"], c["campaign"]) for c in contributors[:5]
         )
+    if also:
+        text += f"\n:heavy_plus_sign: Also affected: {also}"
     return {
         "text": clip(text, MAX_FALLBACK),
         "blocks": [{"type": "section",

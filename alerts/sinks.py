@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
-from alerts.notify import alertmanager_alerts, slack_payload
+from alerts.notify import alertmanager_alerts, joined_text, slack_payload, slack_update_message
 from alerts.outbox import Entry, Outbox
 from alerts.silences import SilenceWatcher, silence_url
 
@@ -92,6 +92,9 @@ def _seconds(value: str | None) -> float:
 class SlackSink:
     """Slack incoming webhook: one Block Kit message per notification.
 
+    A webhook cannot edit what it posted, so an update (alerts that joined an open
+    incident) is a short message of its own: what joined, the incident it joined, links.
+
     With ``silences``, an alert an active Alertmanager silence matches is skipped
     (outcome "silenced"); with ``silence_ui``, every message links a silence form.
     """
@@ -113,8 +116,11 @@ class SlackSink:
         link = None
         if self._silence_ui is not None:
             link = silence_url(self._silence_ui, record.get("labels") or {})
-        await _post(self._session, self._url, slack_payload(record, silence_url=link),
-                    "slack webhook")  # fmt: skip
+        if record.get("notification") == "update":
+            payload = slack_update_message(record, silence_url=link)
+        else:
+            payload = slack_payload(record, silence_url=link)
+        await _post(self._session, self._url, payload, "slack webhook")
         return None
 
     def __repr__(self) -> str:
@@ -153,6 +159,11 @@ def readable(record: Mapping[str, Any]) -> str:
     """One alert record as a line a person reads at a glance."""
     icon = "FIRING  " if record["status"] == "firing" else "RESOLVED"
     extra = []
+    also = joined_text(record) if record["status"] == "firing" else None
+    if record.get("notification") == "update":
+        icon = "UPDATE  "
+    if also:
+        extra.append(f"also affected: {also}")
     if record.get("p_value") is not None:
         extra.append(f"p={record['p_value']:.1e}")
     top = record.get("contributors") or []

@@ -1,11 +1,12 @@
 """Slack Web API sink: one living message per incident, its repeats and resolve in its thread.
 
 The first notification of an incident is posted with ``chat.postMessage``;
-repeats and the resolve edit that message with ``chat.update`` and add a reply
-to its thread. Which message belongs to which incident (channel id + ``ts``) is
-exactly-once state: noted in the outbox right after the post, it reaches the
-scope changelog in the same transaction as the delivered entry's tombstone, so
-a restarted worker updates the same message. A crash can still fall between a
+repeats, updates (alerts that joined the open incident) and the resolve edit that
+message with ``chat.update`` and add a reply to its thread. Which message belongs
+to which incident (channel id + ``ts``) is exactly-once state: noted in the
+outbox right after the post, it reaches the scope changelog in the same
+transaction as the delivered entry's tombstone, so a restarted worker updates
+the same message. A crash can still fall between a
 post and that transaction: every message carries its incident key (and thread
 replies their notification id) in Slack's message metadata, and an entry read
 back from the changelog (:attr:`Entry.restored`) whose message is unknown is
@@ -72,6 +73,9 @@ DROP = {
     "invalid_blocks": "Slack refused the message's blocks",
     "invalid_metadata_format": "Slack refused the message metadata",
 }
+THREADED = ("repeat", "update", "resolved")
+"""Notifications that edit the incident's message and reply in its thread (an update: the
+alerts that joined, edited into the message's member list and named in the reply)."""
 RETRY = {"ratelimited", "internal_error", "fatal_error", "service_unavailable", "request_timeout"}
 
 
@@ -229,7 +233,7 @@ class SlackApiSink:
             self._note(key, None if resolved else state)
             return None
         await self._update(key, state, record)
-        if record.get("notification") in ("repeat", "resolved"):
+        if record.get("notification") in THREADED:
             nid = notification_id(record)
             if not (entry.restored and await self._replied(state, nid)):
                 await self._reply(key, state, record, nid)
@@ -260,7 +264,7 @@ class SlackApiSink:
         return {"channel": channel_id, "ts": str(response["ts"]), "worst": worst, "updates": 0}
 
     async def _update(self, key: str, state: dict[str, Any], record: Mapping[str, Any]) -> None:
-        if record.get("notification") in ("repeat", "resolved") and not self._silenced(record):
+        if record.get("notification") in THREADED and not self._silenced(record):
             state["updates"] = int(state.get("updates", 0)) + 1
         payload, state["worst"] = self._message(record, state)
         try:

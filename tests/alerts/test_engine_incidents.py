@@ -7,15 +7,24 @@ the backtest do; the records then go through the outbox and the sink payloads.
 
 from __future__ import annotations
 
+import itertools
 import json
+from datetime import datetime
 from typing import Any
 
 from alerts.engine import AlertEngine
-from alerts.notify import alertmanager_alerts, slack_payload
+from alerts.incidents import UPDATE_EVERY
+from alerts.notify import (
+    alertmanager_alerts,
+    slack_payload,
+    slack_thread_note,
+    slack_update_message,
+)
 from alerts.outbox import Outbox
 from alerts.rules import parse_rules
 from alerts.slack import incident_key
 from stream.aggregate import SegmentStore
+from stream.kpis import KPI
 from stream.segments import SegmentView
 from tests.alerts.test_notify import check_limits
 
@@ -99,7 +108,7 @@ def test_an_order_outage_is_one_incident_notification_per_sink() -> None:
     assert outbox.counts() == {"slack": 1, "alertmanager": 1, "console": 1}
     assert incident_key(fired) == ident
     check_limits(slack_payload(fired))
-    # Alerts that join later are not notified on their own: the next repeat lists them.
+    # Alerts that join later are told in updates (below); the next repeat lists them all.
     (repeat, *_) = [r for r in records if r["notification"] == "repeat"]
     assert len(repeat["incident"]["members"]) > len(incident["members"])
     message = slack_payload(repeat)
@@ -194,3 +203,49 @@ def test_the_order_rules_are_evaluated_in_changes_nothing() -> None:
         range(T0, T0 + 240), SegmentStore(),
     )  # fmt: skip
     assert forward and backward == forward
+
+
+def test_alerts_joining_the_order_outage_are_told_in_spaced_updates() -> None:
+    """The cost KPIs and the channel join c1's order outage minutes after it fired: each is
+    named once, in updates at least the spacing apart (repeat 20 min: 200 s)."""
+    records = run(AlertEngine(parse_rules(rules_text())), range(T0, T0 + 240), SegmentStore())
+    fired = records[0]
+    told = [r for r in records if r["notification"] != "resolved"]
+    updates = [r for r in told if r["notification"] == "update"]
+    assert len(updates) >= 2, [(r["notification"], r["notified_at"]) for r in records]
+    at = [datetime.fromisoformat(r["notified_at"]).timestamp() for r in told]
+    assert min(b - a for a, b in itertools.pairwise(at)) >= min(UPDATE_EVERY, 20 * 60 / 6)
+    ident = fired["incident"]["id"]
+    first = {(m["rule"], m["scope"], m["campaign"]) for m in fired["incident"]["members"]}
+    named: list[tuple[str, str, str]] = []
+    for update in updates:
+        assert update["status"] == "firing" and update["incident"]["id"] == ident
+        members = {(m["rule"], m["scope"], m["campaign"]) for m in update["incident"]["members"]}
+        joined = [(j["rule"], j["scope"], j["campaign"]) for j in update["incident"]["joined"]]
+        assert joined and set(joined) <= members - first
+        named += joined
+        assert update["incident"]["root"] == fired["incident"]["root"]
+    assert fired["incident"]["joined"] == []
+    final = {(m["rule"], m["scope"], m["campaign"]) for m in records[-1]["incident"]["members"]}
+    repeat_named = [(j["rule"], j["scope"], j["campaign"]) for r in told
+                    for j in r["incident"]["joined"] if r["notification"] == "repeat"]  # fmt: skip
+    assert sorted(named + repeat_named) == sorted(final - first), "every joiner named once"
+    # Each update is one more entry per sink, with an id of its own.
+    outbox = Outbox(("slack", "alertmanager"))
+    outbox.add(told)
+    outbox.commit()
+    assert outbox.counts() == {"slack": len(told), "alertmanager": len(told)}
+    # Its Slack forms: the member list marks who is new, the reply and the webhook say it.
+    update = updates[0]
+    message = slack_payload(update)
+    check_limits(message)
+    title = KPI[update["incident"]["joined"][0]["kpi"]].title
+    assert "(new)" in json.dumps(message)
+    reply = slack_thread_note(update, duration_s=None)["text"]
+    assert reply.startswith(":heavy_plus_sign: Also affected: ") and title in reply
+    short = slack_update_message(update)
+    check_limits(short)
+    assert short["text"].startswith(":heavy_plus_sign: Also affected: ") and ident in json.dumps(
+        short
+    )
+    assert len(alertmanager_alerts([update])) == len(update["incident"]["members"])

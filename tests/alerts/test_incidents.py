@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from typing import Any
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from alerts.incidents import (
     EXPLAIN_SHARE,
+    UPDATE_EVERY,
     IncidentNote,
     Incidents,
     Seen,
@@ -300,6 +302,9 @@ def test_a_restart_at_any_tick_resumes_exactly() -> None:
         lambda d: d["incidents"].append(json.loads(json.dumps(d["incidents"][0]))),
         lambda d: d["incidents"][0].update(fired_at="soon"),
         lambda d: d["incidents"][0].update(resolved_at=5.0),
+        lambda d: d["incidents"][0]["members"][0].update(told="yes"),
+        lambda d: d["incidents"][0]["members"][0].pop("told"),
+        lambda d: d["incidents"][0].update(last_update_at="later"),
     ],
 )
 def test_a_corrupt_state_is_refused(corrupt: Any) -> None:
@@ -309,3 +314,140 @@ def test_a_corrupt_state_is_refused(corrupt: Any) -> None:
     corrupt(state)
     with pytest.raises(ValueError):
         Incidents.from_dict(state, {})
+
+
+# ----------------------------------------------------------------------------- late joiners
+
+
+def test_a_late_joiner_makes_one_update_after_the_spacing_naming_it() -> None:
+    incidents = book()  # repeat 1 h: updates spaced by UPDATE_EVERY (5 min)
+    orders, cpa = seen("orders", at=0.0), seen("cpa", at=60.0)
+    assert kinds(incidents.step(0.0, [orders])) == ["firing"]
+    assert incidents.spacing(incidents.open()[0]) == UPDATE_EVERY == 300.0
+    assert kinds(incidents.step(60.0, [orders, cpa])) == []  # within 5 min of the firing
+    assert kinds(incidents.step(299.0, [orders, cpa])) == []
+    (note,) = incidents.step(300.0, [orders, cpa])
+    assert note.kind == "update" and note.joined == (cpa.key,)
+    assert set(note.incident.members) == {orders.key, cpa.key}, "the incident's members now"
+    assert all(m.told for m in note.incident.members.values())
+    for now in range(360, 3600, 60):  # told once: nothing more until the repeat
+        assert incidents.step(float(now), [orders, cpa]) == [], now
+    (repeat,) = incidents.step(3600.0, [orders, cpa])
+    assert repeat.kind == "repeat" and repeat.joined == ()
+
+
+def test_members_of_the_first_evaluation_are_in_the_firing_note_not_an_update() -> None:
+    incidents = book()
+    alerts = [seen(k, at=0.0) for k in ORDER_OUTAGE]
+    (first,) = incidents.step(0.0, alerts)
+    assert first.kind == "firing" and len(first.incident.members) == len(ORDER_OUTAGE)
+    assert all(incidents.step(float(t), alerts) == [] for t in range(60, 3600, 60))
+
+
+def test_joins_coalesce_into_one_update_per_spacing() -> None:
+    incidents = book()
+    o = seen("orders", at=0.0)
+    cpa, roas, cac = (seen(k, at=60.0 * i) for i, k in ((1, "cpa"), (2, "roas"), (2, "cac")))
+    roi = seen("roi", at=400.0)
+    incidents.step(0.0, [o])
+    incidents.step(60.0, [o, cpa])
+    assert incidents.step(120.0, [o, cpa, roas, cac]) == []  # two joins in one evaluation
+    (update,) = incidents.step(300.0, [o, cpa, roas, cac])
+    assert update.kind == "update" and update.joined == tuple(sorted([cpa.key, roas.key, cac.key]))
+    assert incidents.step(400.0, [o, cpa, roas, cac, roi]) == []  # 5 min after the last update
+    assert incidents.step(599.0, [o, cpa, roas, cac, roi]) == []
+    (second,) = incidents.step(600.0, [o, cpa, roas, cac, roi])
+    assert (second.kind, second.joined) == ("update", (roi.key,))
+
+
+def test_a_growing_incident_is_rate_limited_and_names_every_joiner_once() -> None:
+    """A channel-wide outage: a new campaign joins every minute for two hours."""
+    incidents = book()
+    parent = seen("ctr", SEARCH, at=0.0, shares={("campaign", "search", f"c{i}"): 0.9
+                                                 for i in range(130)})  # fmt: skip
+    firing, notes = [parent], []
+    for minute in range(122):
+        if minute:
+            firing.append(seen("ctr", ("campaign", "search", f"c{minute}"), at=minute * 60.0))
+        notes += incidents.step(minute * 60.0, firing)
+    assert kinds(notes).count("firing") == 1
+    told = [n.at for n in notes if n.kind in ("firing", "repeat", "update")]
+    assert all(b - a >= 300.0 for a, b in itertools.pairwise(told)), told
+    assert len(told) <= 7200 / 300 + 1, "at most one message per incident every 5 min"
+    named = [k for n in notes for k in n.joined]
+    waiting = incidents.open()[0].untold()
+    assert waiting and len(waiting) < 5, "the last few wait their turn"
+    assert sorted(named + waiting) == sorted(a.key for a in firing[1:]), "each named once"
+
+
+def test_a_repeat_due_within_the_spacing_carries_the_joiners() -> None:
+    incidents = book(orders_rule=600.0, cpa_rule=600.0)  # spacing 600/6 = 100 s
+    orders, cpa = seen("orders", at=0.0), seen("cpa", at=540.0)
+    incidents.step(0.0, [orders])
+    assert incidents.step(540.0, [orders, cpa]) == []  # the repeat comes in 60 s < 100 s
+    (repeat,) = incidents.step(600.0, [orders, cpa])
+    assert (repeat.kind, repeat.joined) == ("repeat", (cpa.key,))
+    late = seen("cac", at=660.0)
+    assert incidents.step(660.0, [orders, cpa, late]) == []
+    (update,) = incidents.step(700.0, [orders, cpa, late])  # 100 s since the repeat
+    assert (update.kind, update.joined) == ("update", (late.key,))
+
+
+def test_a_joiner_that_resolved_before_its_turn_makes_no_update() -> None:
+    incidents = book()
+    orders, cpa = seen("orders", at=0.0), seen("cpa", at=60.0)
+    incidents.step(0.0, [orders])
+    incidents.step(60.0, [orders, cpa])
+    assert incidents.step(120.0, [orders], {cpa.key: {"value": 1.0}}) == []
+    assert all(incidents.step(float(t), [orders]) == [] for t in range(180, 3600, 60))
+
+
+def _growing() -> list[tuple[float, list[Seen], dict[AlertKey, dict[str, object]]]]:
+    o, c = seen("orders", at=0.0), seen("cpa", at=60.0)
+    r, x = seen("roas", at=120.0), seen("roi", at=420.0)
+    s = seen("ctr", SEARCH, at=0.0, shares={C1: 0.8})
+    k = seen("ctr", C1, at=180.0)
+    return [
+        (0.0, [o, s], {}), (60.0, [o, c, s], {}), (120.0, [o, c, r, s], {}),
+        (180.0, [o, c, r, s, k], {}), (300.0, [o, c, r, s, k], {}),
+        (420.0, [o, c, r, x, s, k], {}), (480.0, [o, c, x, s, k], {r.key: {"value": 1.0}}),
+        (600.0, [o, c, x, s, k], {}), (3600.0, [o, c, x, s, k], {}),
+        (3700.0, [], {}),
+    ]  # fmt: skip
+
+
+def test_a_restart_at_any_tick_resumes_updates_exactly() -> None:
+    steps = _growing()
+    straight, expected = book(), []
+    for now, alerts, resolved in steps:
+        expected.append(straight.step(now, alerts, resolved))
+    assert [kinds(n) for n in expected] == [
+        ["firing", "firing"], [], [], [], ["update", "update"], [], [], ["update"],
+        ["repeat", "repeat"], ["resolved", "resolved"],
+    ]  # fmt: skip
+    for cut in range(len(steps)):
+        incidents, got = book(), []
+        for i, (now, alerts, resolved) in enumerate(steps):
+            if i == cut:  # through JSON, as the scope changelog holds it
+                state = json.loads(json.dumps(incidents.to_dict()))
+                incidents = Incidents.from_dict(state, book().repeat_interval)
+            got.append(incidents.step(now, alerts, resolved))
+        assert got == expected, f"restart before tick {cut}"
+
+
+def test_a_version_1_state_loads_and_tells_who_joined_since_its_last_message() -> None:
+    steps = _growing()
+    incidents = book()
+    for now, alerts, resolved in steps[:4]:  # firing at 0; cpa, roas and ctr c1 joined since
+        incidents.step(now, alerts, resolved)
+    state = json.loads(json.dumps(incidents.to_dict()))
+    state["version"] = 1  # as written before updates existed
+    for incident in state["incidents"]:
+        del incident["last_update_at"]
+        for member in incident["members"]:
+            del member["told"]
+    old = Incidents.from_dict(state, book().repeat_interval)
+    assert old.to_dict() == incidents.to_dict(), "who was told follows from the times"
+    now, alerts, resolved = steps[4]
+    assert {k for n in old.step(now, alerts, resolved) for k in n.joined} == {
+        ("cpa_rule", *C1), ("roas_rule", *C1), ("ctr_rule", *C1)}  # fmt: skip

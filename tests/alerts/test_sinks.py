@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,8 +12,11 @@ import pytest
 from aiohttp import web
 
 from alerts.outbox import Outbox
+from alerts.silences import Matcher, Silence, SilenceWatcher
 from alerts.sinks import DeliveryError, Sender, SlackSink, readable
+from stream.kpis import KPI
 from tests.alerts.test_outbox import note
+from tests.alerts.test_slack import Silenced, outage, valid_blocks
 
 
 class ScriptedSink:
@@ -152,3 +156,44 @@ def test_active_alerts_are_resent_only_when_nothing_is_queued() -> None:
     asyncio.run(scenario())
     assert sink.delivered == ["c1"]
     assert resent_with_queue and all(n == 0 for n in resent_with_queue)
+
+
+def test_webhook_mode_posts_an_update_as_a_short_message_unless_silenced() -> None:
+    """A webhook cannot edit its firing message: an update is a short message of its own,
+    naming what joined and the incident it joined; a silence mutes it like the rest."""
+    update = next(r for r in outage() if r["notification"] == "update")
+    ident = update["incident"]["id"]
+
+    async def scenario(silences: SilenceWatcher | None) -> tuple[str | None, list[Any]]:
+        bodies: list[Any] = []
+
+        async def hook(request: web.Request) -> web.Response:
+            bodies.append(await request.json())
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_post("/services/hook", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as session:
+                sink = SlackSink(session, f"http://127.0.0.1:{port}/services/hook",
+                                 silences=silences, silence_ui="http://am:9093")  # fmt: skip
+                return await sink.deliver(update), bodies
+        finally:
+            await runner.cleanup()
+
+    outcome, (body,) = asyncio.run(scenario(None))
+    assert outcome is None
+    valid_blocks(body)
+    assert body["text"].startswith(":heavy_plus_sign: Also affected: ")
+    assert ident in json.dumps(body) and len(body["blocks"]) <= 3, "short: no fields"
+    assert all(KPI[j["kpi"]].title in body["text"] for j in update["incident"]["joined"])
+    assert "silences/new" in json.dumps(body), "the silence button is there too"
+    muted = Silenced((Silence("s1", (Matcher("incident", ident),), 0, 4e9),))
+    assert asyncio.run(scenario(muted)) == ("silenced", [])
+    line = readable(update)
+    assert line.startswith("[kpimon] UPDATE") and "also affected: " in line

@@ -9,6 +9,8 @@ encoding) and a crash between a post and its commit (found by its metadata).
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -20,12 +22,23 @@ from hypothesis import strategies as st
 from slack_sdk.models.blocks import Block
 from slack_sdk.web.async_client import AsyncWebClient
 
-from alerts.notify import slack_incident_message, slack_payload, slack_thread_note
+from alerts.engine import AlertEngine
+from alerts.notify import (
+    MAX_JOINED,
+    slack_incident_message,
+    slack_payload,
+    slack_thread_note,
+    slack_update_message,
+)
 from alerts.outbox import Outbox
+from alerts.rules import parse_rules
 from alerts.silences import Matcher, Silence, SilenceWatcher
 from alerts.sinks import Sender
 from alerts.slack import ROOT_EVENT, SlackApiSink, incident_key
 from stream import codec
+from stream.aggregate import SegmentStore
+from stream.kpis import KPI
+from tests.alerts.test_engine_incidents import T0, rules_text, run
 from tests.alerts.test_notify import check_limits, record
 from tests.helpers import until
 from tests.slack_api import CHANNEL_ID, TOKEN, SlackApi
@@ -288,3 +301,108 @@ def test_the_worker_settings_choose_the_slack_mode_and_hide_the_token() -> None:
     hook = asyncio.run(build(slack_webhook_url="https://hooks.example/T/B/x"))
     assert isinstance(hook.sink, SlackSink) and hook.watcher is None
     assert asyncio.run(build()) is None
+
+
+# ----------------------------------------------------------------------------- late joiners
+
+
+@functools.cache
+def outage() -> tuple[dict[str, Any], ...]:
+    """The engine's records of an order outage: a firing, updates as KPIs and the channel
+    join, repeats and the resolve (tests.alerts.test_engine_incidents' scenario)."""
+    engine = AlertEngine(parse_rules(rules_text()), grafana_url="http://grafana:3000")
+    return tuple(run(engine, range(T0, T0 + 240), SegmentStore()))
+
+
+def test_alerts_joining_an_incident_are_edited_in_and_named_in_its_thread(
+    slack: SlackApi,
+) -> None:
+    records = outage()
+    kinds = [r["notification"] for r in records]
+    assert kinds[0] == "firing" and kinds[-1] == "resolved" and kinds.count("update") >= 2
+    box = Outbox(("slack",))
+    queue(box, *records)
+    assert asyncio.run(Run(slack, box).deliver_all()) == [("slack", "sent")] * len(records)
+    (root,) = slack.roots()
+    assert root.edits == len(records) - 1, "every later notification edits the one message"
+    replies = slack.replies(root.ts)
+    assert len(replies) == len(records) - 1
+    for told, reply in zip(records[1:], replies, strict=True):
+        if told["notification"] == "update":
+            assert reply.text.startswith(":heavy_plus_sign: Also affected: "), reply.text
+            for joined in told["incident"]["joined"]:
+                assert f"{KPI[joined['kpi']].title} of " in reply.text
+    # The message as each update left it: the new members in its list, marked new.
+    versions = [*root.history[1:], {"text": root.text, "blocks": root.blocks}]
+    for told, version in zip(records[1:], versions, strict=True):
+        valid_blocks(version)
+        header = version["blocks"][0]["text"]["text"]
+        assert f"(+{len(told['incident']['members']) - 1} related)" in header
+        if told["notification"] == "update":
+            assert "(new)" in json.dumps(version["blocks"])
+    for reply in replies:
+        valid_blocks({"text": reply.text, "blocks": reply.blocks})
+    assert f"{len(records) - 1} updates in the thread" in json.dumps(root.blocks)
+
+
+def test_a_silenced_incident_gets_no_update(slack: SlackApi) -> None:
+    records = outage()
+    firing, updates = records[0], [r for r in records if r["notification"] == "update"]
+    box = Outbox(("slack",))
+    queue(box, firing)
+    asyncio.run(Run(slack, box).deliver_all())
+    silence = Silence("s1", (Matcher("incident", firing["incident"]["id"]),), 0, 4e9)
+    queue(box, *updates)
+    counted = asyncio.run(Run(slack, box, silences=Silenced((silence,))).deliver_all())
+    assert counted == [("slack", "silenced")] * len(updates)
+    (root,) = slack.roots()
+    assert root.edits == 0 and slack.replies(root.ts) == []
+
+
+def test_a_crash_between_an_update_reply_and_its_commit_does_not_reply_twice(
+    slack: SlackApi,
+) -> None:
+    records = outage()
+    firing = records[0]
+    update = next(r for r in records if r["notification"] == "update")
+    log: dict[Any, Any] = {}
+    box = Outbox(("slack",))
+    queue(box, firing)
+    changelog(box, log)
+    asyncio.run(Run(slack, box).deliver_all())
+    changelog(box, log)  # the message state committed
+    queue(box, update)
+    changelog(box, log)
+    asyncio.run(Run(slack, box).deliver_all())
+    # kill -9 here: the update's tombstone never reached the changelog.
+    restarted = restore(log)
+    assert restarted.counts() == {"slack": 1}
+    asyncio.run(Run(slack, restarted).deliver_all())
+    (root,) = slack.roots()
+    assert len(slack.replies(root.ts)) == 1, "the update's reply was found, not posted again"
+
+
+@settings(max_examples=40, deadline=None)
+@given(campaign=st.text(min_size=1, max_size=3000) | st.just("x" * 2500),
+       joiners=st.integers(1, 80) | st.just(50),
+       kpi=st.sampled_from(sorted(KPI)))  # fmt: skip
+def test_update_messages_pass_slacks_block_kit_models(
+    campaign: str, joiners: int, kpi: str
+) -> None:
+    members = [record(rule=f"r{i}", kpi=kpi, campaign=f"{campaign}{i}", change=-0.3 - i / 100)
+               for i in range(joiners + 1)]  # fmt: skip
+    rec = record(
+        campaign=campaign, notification="update", labels={"campaign": campaign, "rule": "r"},
+        incident={"id": "inc-1", "members": members,
+                  "joined": [{k: m[k] for k in ("rule", "kpi", "scope", "channel", "campaign")}
+                             for m in members[1:]]},
+    )  # fmt: skip
+    link = "http://am:9093/#/silences/new?filter=" + "x" * len(campaign)
+    for payload in (slack_update_message(rec, silence_url=link),
+                    slack_thread_note(rec, duration_s=None),
+                    slack_incident_message(rec, silence_url=link, worst=-0.5, updates=2,
+                                           duration_s=None)):  # fmt: skip
+        valid_blocks(payload)
+    note = slack_thread_note(rec, duration_s=None)["text"]
+    assert note.startswith(":heavy_plus_sign: Also affected: ")
+    assert joiners <= MAX_JOINED or f"and {joiners - MAX_JOINED} more" in note

@@ -6,6 +6,9 @@ the drop is in its 5-minute window: the campaign's alert fires and the channel i
 drags alerts too. One cause, one incident: one message reaches Slack (through 429
 and 500 answers), one record ``kpimon.alerts``, and Alertmanager gets both alerts
 under one ``incident`` label, the channel's inhibited by the campaign's (the root).
+An alert that joins after the firing message (the channel a tick later, the global
+CTR) is told in an update: one short Slack message and one ``kpimon.alerts`` record
+each, naming it.
 The worker is killed while it fires and restarted; the recovered traffic resolves
 the incident, once. No other segment alerts.
 """
@@ -71,7 +74,9 @@ class SlackStandIn:
         )
 
     def messages(self, status: str) -> list[dict[str, Any]]:
-        icon = ":rotating_light:" if status == "firing" else ":white_check_mark:"
+        icon = {"firing": ":rotating_light:", "update": ":heavy_plus_sign:"}.get(
+            status, ":white_check_mark:"
+        )
         with self.lock:
             return [m for m in self.accepted if m["text"].startswith(icon)]
 
@@ -212,7 +217,8 @@ def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
         assert "grafana.example:3000/d/kpimon-campaign" in json.dumps(message)
 
         # The channel's alert joins c1's incident: sent to Alertmanager (re-sent every
-        # 5 s) under the same incident label, inhibited by the root; not to Slack.
+        # 5 s) under the same incident label, inhibited by the root; to Slack in the
+        # firing message, or in an update when it joined a tick or more later.
         shown = wait_for(lambda: _grouped(alertmanager_url, tag), timeout=90,
                          what="both alerts of the incident in Alertmanager")  # fmt: skip
         channel = _channel(message)
@@ -270,9 +276,20 @@ def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
         live.wait(30)
     assert len(slack.messages("firing")) == 1, "one message for one cause, none after the kill"
     assert len(slack.messages("resolved")) == 1
-    records = [json.loads(r.value) for r in run(consume_all(
+    joins = slack.messages("update")
+    everything = [json.loads(r.value) for r in run(consume_all(
         worker_env["KPIMON_KAFKA_BOOTSTRAP"], worker_env["KPIMON_ALERTS_TOPIC"],
-        expect=2, within=30))]  # fmt: skip
+        expect=2 + len(joins), within=30))]  # fmt: skip
+    # Alerts that joined after the firing message: one update record per short message.
+    updates = [r for r in everything if r["notification"] == "update"]
+    assert len(updates) == len(joins), (len(updates), len(joins))
+    for update, message in zip(updates, joins, strict=True):
+        check_limits(message)
+        assert update["incident"]["id"] == everything[0]["incident"]["id"]
+        assert update["status"] == "firing" and update["incident"]["joined"]
+        assert {j["scope"] for j in update["incident"]["joined"]} <= {"channel", "global"}
+        assert update["incident"]["id"] in json.dumps(message)
+    records = [r for r in everything if r["notification"] != "update"]
     assert [(r["rule"], r["status"], r["campaign"]) for r in records] == [
         ("e2e_ctr_campaign", "firing", INCIDENT_CAMPAIGN),
         ("e2e_ctr_campaign", "resolved", INCIDENT_CAMPAIGN),

@@ -25,7 +25,7 @@ NEEDED = ("worker w1 in group", "partitions assigned:", "state ready in",
 """Lines a person needs from a start and a stop."""
 OURS = re.compile(
     r"(created topics|worker \S+ in group|partitions (assigned|revoked):|restored |state ready"
-    r"|SIG(TERM|INT): stopping|stopped in|alert (firing|repeat|resolved):|stopping: )"
+    r"|SIG(TERM|INT): stopping|stopped in|alert (firing|repeat|update|resolved):|stopping: )"
 )
 """Every INFO line is one of kpimon's own (anything else there is noise)."""
 
