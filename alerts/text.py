@@ -20,14 +20,17 @@ def iso(seconds: float) -> str:
 
 
 def format_value(kpi: str, value: float | None) -> str:
-    """A KPI value in its unit: percentages, counts whole, money and ratios to the cent."""
+    """A KPI value in its unit: percentages, money and ratios to the cent, and counts as
+    the per-minute rates the engine compares (``0.85/min``: a bare ``1`` read as a count
+    of the alert's whole window, and rounded a small shop's rates away)."""
     if value is None:
         return "n/a"
     unit = KPI[kpi].unit if kpi in KPI else None
     if unit == "percent":
         return f"{value * 100:.2f}%"
     if unit == "count":
-        return f"{value:,.0f}"
+        digits = 0 if abs(value) >= 100 else 1 if abs(value) >= 10 else 2
+        return f"{value:,.{digits}f}/min"
     return f"{value:,.2f}"
 
 
