@@ -14,6 +14,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from stream import codec
 from stream.settings import Settings
 from stream.stages import Topology
 
@@ -46,7 +47,8 @@ async def ensure_topics(settings: Settings, topology: Topology, sources: list[st
     record the dead-letter topic takes (it may predate us, with a smaller limit)."""
     n, rf = settings.topic_partitions, settings.topic_replication_factor
     wanted = [NewTopic(t, n, rf) for t in dict.fromkeys(sources)]
-    big = {"max.message.bytes": str(4 << 20)}  # room for a DLQ'd message plus headers
+    # Room for a DLQ'd message plus headers; routed messages are cut to fit it.
+    big = {"max.message.bytes": str(codec.INTERNAL_MESSAGE_BYTES)}
     wanted += [
         NewTopic(settings.dlq_topic, n, rf, topic_configs=big),
         NewTopic(settings.alerts_topic, 1, rf),

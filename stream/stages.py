@@ -166,9 +166,8 @@ class IngestStage:
         step: the lateness reference of the dedup stage) and dead letters."""
         stamp = codec.watermark_header(watermark_before)
         for p, rows in ingested.routed.items():
-            for chunk in codec.chunks(rows):
-                yield Message(self.topology.routed, codec.encode_rows(chunk), partition=p,
-                              headers=stamp)  # fmt: skip
+            for value in codec.encode_routed(rows):
+                yield Message(self.topology.routed, value, partition=p, headers=stamp)
         yield from self.dead_letters.messages(ingested.result.dead_letters)
 
 
