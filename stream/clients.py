@@ -182,8 +182,12 @@ async def still_current(
 READ_BACK_TIMEOUT_S = 10.0
 """How long reading back the originals of too-late events may take before those not found
 are dead-lettered as parsed (``reconstructed``) instead."""
-READ_BACK_GAP = 1000
+READ_BACK_GAP = 200
 """Offsets closer than this are read in one pass; farther ones are sought."""
+READ_BACK_FETCH_BYTES = 32 << 10
+"""A read-back fetch per partition: each wanted record costs about one such fetch (they
+cost the broker and the worker by the byte: 4 MiB ones made read-back cost more than the
+carrying it replaces)."""
 
 
 class SourceReader:
@@ -212,12 +216,18 @@ class SourceReader:
         if not by_partition:
             return found
         consumer = await self._started()
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
+        runs = 0
         for (topic, partition), offsets in sorted(by_partition.items()):
             tp = TopicPartition(topic, partition)
             consumer.assign([tp])
             for run in _runs(sorted(set(offsets))):
+                runs += 1
                 await self._read_run(consumer, tp, run, found, deadline)
+            consumer.pause(tp)  # no prefetching meanwhile
+        log.debug("read back %d source records in %d runs, %.0f ms", len(found), runs,
+                  (time.monotonic() - started) * 1000)  # fmt: skip
         missing = sum(len(set(o)) for o in by_partition.values()) - len(found)
         if missing:
             log.warning("%d too-late events could not be read back from their source "
@@ -251,7 +261,9 @@ class SourceReader:
                 enable_auto_commit=False,
                 isolation_level="read_committed",
                 auto_offset_reset="earliest",
-                max_partition_fetch_bytes=request_size(self.settings),
+                # Small fetches: a few records are wanted at a time, often one (the
+                # broker still returns a larger first batch whole).
+                max_partition_fetch_bytes=READ_BACK_FETCH_BYTES,
             )
             await consumer.start()
             self._consumer = consumer
