@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -14,6 +15,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from stream import codec
 from stream.settings import Settings
 from stream.stages import Topology
 
@@ -46,7 +48,8 @@ async def ensure_topics(settings: Settings, topology: Topology, sources: list[st
     record the dead-letter topic takes (it may predate us, with a smaller limit)."""
     n, rf = settings.topic_partitions, settings.topic_replication_factor
     wanted = [NewTopic(t, n, rf) for t in dict.fromkeys(sources)]
-    big = {"max.message.bytes": str(4 << 20)}  # room for a DLQ'd message plus headers
+    # Room for a DLQ'd message plus headers; routed messages are cut to fit it.
+    big = {"max.message.bytes": str(codec.INTERNAL_MESSAGE_BYTES)}
     wanted += [
         NewTopic(settings.dlq_topic, n, rf, topic_configs=big),
         NewTopic(settings.alerts_topic, 1, rf),
@@ -174,3 +177,111 @@ async def still_current(
         if records and tp in assigned and await consumer.position(tp) > records[-1].offset:
             current[tp] = records
     return current
+
+
+READ_BACK_TIMEOUT_S = 10.0
+"""How long reading back the originals of too-late events may take before those not found
+are dead-lettered as parsed (``reconstructed``) instead."""
+READ_BACK_GAP = 200
+"""Offsets closer than this are read in one pass; farther ones are sought."""
+READ_BACK_FETCH_BYTES = 32 << 10
+"""A read-back fetch per partition: each wanted record costs about one such fetch (they
+cost the broker and the worker by the byte: 4 MiB ones made read-back cost more than the
+carrying it replaces)."""
+
+
+class SourceReader:
+    """Reads source records back by their coordinates: the original bytes of too-late
+    events, so that routed rows need not carry them (``Stages.read_back``).
+
+    Its own consumer, outside the group, reading committed records only, started on first
+    use (most workers never meet a too-late event).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def read(
+        self, wanted: Iterable[tuple[str, int, int]], timeout_s: float = READ_BACK_TIMEOUT_S
+    ) -> dict[tuple[str, int, int], tuple[bytes | None, bytes]]:
+        """(key, value) of each wanted record still in its partition. A record removed by
+        retention, or not reached within ``timeout_s``, is left out (logged); a broker
+        error raises (the transaction is then retried)."""
+        by_partition: dict[tuple[str, int], list[int]] = {}
+        for topic, partition, offset in wanted:
+            if offset >= 0:
+                by_partition.setdefault((topic, partition), []).append(offset)
+        found: dict[tuple[str, int, int], tuple[bytes | None, bytes]] = {}
+        if not by_partition:
+            return found
+        consumer = await self._started()
+        started = time.monotonic()
+        deadline = started + timeout_s
+        runs = 0
+        for (topic, partition), offsets in sorted(by_partition.items()):
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            for run in _runs(sorted(set(offsets))):
+                runs += 1
+                await self._read_run(consumer, tp, run, found, deadline)
+            consumer.pause(tp)  # no prefetching meanwhile
+        log.debug("read back %d source records in %d runs, %.0f ms", len(found), runs,
+                  (time.monotonic() - started) * 1000)  # fmt: skip
+        missing = sum(len(set(o)) for o in by_partition.values()) - len(found)
+        if missing:
+            log.warning("%d too-late events could not be read back from their source "
+                        "(removed, or too slow): dead-lettered as parsed", missing)  # fmt: skip
+        return found
+
+    async def _read_run(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        run: list[int],
+        found: dict[tuple[str, int, int], tuple[bytes | None, bytes]],
+        deadline: float,
+    ) -> None:
+        wanted = set(run)
+        consumer.seek(tp, run[0])
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(tp, timeout_ms=200, max_records=len(run) + 100)
+            for record in batch.get(tp, []):
+                if record.offset in wanted:
+                    found[(tp.topic, tp.partition, record.offset)] = (record.key, record.value)
+            # Past the run (a record removed by retention resets to the earliest: past too).
+            if await consumer.position(tp) > run[-1]:
+                return
+
+    async def _started(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                client_id=f"kpimon-{self.settings.worker_id}-read-back",
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+                auto_offset_reset="earliest",
+                # Small fetches: a few records are wanted at a time, often one (the
+                # broker still returns a larger first batch whole).
+                max_partition_fetch_bytes=READ_BACK_FETCH_BYTES,
+            )
+            await consumer.start()
+            self._consumer = consumer
+        return self._consumer
+
+    async def stop(self) -> None:
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+
+def _runs(offsets: list[int], gap: int = READ_BACK_GAP) -> Iterator[list[int]]:
+    """Sorted offsets as runs read in one pass each."""
+    run: list[int] = []
+    for offset in offsets:
+        if run and offset - run[-1] > gap:
+            yield run
+            run = []
+        run.append(offset)
+    if run:
+        yield run

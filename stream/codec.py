@@ -86,6 +86,49 @@ def encode_rows(rows: Sequence[Sequence[Any]]) -> bytes:
     return orjson.dumps(rows)
 
 
+ROUTED_MESSAGE_BYTES = 1_000_000
+"""A routed message of several rows stays below this (Kafka's default ``max.message.bytes``,
+so it fits even a routed topic that predates the worker's 4 MiB)."""
+INTERNAL_MESSAGE_BYTES = 4 << 20
+"""``max.message.bytes`` of the internal topics the worker creates (``stream.clients``)."""
+MESSAGE_OVERHEAD = 1024
+"""Room for a record's headers and framing within a topic's limit."""
+
+
+def encode_routed(
+    rows: list[list[Any]],
+    budget: int = ROUTED_MESSAGE_BYTES,
+    limit: int = INTERNAL_MESSAGE_BYTES - MESSAGE_OVERHEAD,
+) -> Iterator[bytes]:
+    """Routed rows as messages of at most :data:`ROWS_PER_MESSAGE` rows and ``budget``
+    bytes each.
+
+    Rows are small but for the original bytes an old event carries (up to the largest
+    accepted input, 64 KiB by default, 10 MiB at most), so 1,000 of them could make one
+    message far beyond any topic's limit: its send would fail and the transaction be
+    retried forever. A message over ``budget`` is split in halves until each fits; a single
+    row over ``limit`` goes without its original bytes (should it be too late, its dead
+    letter is then the event as parsed, flagged ``reconstructed``). The common case costs
+    one encoding per message, as before.
+    """
+    for chunk in chunks(rows):
+        yield from _fit(chunk, budget, limit)
+
+
+def _fit(rows: list[list[Any]], budget: int, limit: int) -> Iterator[bytes]:
+    encoded = orjson.dumps(rows)
+    if len(encoded) <= budget or (len(rows) == 1 and len(encoded) <= limit):
+        yield encoded
+    elif len(rows) > 1:
+        half = len(rows) // 2
+        yield from _fit(rows[:half], budget, limit)
+        yield from _fit(rows[half:], budget, limit)
+    else:
+        row = list(rows[0])
+        row[-1] = row[-1][:3]  # the origin's coordinates, without the original (key, value)
+        yield orjson.dumps([row])
+
+
 def decode_rows(value: bytes) -> list[list[Any]]:
     rows: list[list[Any]] = orjson.loads(value)
     return rows

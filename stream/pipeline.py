@@ -101,13 +101,20 @@ def dead_letter(record: Record, rejection: Rejection) -> DeadLetter:
     return DeadLetter(key=record.key, value=record.value, headers=headers)
 
 
-def too_late_letter(late: TooLate, horizon_minutes: Mapping[str, int], currency: str) -> DeadLetter:
+def too_late_letter(
+    late: TooLate,
+    horizon_minutes: Mapping[str, int],
+    currency: str,
+    original: tuple[bytes | None, bytes] | None = None,
+) -> DeadLetter:
     """The dead letter of an event beyond its dedup horizon: its original bytes and source
-    coordinates when the routed row carries them, else the event as parsed."""
+    coordinates when the routed row carries them (or the runtime read them back from the
+    source: ``original``, its key and value), else the event as parsed."""
     ev = late.event
     kind = str(ev[R_TYPE])
     where: list[Any] = list(ev[R_ORIGIN] or ["", -1, -1])  # type: ignore[call-overload]
-    original = codec.original_of(where)
+    if original is None:
+        original = codec.original_of(where)
     headers = [
         (DLQ_HEADER_REASON, TOO_LATE.encode()),
         (DLQ_HEADER_ERROR, (

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream import codec
-from stream.aggregate import BatchOutput, DedupState, Horizons, SegmentStore, StateKey
+from stream.aggregate import (
+    R_ORIGIN,
+    BatchOutput,
+    DedupState,
+    Horizons,
+    SegmentStore,
+    StateKey,
+    TooLate,
+)
 from stream.events import Event
 from stream.pipeline import (
     BatchResult,
@@ -89,10 +97,28 @@ class DeadLetters:
             fit = fit_for_dlq(letter, self.limit)
             yield Message(self.topic, fit.value, key=fit.key, headers=fit.headers)
 
-    def too_late(self, output: BatchOutput) -> Iterator[Message]:
+    def too_late(
+        self, late: Iterable[TooLate], originals: Mapping[Coordinates, Original] | None = None
+    ) -> Iterator[Message]:
+        """Letters of too-late events: their original bytes as carried, or as the runtime
+        read them from their source (``originals``), else the event as parsed."""
+        found = originals or {}
+        minutes, currency = self._horizon_minutes, self._currency
         return self.messages(
-            too_late_letter(late, self._horizon_minutes, self._currency) for late in output.too_late
+            too_late_letter(one, minutes, currency, found.get(source_of(one))) for one in late
         )
+
+
+Coordinates = tuple[str, int, int]
+"""(topic, partition, offset) of a source record."""
+Original = tuple[bytes | None, bytes]
+"""A source record's (key, value)."""
+
+
+def source_of(late: TooLate) -> Coordinates:
+    """Where a too-late event was read from (its routed row's origin)."""
+    where = late.event[R_ORIGIN] or ("", -1, -1)
+    return (str(where[0]), int(where[1]), int(where[2]))  # type: ignore[index]
 
 
 @dataclass
@@ -121,6 +147,9 @@ class IngestStage:
             kind: minutes * 60_000 - CARRY_MARGIN_MS
             for kind, minutes in settings.horizon_minutes.items()
         }
+        self.carry = True
+        """Whether old events carry their original bytes (off when the runtime reads the
+        originals of too-late events back from their source: see ``Stages.read_back``)."""
 
     @property
     def topics(self) -> list[str]:
@@ -134,7 +163,8 @@ class IngestStage:
         topic_type = handler.topic_types[topic]
         result = into.result
         events, sources, counts = result.events, result.event_sources, result.counts
-        carry, routed, n = self._carry_before, into.routed, self.routed_partitions
+        carry = self._carry_before if self.carry else dict.fromkeys(self._carry_before, 1 << 62)
+        routed, n = into.routed, self.routed_partitions
         newest = self.newest.get(tp, 0)
         for record in records:
             event = parse(record.value, topic_type=topic_type, now_ms=now_ms)
@@ -166,9 +196,8 @@ class IngestStage:
         step: the lateness reference of the dedup stage) and dead letters."""
         stamp = codec.watermark_header(watermark_before)
         for p, rows in ingested.routed.items():
-            for chunk in codec.chunks(rows):
-                yield Message(self.topology.routed, codec.encode_rows(chunk), partition=p,
-                              headers=stamp)  # fmt: skip
+            for value in codec.encode_routed(rows):
+                yield Message(self.topology.routed, value, partition=p, headers=stamp)
         yield from self.dead_letters.messages(ingested.result.dead_letters)
 
 
@@ -276,6 +305,10 @@ class Step:
     watermark: int
     ingested: Ingested
     outputs: list[BatchOutput]
+    late: list[TooLate] = field(default_factory=list)
+    """Too-late events whose letters wait for their original bytes (``Stages.read_back``):
+    the runtime reads them from the source and adds the letters with
+    :meth:`Stages.late_letters` before it commits."""
 
     @property
     def records(self) -> int:
@@ -388,18 +421,44 @@ class Stages:
         messages = list(self.ingest.messages(ingested, self.watermark_before))
         outputs = []
         partials = []
+        late: list[TooLate] = []
         for stage in due:
             sent, out = stage.flush(watermark, now_ms)
             partials += sent
             if out is not None:
                 outputs.append(out)
-                messages += self.dead_letters.too_late(out)
+                if self.read_back:
+                    late += out.too_late
+                else:
+                    messages += self.dead_letters.too_late(out.too_late)
         messages += partials
         if snapshot and self.segments is not None:
             messages += self.segments.changes()
         messages += extra
         offsets = {tp: records[-1].offset + 1 for tp, records in batches.items() if records}
-        return Step(messages, offsets, watermark, ingested, outputs)
+        return Step(messages, offsets, watermark, ingested, outputs, late)
+
+    @property
+    def read_back(self) -> bool:
+        """Whether the runtime reads the originals of too-late events back from their
+        source, so that no routed row carries them.
+
+        Carrying is the fallback: any event within 5 minutes of its horizon by the wall
+        clock carries its bytes through the routed hop, and in a backlog (events hours
+        old) that is every impression and click: it doubled the routed bytes, and cost
+        the worker a quarter of its CPU and the broker a third of its own. Too-late events
+        are rare; reading each back from its source partition costs a fetch instead.
+        """
+        return not self.ingest.carry
+
+    @read_back.setter
+    def read_back(self, on: bool) -> None:
+        self.ingest.carry = not on
+
+    def late_letters(self, step: Step, originals: Mapping[Coordinates, Original]) -> list[Message]:
+        """The letters of ``step.late``, with the originals the runtime read back (an event
+        whose source record is gone is dead-lettered as parsed, flagged ``reconstructed``)."""
+        return list(self.dead_letters.too_late(step.late, originals))
 
     def committed(self, step: Step, stats: PipelineStats) -> None:
         """The step's transaction committed: count it."""

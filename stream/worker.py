@@ -59,7 +59,7 @@ from stream.metrics import MetricsServer, build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
 from stream.shutdown import Watchdog
-from stream.stages import Stages, Topology
+from stream.stages import Stages, Topology, source_of
 from stream.stalls import Stalls, locate, positions, rewind
 
 log = logging.getLogger("kpimon.worker")
@@ -151,6 +151,8 @@ class PipelineService(Service):
         self.stalls = Stalls(stats)
         self.topology = Topology.of(settings)
         self.stages = Stages(settings, self.topology)
+        self.stages.read_back = True  # too-late originals come from their source
+        self._reader = clients.SourceReader(settings)
         self.alerting: AlertStage | None = None
         """The alert stage, beside the segment stage (None while this worker has none)."""
         self.delivery = Delivery(settings, self._outbox, self._count, self._firing)
@@ -273,6 +275,7 @@ class PipelineService(Service):
         steps: list[tuple[str, Any]] = [
             ("consumer", self._consumer.stop if self._consumer else None),
             ("producer", self._producer.stop if self._producer else None),
+            ("source reader", self._reader.stop),
             ("http session", self.delivery.session.close if self.delivery.session else None),
         ]
         for name, stop in steps:
@@ -495,6 +498,9 @@ class PipelineService(Service):
         step = self.stages.step(batches, now_ms, lags, snapshot=snapshot, extra=extra)
         if step is None:
             return
+        if step.late:
+            originals = await self._reader.read(map(source_of, step.late))
+            step.messages += self.stages.late_letters(step, originals)
         processed = time.perf_counter()
         await checkpoint.commit(producer, step.messages, step.offsets, self.settings.group_id)
         if snapshot and self.stages.segments is not None:

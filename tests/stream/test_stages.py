@@ -23,7 +23,7 @@ from stream.aggregate import MEASURES
 from stream.local import LocalRuntime
 from stream.pipeline import SourceRecord
 from stream.settings import Settings
-from stream.stages import Message, Stages, Topology
+from stream.stages import Message, Stages, Topology, source_of
 
 NOW = 1_795_000_020_000
 MIN = 60_000
@@ -259,3 +259,82 @@ async def test_a_failed_send_aborts_the_step_and_commits_no_offset() -> None:
         await checkpoint.commit(producer, step.messages, step.offsets, "g")
     assert [kind for kind, _ in producer.calls][-1] == "abort"
     assert all(kind != "offsets" for kind, _ in producer.calls)
+
+
+def test_old_large_events_are_routed_in_messages_that_fit_and_dead_lettered_whole() -> None:
+    """Events near their horizon carry their original bytes through the routed hop; 300 of
+    60 KB each (valid: an unknown field is ignored) made one 18 MB routed message, beyond any
+    topic's limit, so the transaction failed and was retried forever."""
+    stages = Stages(SETTINGS, TOPO)
+    stages.dedup = {p: stages.new_dedup(p) for p in range(3)}
+    fresh = [click(i, ts=NOW - MIN) for i in range(30)]
+    old = []
+    for i in range(300):
+        event = json.loads(click(1000 + i, ts=NOW - 2 * 60 * MIN))
+        old.append(json.dumps({**event, "note": f"{i}" + 'x"' * 15_000}).encode())
+    stages.watermark_before = NOW  # the worker is caught up: its routed rows say so
+    first = stages.step({(CLICKS, 0): records(CLICKS, fresh)}, NOW, {})
+    assert first is not None
+    fresh_routed = as_records(first.messages, TOPO.routed)
+    second = stages.step({(CLICKS, 1): records(CLICKS, old, partition=1)}, NOW, {})
+    assert second is not None
+    routed = [m for m in second.messages if m.topic == TOPO.routed]
+    assert all(len(m.value or b"") <= codec.ROUTED_MESSAGE_BYTES for m in routed)
+    assert len(routed) > 18, "split by size, not only by rows"
+    # The dedup stages see the fresh clicks first (their horizon clock moves to the
+    # worker's watermark), then the old ones: too late, each dead-lettered as it came.
+    applied = stages.step({(TOPO.routed, p): rs for p, rs in fresh_routed.items()}, NOW, {})
+    assert applied is not None
+    assert sum(sum(out.applied.values()) for out in applied.outputs) == len(fresh)
+    old_routed = as_records(routed, TOPO.routed)
+    late = stages.step({(TOPO.routed, p): rs for p, rs in old_routed.items()}, NOW + 1000, {})
+    assert late is not None
+    letters = [m for m in late.messages if m.topic == SETTINGS.dlq_topic]
+    assert sorted(m.value or b"" for m in letters) == sorted(old)
+    assert sum(sum(out.late.values()) for out in late.outputs) == len(old)
+
+
+def test_a_routed_row_too_large_for_any_message_goes_without_its_original() -> None:
+    row = [["click", "k1", NOW, "c1", "search", "ck1", 1, 0, False, NOW,
+            codec.origin(CLICKS, 0, 7, b"key", b"x" * codec.INTERNAL_MESSAGE_BYTES)]]  # fmt: skip
+    small = [["click", f"k{i}", NOW, "c1", "search", "ck1", 1, 0, False, NOW,
+              codec.origin(CLICKS, 0, i, b"key", b"y" * 2000)] for i in range(2, 1500)]  # fmt: skip
+    parts = [codec.decode_rows(value) for value in codec.encode_routed(row + small)]
+    rows = [r for part in parts for r in part]
+    assert [r[1] for r in rows] == ["k1"] + [f"k{i}" for i in range(2, 1500)]
+    assert rows[0][-1] == [CLICKS, 0, 7], "coordinates kept, original dropped"
+    assert all(codec.original_of(r[-1]) == (b"key", b"y" * 2000) for r in rows[1:])
+    assert all(len(part) <= codec.ROWS_PER_MESSAGE for part in parts)
+
+
+def test_with_read_back_routed_rows_carry_no_originals_and_late_letters_wait_for_them() -> None:
+    """The worker reads the originals of too-late events back from their source: routed
+    rows never carry bytes, and the letters are made once the runtime has the originals."""
+    stages = Stages(SETTINGS, TOPO)
+    stages.read_back = True
+    stages.dedup = {p: stages.new_dedup(p) for p in range(3)}
+    stages.watermark_before = NOW
+    fresh = [click(i, ts=NOW - MIN) for i in range(30)]
+    old = [click(100 + i, ts=NOW - 2 * 60 * MIN) for i in range(20)]
+    first = stages.step({(CLICKS, 0): records(CLICKS, fresh)}, NOW, {})
+    second = stages.step({(CLICKS, 1): records(CLICKS, old, partition=1)}, NOW, {})
+    assert first is not None and second is not None
+    rows = [row for m in second.messages if m.topic == TOPO.routed
+            for row in codec.decode_rows(m.value or b"")]  # fmt: skip
+    assert len(rows) == len(old) and all(len(row[-1]) == 3 for row in rows)
+    stages.step({(TOPO.routed, p): rs for p, rs in as_records(first.messages, TOPO.routed).items()},
+                NOW, {})  # fmt: skip
+    routed = as_records(second.messages, TOPO.routed)
+    late = stages.step({(TOPO.routed, p): rs for p, rs in routed.items()}, NOW + 1000, {})
+    assert late is not None
+    assert not [m for m in late.messages if m.topic == SETTINGS.dlq_topic], "not yet"
+    assert sorted(source_of(one) for one in late.late) == [(CLICKS, 1, i) for i in range(20)]
+    # All but offset 3 read back (3 was removed by retention, say): that one as parsed.
+    originals = {(CLICKS, 1, i): (b"key", value) for i, value in enumerate(old) if i != 3}
+    letters = stages.late_letters(late, originals)
+    assert len(letters) == len(old)
+    by_offset = {dict(m.headers or [])["kpimon.source.offset"]: m for m in letters}
+    assert all(by_offset[str(i).encode()].value == old[i] for i in range(20) if i != 3)
+    assert by_offset[b"3"].key is None
+    assert dict(by_offset[b"3"].headers or [])["kpimon.original"] == b"reconstructed"
+    assert json.loads(by_offset[b"3"].value or b"")["event_id"] == "k103"
