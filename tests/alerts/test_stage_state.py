@@ -75,6 +75,11 @@ def history(hours: int = 3) -> SegmentStore:
     return store
 
 
+def fresh() -> tuple[AlertStage, SegmentStore, Log]:
+    """A stage, 3 hours of history and an empty changelog."""
+    return AlertStage(RULES, SETTINGS, TOPOLOGY, ["log"]), history(), {}
+
+
 def active(stage: AlertStage) -> int:
     return sum(
         any(s > 0 for s in cusum.stats)
@@ -84,7 +89,7 @@ def active(stage: AlertStage) -> int:
 
 
 def test_a_restart_restores_the_engine_exactly_from_its_split_entries() -> None:
-    stage, store, log = AlertStage(RULES, SETTINGS, TOPOLOGY, ["log"]), history(), {}
+    stage, store, log = fresh()
     run(stage, store, log, range(START, START + 6), seed=2)
     assert active(stage) > 50, "the detectors must hold statistics for the test to mean much"
     kinds = [codec.scope_log_entry(key)[0] for key in log]
@@ -102,7 +107,7 @@ def test_a_restart_restores_the_engine_exactly_from_its_split_entries() -> None:
 
 
 def test_only_entries_that_changed_are_written() -> None:
-    stage, store, log = AlertStage(RULES, SETTINGS, TOPOLOGY, ["log"]), history(), {}
+    stage, store, log = fresh()
     run(stage, store, log, range(START, START + 3), seed=2)
     now_ms = (START + 4) * 60_000 + 5_000
     tick = stage.tick(store, now_ms, False)
@@ -115,7 +120,7 @@ def test_only_entries_that_changed_are_written() -> None:
 
 
 def test_state_written_before_the_split_still_restores_and_is_rewritten_split() -> None:
-    stage, store, log = AlertStage(RULES, SETTINGS, TOPOLOGY, ["log"]), history(), {}
+    stage, store, log = fresh()
     run(stage, store, log, range(START, START + 4), seed=2)
     # The log as the code before the split wrote it: the whole state in the alerts entry.
     old: Log = {codec.scope_log_key("alerts"): codec.encode_json(stage.engine.to_dict())}
@@ -133,22 +138,20 @@ def test_state_written_before_the_split_still_restores_and_is_rewritten_split() 
 
 
 def test_the_entry_of_a_rule_gone_from_the_rules_file_is_deleted() -> None:
-    stage, store, log = AlertStage(RULES, SETTINGS, TOPOLOGY, ["log"]), history(), {}
+    stage, store, log = fresh()
     run(stage, store, log, range(START, START + 3), seed=2)
     one = [r for r in RULES.rules if r.name == "ctr_drop_campaign"]
     kept = RULES.model_copy(update={"rules": one})
     fewer = restore(log, kept)
     run(fewer, store, log, range(START + 3, START + 4), seed=4)
     entries = [codec.scope_log_entry(key) for key in log]
-    assert sorted(key[1] for kind, key in entries if kind == "detectors") == [
-        "ctr_drop_campaign"
-    ]
+    assert sorted(key[1] for kind, key in entries if kind == "detectors") == ["ctr_drop_campaign"]
     assert restore(log, kept).engine.to_dict() == fewer.engine.to_dict()
 
 
 def test_each_entry_is_a_small_share_of_the_state() -> None:
     """The reason for the split: no message holds every rule's detectors."""
-    stage, store, log = AlertStage(RULES, SETTINGS, TOPOLOGY, ["log"]), history(), {}
+    stage, store, log = fresh()
     run(stage, store, log, range(START, START + 3), seed=2)
     whole = len(codec.encode_json(stage.engine.to_dict()))
     sizes: dict[str, Any] = {key.decode(): len(value) for key, value in log.items()}
