@@ -147,7 +147,9 @@ class Replay:
             yield record
 
 
-_TS = re.compile(rb'"ts":(?:(-?[0-9]+)[,}]|"([^"]*)")')
+_TS = re.compile(rb'"ts":(?:(-?[0-9]{1,19})[,}]|"([^"]*)")')
+"""An integer of at most 19 digits (longer ones are not JSON orjson reads, nor ones
+``int`` takes at any length) or a string without escapes."""
 UNSURE = -1
 """What :func:`_scan_ms` says of a line it cannot read: parse it."""
 

@@ -85,6 +85,7 @@ ODD_LINES = [
     b'{"type":"impression","event_id":"x8","ts":true}',
     b'{"type":"impression","event_id":"x9","channel":"ts","campaign_id":"c0"}',
     b'{"type":"impression","event_id":"x10","ts":017}',
+    b'{"type":"impression","event_id":"x11","ts":' + b"9" * 5000 + b"}",
 ]
 
 
