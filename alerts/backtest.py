@@ -11,6 +11,7 @@ out as the same JSON objects the worker writes to ``kpimon.alerts``.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -68,8 +69,9 @@ class Replay:
         )
         self.step_ms = int(eval_every_s * 1000)
         self.next_eval: int | None = None
-        self.newest = 0
-        self._pending = 0
+        """The event time of the next evaluation; every line fed so far is before it."""
+        self._lines: list[bytes] = []
+        """Lines fed since the last evaluation, not yet given to the runtime."""
 
     @property
     def store(self) -> SegmentStore:
@@ -77,28 +79,44 @@ class Replay:
         return self.runtime.stages.segments.store
 
     def feed(self, lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
-        """Apply events; yields the records of every evaluation their event time passes."""
-        stats, runtime = self.stats, self.runtime
+        """Apply events; yields the records of every evaluation their event time passes.
+
+        Only a line whose time reaches the next evaluation matters here (the stages parse
+        every line again), so a line is parsed for its time only when :func:`_scan_ms`
+        cannot rule that out; lines go to the runtime in bulk, at each evaluation.
+        """
+        stats, step, pending = self.stats, self.step_ms, self._lines
+        next_eval = self.next_eval
+        count = 0
         for line in lines:
-            stats.lines += 1
+            count += 1
             line = line.strip()
             if not line:
                 continue
+            if next_eval is not None:
+                hint = _scan_ms(line)
+                if hint is None or 0 <= hint < next_eval:
+                    pending.append(line)
+                    continue
             ts = _event_ms(line)
             if ts is not None:
-                if self.next_eval is None:
-                    self.next_eval = ts - ts % self.step_ms + self.step_ms
-                while ts >= self.next_eval:
-                    yield from self._tick(max(self.newest, self.next_eval))
-                    self.next_eval += self.step_ms
-                self.newest = max(self.newest, ts)
-            runtime.produce(TOPIC, line)
-            self._pending += 1
+                if next_eval is None:
+                    next_eval = self.next_eval = ts - ts % step + step
+                if ts >= next_eval:
+                    stats.lines += count
+                    count = 0
+                    while ts >= next_eval:
+                        # The time of every line counted so far is below next_eval, so
+                        # the event time reached is next_eval.
+                        yield from self._tick(next_eval)
+                        next_eval = self.next_eval = next_eval + step
+            pending.append(line)
+        stats.lines += count
 
     def finish(self) -> Iterator[dict[str, Any]]:
         """The last evaluation, at the event time reached."""
         if self.next_eval is not None:
-            yield from self._tick(max(self.newest, self.next_eval))
+            yield from self._tick(self.next_eval)
         else:
             self._run(0)
 
@@ -111,9 +129,10 @@ class Replay:
 
     def _run(self, now_ms: int) -> None:
         """Every event fed so far through the stages, as of ``now_ms``."""
-        if self._pending:
+        if self._lines:
+            self.runtime.produce_values(TOPIC, self._lines)
+            self._lines.clear()  # the same list: feed holds it
             self.runtime.run(now_ms)
-            self._pending = 0
         counts, stats = self.runtime.stats, self.stats
         stats.events = sum(counts.events.values())
         stats.rejected = sum(counts.rejected.values())
@@ -126,6 +145,37 @@ class Replay:
         for record in decide(store, self.engine, store.evaluate(now_ms)):
             self.stats.alerts += 1
             yield record
+
+
+_TS = re.compile(rb'"ts":(?:(-?[0-9]{1,19})[,}]|"([^"]*)")')
+"""An integer of at most 19 digits (longer ones are not JSON orjson reads, nor ones
+``int`` takes at any length) or a string without escapes."""
+UNSURE = -1
+"""What :func:`_scan_ms` says of a line it cannot read: parse it."""
+
+
+def _scan_ms(line: bytes) -> int | None:
+    """:func:`_event_ms` of a line without parsing its JSON where that is safe, else
+    ``UNSURE``.
+
+    Safe: one ``"ts":`` key, no backslash (so every quote delimits a string and the key is
+    a key) and one ``{`` (so the key is the top object's), an integer or a string after
+    it. For a line that is a JSON object this is :func:`_event_ms` exactly. For any other
+    line (whose time is None) it may name a time: the caller only trusts a time that
+    starts no evaluation, and parses the line otherwise."""
+    if b"\\" in line or line.count(b"{") != 1 or line.count(b'"ts"') != 1:
+        return UNSURE
+    found = _TS.search(line)
+    if found is None:
+        return UNSURE
+    number, text = found.groups()
+    if number is not None:
+        return int(number)
+    try:
+        moment = datetime.fromisoformat(text.decode())
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return timestamp_ms(moment) if moment.tzinfo is not None else None
 
 
 def _event_ms(line: bytes) -> int | None:

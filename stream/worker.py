@@ -355,7 +355,7 @@ class PipelineService(Service):
         n = 0
         async for record in self._read_log(self.topology.scope_log, 0):
             kind, key = codec.scope_log_entry(record.key)
-            value = None if record.value is None else codec.decode_json(record.value)
+            value = None if record.value is None else codec.scope_log_value(kind, record.value)
             if kind in ("meta", "state"):
                 scope.restore(kind, key, value)
             else:
@@ -573,7 +573,8 @@ class PipelineService(Service):
             scope.store.advance(now_ms, hold=hold)
             view = scope.store.snapshot()
             snapped = time.perf_counter()
-        tick = await in_thread(compute_tick, view, engine, now_ms, hold, alerting.targets)
+        tick = await in_thread(compute_tick, view, engine, now_ms, hold, alerting.targets,
+                               alerting.state)  # fmt: skip
         computed = time.perf_counter()
         async with self._lock:
             locked = time.perf_counter()

@@ -18,7 +18,7 @@ from aiokafka import TopicPartition
 import alerts.stage
 from alerts.engine import AlertEngine
 from alerts.rules import parse_rules
-from alerts.stage import AlertStage
+from alerts.stage import HEAD, AlertStage, joined, state_entries
 from stream import codec
 from stream.aggregate import SegmentStore
 from stream.pipeline import PipelineStats
@@ -98,7 +98,7 @@ def install(svc: PipelineService, store: SegmentStore, engine: AlertEngine) -> N
     svc.stages.segments = SegmentStage(store, svc.topology)
     svc.alerting = AlertStage(RULES, svc.settings, svc.topology, ("console",))
     svc.alerting.engine = engine
-    svc.alerting.state = codec.encode_json(engine.to_dict())
+    svc.alerting.state = state_entries(engine.to_dict())
 
 
 def live_engine(svc: PipelineService) -> AlertEngine | None:
@@ -145,12 +145,18 @@ async def test_a_tick_commits_its_decisions_with_their_state_in_one_transaction(
     alerts = [json.loads(v or b"") for t, _, v in sent if t == service.settings.alerts_topic]
     assert [(a["notification"], a["campaign"]) for a in alerts] == [("firing", "c1")]
     states = [v for t, k, v in sent if t == service.topology.scope_log and k == ALERTS_STATE_KEY]
-    outbox = [k for t, k, _ in sent if t == service.topology.scope_log and k != ALERTS_STATE_KEY]
+    entries = [(codec.scope_log_entry(k or b""), v) for t, k, v in sent
+               if t == service.topology.scope_log]  # fmt: skip
+    outbox = [key for (kind, key), _ in entries if kind == "outbox"]
+    detectors = {key[1]: codec.scope_log_value(kind, v or b"")
+                 for (kind, key), v in entries if kind == "detectors"}  # fmt: skip
     assert len(states) == 1 and len(outbox) == 1  # one entry for the one sink
     live = live_engine(service)
     assert live is not None and live is not engine, "the clone is in place"
     assert service.alerting is not None
-    assert states[0] == codec.encode_json(live.to_dict()) == service.alerting.state
+    # The engine's state: the alerts entry, and one entry per rule for its detectors.
+    assert states[0] == service.alerting.state[HEAD]
+    assert joined(json.loads(states[0] or b""), detectors) == live.to_dict()
     assert engine.to_dict() == before, "the engine it cloned was never changed"
     assert service.alerting.outbox.counts() == {"console": 1}
     assert FIRING in service.kpi_exposition.decode()
