@@ -10,6 +10,7 @@ window's sums and are absent when the denominator is zero.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,24 @@ def minute_of(ts_ms: int) -> int:
 def evaluation_minute(watermark_ms: int, settle_ms: int) -> int:
     """First minute *not* yet complete: windows end (exclusively) here."""
     return minute_of(watermark_ms - settle_ms)
+
+
+SETTLED_MARGIN_S = 1.0
+"""Evaluate this long after a minute settles: the events stamped at its last instant
+are then through the pipeline's hops."""
+
+
+def next_evaluation_in(now_s: float, interval_s: float, settle_s: float) -> float:
+    """Seconds to the next evaluation: the interval, or sooner when a minute settles
+    first. A settled minute is then judged about a second after it settles rather than
+    up to an interval later (by ``bench/demo_alert``'s model, about 4 points more of the
+    demo's CTR drops alerted within 3 minutes). With an interval that divides a minute
+    the ticks stay on that phase, so this adds no tick."""
+    phase = settle_s + SETTLED_MARGIN_S
+    next_settled = (math.floor((now_s - phase) / 60) + 1) * 60 + phase
+    if next_settled - now_s < 1e-3:  # on the settling itself (rounding): the next one
+        next_settled += 60
+    return min(interval_s, next_settled - now_s)
 
 
 def window_range(end_minute: int, minutes: int) -> tuple[int, int]:

@@ -61,6 +61,7 @@ from stream.settings import Settings
 from stream.shutdown import Watchdog
 from stream.stages import Stages, Topology, source_of
 from stream.stalls import Stalls, locate, positions, rewind
+from stream.windows import next_evaluation_in
 
 log = logging.getLogger("kpimon.worker")
 COMMIT_INTERVAL_S = 0.1
@@ -542,7 +543,9 @@ class PipelineService(Service):
     # -- evaluation ---------------------------------------------------------------
     async def _evaluate(self) -> None:
         while not self.should_stop:
-            await self.sleep(self.settings.eval_interval_seconds)
+            settings = self.settings
+            await self.sleep(next_evaluation_in(time.time(), settings.eval_interval_seconds,
+                                                settings.settle_seconds))  # fmt: skip
             if await self._tick() == "fenced":
                 return
 

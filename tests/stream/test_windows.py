@@ -14,11 +14,13 @@ from stream.windows import (
     IMPRESSIONS,
     MEASURES,
     REVENUE,
+    SETTLED_MARGIN_S,
     SPEND,
     Retention,
     SeriesBuckets,
     evaluation_minute,
     kpis,
+    next_evaluation_in,
     sum_minutes,
     window_range,
 )
@@ -203,3 +205,30 @@ def test_first_minute_skips_a_trickle_of_strays_but_not_a_sparse_series() -> Non
     folded.add(6017, [3, 0, 0, 0, 0, 0, 0])
     folded.expire(6300)
     assert folded.first_minute() == 6015
+
+
+def test_evaluation_comes_a_second_after_a_minute_settles() -> None:
+    # 10:00:59 with a 60 s settle: minute 09:59 settles at 10:01:00, judged at 10:01:01
+    now = 36_059.0
+    assert next_evaluation_in(now, 10.0, 60.0) == pytest.approx(2.0)
+    # far from a settling: the interval
+    assert next_evaluation_in(36_030.0, 10.0, 60.0) == 10.0
+    # just after one: the next settling is a minute away, so the interval
+    assert next_evaluation_in(36_061.5, 10.0, 60.0) == 10.0
+
+
+@given(st.floats(0, 1e9), st.sampled_from([1.0, 5.0, 10.0, 15.0, 30.0]), st.floats(0, 3600))
+def test_ticks_keep_the_settling_phase(start: float, interval: float, settle: float) -> None:
+    """Ticks never wait longer than the interval, and one falls within a second of every
+    minute's settling once the first has come (no extra ticks when it divides a minute)."""
+    now, ticks = start, []
+    for _ in range(200):
+        wait = next_evaluation_in(now, interval, settle)
+        assert 0 <= wait <= interval
+        now += wait
+        ticks.append(now)
+    phase = settle + SETTLED_MARGIN_S
+    settled = [t for t in ticks if abs((t - phase) / 60 - round((t - phase) / 60)) * 60 < 1e-3]
+    assert len(settled) >= int((ticks[-1] - ticks[0]) / 60) - 1
+    per_minute = 60 / interval
+    assert len(ticks) <= (ticks[-1] - start) / 60 * per_minute + per_minute + 2
