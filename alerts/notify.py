@@ -81,7 +81,7 @@ def slack_payload(
     p_value = record.get("p_value")
     fields = [
         f"*Value*\n{format_value(kpi, record.get('value'))}",
-        f"*Baseline*\n{format_value(kpi, record.get('baseline'))} "
+        f"*{_against(record)}*\n{format_value(kpi, record.get('baseline'))} "
         f"({record.get('baseline_kind') or 'baseline'})",
         f"*Change*\n{'n/a' if change is None else f'{change:+.0%}'}",
         f"*Confidence*\n{'volume floors met' if p_value is None else f'p = {p_value:.1e}'}",
@@ -131,6 +131,12 @@ def slack_payload(
     if buttons:
         blocks.append(buttons)
     return {"text": clip(f"{icon} {summary}", MAX_FALLBACK), "blocks": blocks[:MAX_BLOCKS]}
+
+
+def _against(record: Mapping[str, Any]) -> str:
+    """What the value is compared with: a trend's baseline, a goal, or a budget."""
+    kind = str(record.get("baseline_kind") or "")
+    return "Budget" if kind == "budget" else "Goal" if kind.startswith("goal") else "Baseline"
 
 
 def _members(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:
