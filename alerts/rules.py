@@ -29,7 +29,9 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    SerializerFunctionWrapHandler,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -261,6 +263,15 @@ class Rule(BaseModel):
         if not value.strip():
             raise PydanticCustomError("runbook", "runbook_url must not be empty")
         return value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without the keys this kind of rule refuses, so a dump validates again."""
+        data: dict[str, Any] = handler(self)
+        for key, kinds in ONLY_FOR.items():
+            if self.against not in kinds:
+                data.pop(key, None)
+        return data
 
     @property
     def alertname(self) -> str:
