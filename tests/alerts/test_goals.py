@@ -225,6 +225,11 @@ def test_overspend_from_ten_is_a_ticket_then_a_page_when_the_budget_is_gone() ->
     assert gone["incident"]["id"] != over["incident"]["id"]  # pacing is its own incident
     assert gone["labels"]["alertname"] == "budget_pacing"
     assert gone["labels"]["severity"] == "page"
+    for record in (over, gone):
+        payload = slack_payload(record)
+        valid_blocks(payload)
+        assert payload["blocks"][0]["text"]["text"] == "SPEND alert: channel search"
+        assert "*Budget*\n1,440.00 (budget)" in [f["text"] for f in payload["blocks"][2]["fields"]]
 
 
 def test_pacing_alerts_relate_to_nothing_and_restore() -> None:
