@@ -279,3 +279,28 @@ def test_messages_read_as_goals_and_budgets_in_slack_and_alertmanager() -> None:
     (alert,) = alertmanager_alerts([record])
     assert alert["labels"]["alertname"] == "kpi_target_breach"
     assert alert["labels"]["kpi"] == "ctr" and alert["labels"]["rule"] == "kpi_target_breach"
+
+
+# ---------------------------------------------------------------- the backtest
+
+
+def test_the_backtest_judges_goals_from_a_targets_file() -> None:
+    """Simulated traffic through Replay: c1's CTR goal at twice its CTR fires the breach;
+    the same replay without targets fires none (goals come only from the file)."""
+    from alerts.backtest import run_backtest
+    from stream.settings import Settings
+    from stream.simulate import SimConfig, Simulator, encode
+
+    def lines() -> list[bytes]:
+        sim = Simulator(SimConfig(seed=4, rate=40.0, campaigns=3, diurnal=False))
+        start = DAY0 * 60.0 + 10 * 3600
+        return [encode(k, e, with_type=True) for k, e in sim.events(start, 30 * 60)]
+
+    ctr = Simulator(SimConfig(seed=4, rate=40.0, campaigns=3)).campaigns[1].ctr
+    targets = parse_targets(f"campaigns:\n  c1: {{kpis: {{ctr: {{min: {2 * ctr:.4f}}}}}}}\n")
+    settings = Settings(currency_rates={"EUR": 1.1})
+    got = list(run_backtest(RULES, lines(), settings, targets=targets))
+    assert [(r["rule"], r["kpi"], r["campaign"], r["notification"]) for r in got] == [
+        ("kpi_target_breach", "ctr", "c1", "firing")]  # fmt: skip
+    assert "below its goal" in got[0]["summary"]
+    assert list(run_backtest(RULES, lines(), settings)) == []
