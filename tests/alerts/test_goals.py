@@ -229,7 +229,7 @@ def test_overspend_from_ten_is_a_ticket_then_a_page_when_the_budget_is_gone() ->
         payload = slack_payload(record)
         valid_blocks(payload)
         assert payload["blocks"][0]["text"]["text"] == "SPEND alert: channel search"
-        assert "*Budget*\n1,440.00 (budget)" in [f["text"] for f in payload["blocks"][2]["fields"]]
+        assert "*Budget*\n1,440.00 today" in [f["text"] for f in payload["blocks"][2]["fields"]]
 
 
 def test_pacing_alerts_relate_to_nothing_and_restore() -> None:
@@ -274,7 +274,7 @@ def test_messages_read_as_goals_and_budgets_in_slack_and_alertmanager() -> None:
     payload = slack_payload(record, silence_url="http://am:9093/#/silences/new")
     valid_blocks(payload)
     fields = [f["text"] for f in payload["blocks"][2]["fields"]]
-    assert "*Goal*\n3.00% (goal (min))" in fields
+    assert "*Goal*\nat least 3.00%" in fields
     assert payload["blocks"][0]["text"]["text"] == "CTR alert: channel search"
     (alert,) = alertmanager_alerts([record])
     assert alert["labels"]["alertname"] == "kpi_target_breach"
