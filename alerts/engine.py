@@ -7,6 +7,8 @@ rule's scopes to that rule's CUSUMs (``alerts.detectors``) against the segment's
 (``alerts.baselines``), steps each rule's alert state machine in event time, and turns
 notifications into the alert object of SPEC.md (what moved, where, by how much, against
 which baseline, how sure, since when, which child segments contribute most, links).
+Rules against goals and budgets (``against: goal|budget``) are judged by ``alerts.goals``
+on the same view and step the same lifecycles and incidents.
 
 Minutes are added once: an evaluation repeated within a minute adds nothing (each
 detector keeps the last minute it added), and after a pause (a held backlog, a restart)
