@@ -13,9 +13,11 @@ exactly as it does for the trend rules, so breaches and pacing reach the same si
 How a user's rule runs (:func:`expand`): a goal rule without ``kpi`` runs as one rule
 per ratio KPI (``name:cac``...), so each KPI of a segment is its own alert, named
 ``name`` with its ``kpi`` label; a budget rule runs as ``name`` (over or under budget
-by more than ``margin``, confidently: the rule's severity) and ``name:exhausted`` (the
-budget is spent before the day ends, and the rest of the day at today's pace would end
-it more than ``margin`` over: a page). ``:`` cannot occur in a rules
+by more than ``margin``, confidently, once today fills the projection's recent window
+(``RECENT_MINUTES``): a shorter one, at night, is dominated by the spend not reported
+yet, as reports lag their spend by up to a quarter of an hour: the rule's severity) and
+``name:exhausted`` (the budget is spent before the day ends, and the rest of the day at
+today's pace would end it more than ``margin`` over: a page). ``:`` cannot occur in a rules
 file's names, so these never collide with a user's rule.
 
 Significance of a breach: a goal rule spends ``budget_share`` x ``false_alerts_per_week``
@@ -38,6 +40,7 @@ from typing import Any
 from alerts.detectors import WEEK_MINUTES, normal_sf
 from alerts.lifecycle import AlertKey
 from alerts.pacing import (
+    RECENT_MINUTES,
     Day,
     Pacing,
     PacingVerdict,
@@ -295,7 +298,7 @@ def _pacing(
             seen.bad[alert_key] = details
         elif status == "exhausted":
             seen.still_bad.add(alert_key)
-    elif status in ("over", "under") and verdict.confident:
+    elif status in ("over", "under") and verdict.confident and end - day.start >= RECENT_MINUTES:
         seen.bad[alert_key] = details
     elif status in ("over", "under", "exhausted"):
         seen.still_bad.add(alert_key)

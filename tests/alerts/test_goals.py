@@ -304,3 +304,19 @@ def test_the_backtest_judges_goals_from_a_targets_file() -> None:
         ("kpi_target_breach", "ctr", "c1", "firing")]  # fmt: skip
     assert "below its goal" in got[0]["summary"]
     assert list(run_backtest(RULES, lines(), settings)) == []
+
+
+def test_no_pacing_verdict_alerts_before_today_fills_the_recent_window() -> None:
+    """Spend stops at midnight: 'under' is confident within the hour, but the rule waits
+    until the projection's two-hour window is all today's (unreported spend would weigh
+    too much in a shorter one), then fires."""
+    store, engine = SegmentStore(), AlertEngine(RULES)
+    spend_history(store, 7)
+    goals = Goals.of(BUDGET, UTC)
+    day = DAY0 + 7 * 1440
+    out = []
+    for m in range(day, day + 180):
+        store.apply_cells([("search", "c1", m, [1, 0, 0, 0, 0, 0, 0])])
+        out += [(m + 1 - day, r) for r in records(engine, store, m, goals)]
+    assert [(t, r["notification"]) for t, r in out] == [(120, "firing")]
+    assert "projected at " in out[0][1]["summary"] and "(-" in out[0][1]["summary"]
