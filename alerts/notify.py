@@ -84,7 +84,7 @@ def slack_payload(
         f"{format_value(kpi, record.get('value'))}",
         _against(record, kpi),
         f"*Change*\n{'n/a' if change is None else f'{change:+.0%}'}",
-        f"*Confidence*\n{'volume floors met' if p_value is None else f'p = {p_value:.1e}'}",
+        f"*Confidence*\n{_sure(record, p_value)}",
         f"*Window*\n{record['window']}",
         f"*Since*\n{record['starts_at']}"
         + (f" (ended {record['ends_at']})" if record.get("ends_at") else ""),
@@ -131,6 +131,12 @@ def slack_payload(
     if buttons:
         blocks.append(buttons)
     return {"text": clip(f"{icon} {summary}", MAX_FALLBACK), "blocks": blocks[:MAX_BLOCKS]}
+
+
+def _sure(record: Mapping[str, Any], p_value: float | None) -> str:
+    if p_value is not None:
+        return f"p = {p_value:.1e}"
+    return "spent: a fact" if record.get("baseline_kind") == "budget" else "volume floors met"
 
 
 def _against(record: Mapping[str, Any], kpi: str) -> str:
