@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
+from statistics import NormalDist
 from typing import Any
 
 from alerts.detectors import WEEK_MINUTES, normal_sf
@@ -46,6 +47,7 @@ from alerts.pacing import (
     PacingVerdict,
     Shape,
     SpendSum,
+    Z,
     day_of,
     local_day,
     own_shape,
@@ -188,10 +190,11 @@ def observe(
             _breach(out[rule.name], rule, key, bounds, segments, end_minute, p_value)
         day = local_day(end_minute, goals.tz)
         for rule in (r for r in rules if r.against == "budget"):
-            for key in keys:
-                budget = targets.resolve(key).budget if key[0] in rule.scopes else None
-                if budget is not None:
-                    _pacing(out[rule.name], rule, key, budget, segments, day, end_minute, goals)
+            budgets = [(k, b) for k in keys if k[0] in rule.scopes
+                       and (b := targets.resolve(k).budget) is not None]  # fmt: skip
+            z = pacing_z(false_alerts_per_week, len(budgets))
+            for key, budget in budgets:
+                _pacing(out[rule.name], rule, key, budget, segments, day, end_minute, goals, z)
     for rule in rules:  # alerts whose goal, budget or segment is gone resolve
         seen = out[rule.name]
         for gone in tracked.get(rule.name, ()):
@@ -279,13 +282,22 @@ def _breach_contributors(
 # --- pacing -----------------------------------------------------------------------------------
 
 
+def pacing_z(false_alerts_per_week: float, budgets: int) -> float:
+    """Half-width of the interval a pacing verdict must clear, in standard errors: the
+    file's false-alarm budget split over the budgets judged every minute (one-sided), as
+    the detectors split theirs, never below the dashboards' ``Z`` (3). The projection is
+    re-judged every minute, so a per-look 3 SE would add up over a week of looks."""
+    p = false_alerts_per_week / (WEEK_MINUTES * max(budgets, 1))
+    return max(Z, NormalDist().inv_cdf(1 - min(p, 0.5)))
+
+
 def _pacing(
     seen: Observed, rule: Rule, key: SeriesKey, budget: Budget, segments: SegmentView,
-    day: Day, end: int, goals: Goals,
+    day: Day, end: int, goals: Goals, z: float = Z,
 ) -> None:  # fmt: skip
     spend = _spend(segments, key)
     shape = budget_shape(budget, key, spend, day, goals.tz, goals.shape_of)
-    verdict = pacing_verdict(pace(spend, budget.daily, day, end, shape), rule.margin)
+    verdict = pacing_verdict(pace(spend, budget.daily, day, end, shape, z=z), rule.margin)
     alert_key: AlertKey = (rule.name, *key)
     details = pacing_details(verdict, day, end, goals.tz)
     seen.evaluated.add(alert_key)

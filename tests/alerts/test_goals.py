@@ -320,3 +320,12 @@ def test_no_pacing_verdict_alerts_before_today_fills_the_recent_window() -> None
         out += [(m + 1 - day, r) for r in records(engine, store, m, goals)]
     assert [(t, r["notification"]) for t, r in out] == [(120, "firing")]
     assert "projected at " in out[0][1]["summary"] and "(-" in out[0][1]["summary"]
+
+
+def test_pacing_intervals_widen_with_the_budgets_judged() -> None:
+    """Re-judged every minute, the verdicts share the file's false-alarm budget."""
+    from alerts.goals import pacing_z
+
+    assert pacing_z(1.0, 1) < pacing_z(1.0, 6) < pacing_z(1.0, 500)
+    assert pacing_z(1.0, 6) == pytest.approx(4.15, abs=0.01)  # p = 1 / (10,080 x 6)
+    assert pacing_z(10_000.0, 1) == 3.0  # never narrower than the dashboards' +-3 SE
