@@ -25,6 +25,8 @@ of false alerts a week on its own, split over the goals it judges every minute, 
 trend detectors split theirs (p = that / (10,080 x goals)); the KPI must stay past its
 goal for the rule's ``for`` on top, and the breach test's volume floors
 (``alerts.pacing.target_breach``) keep a small segment quiet until its volume can say.
+A pacing verdict is re-judged every minute too: its interval must clear the margin at
+z standard errors from the same budget split over the budgets judged (``pacing_z``).
 Without targets (or none for a rule's scopes), nothing is judged: one ``empty()`` check.
 
 Pure module: it reads the view, never a clock.
