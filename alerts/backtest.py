@@ -20,8 +20,10 @@ from typing import Any
 import orjson
 
 from alerts.engine import AlertEngine
+from alerts.goals import Goals
 from alerts.rules import RulesFile
 from alerts.stage import decide
+from alerts.targets import Targets
 from stream.aggregate import SegmentStore
 from stream.events import timestamp_ms
 from stream.local import LocalRuntime
@@ -48,7 +50,8 @@ class Replay:
 
     Its whole state (stages, alert lifecycles) is plain Python, so :meth:`fork` can
     branch a replay to play "what if" continuations of the same history, e.g. the same
-    traffic with and without an incident.
+    traffic with and without an incident. ``targets`` (goals and budgets, days in the
+    settings' time zone) is what the rules against goals and budgets judge by.
     """
 
     def __init__(
@@ -58,7 +61,9 @@ class Replay:
         *,
         eval_every_s: float = 60.0,
         stats: BacktestStats | None = None,
+        targets: Targets | None = None,
     ) -> None:
+        self.goals = Goals.of(targets, settings.tz) if targets is not None else None
         self.stats = stats if stats is not None else BacktestStats()
         replay_settings = settings.model_copy(
             update={"shared_topics": [TOPIC], "max_future_skew_seconds": NO_FUTURE_S}
@@ -123,8 +128,10 @@ class Replay:
     def fork(self) -> Replay:
         """An independent copy of this replay (rules and parser are shared: immutable)."""
         parser = self.runtime.stages.ingest.handler.parser
-        shared = {id(parser): parser, id(self.engine.rules): self.engine.rules}
+        shared: dict[int, object] = {id(parser): parser, id(self.engine.rules): self.engine.rules}
         shared.update({id(rule): rule for rule in self.engine.rules})
+        if self.goals is not None:
+            shared[id(self.goals.targets)] = self.goals.targets
         return copy.deepcopy(self, shared)
 
     def _run(self, now_ms: int) -> None:
@@ -142,7 +149,7 @@ class Replay:
         self._run(now_ms)
         store = self.store
         self.stats.evaluations += 1
-        for record in decide(store, self.engine, store.evaluate(now_ms)):
+        for record in decide(store, self.engine, store.evaluate(now_ms), self.goals):
             self.stats.alerts += 1
             yield record
 
@@ -203,8 +210,9 @@ def run_backtest(
     *,
     eval_every_s: float = 60.0,
     stats: BacktestStats | None = None,
+    targets: Targets | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield alert records in event-time order."""
-    replay = Replay(rules, settings, eval_every_s=eval_every_s, stats=stats)
+    replay = Replay(rules, settings, eval_every_s=eval_every_s, stats=stats, targets=targets)
     yield from replay.feed(lines)
     yield from replay.finish()

@@ -74,12 +74,14 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     import orjson
 
     from alerts.backtest import BacktestStats, run_backtest
+    from alerts.targets import TargetsError, load_targets
     from stream.settings import ConfigError, load_settings
 
     try:
         settings = load_settings()
         rules = load_rules(Path(args.rules))
-    except (ConfigError, RulesError) as exc:
+        targets = load_targets(Path(args.targets) if args.targets else settings.targets)
+    except (ConfigError, RulesError, TargetsError) as exc:
         print(exc, file=sys.stderr)
         return 2
     stats = BacktestStats()
@@ -87,7 +89,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
     try:
         with open(args.events, "rb") as lines:
             for record in run_backtest(rules, lines, settings, eval_every_s=args.eval_every,
-                                       stats=stats):  # fmt: skip
+                                       stats=stats, targets=targets):  # fmt: skip
                 sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
     except OSError as exc:
         print(f"kpimon backtest: {exc}", file=sys.stderr)
@@ -110,6 +112,10 @@ def add_backtest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]
     )
     backtest.add_argument("--rules", default=str(Path(__file__).parent / "rules.yml"))
     backtest.add_argument("--events", required=True, help="JSON lines, each event with its type")
+    backtest.add_argument(
+        "--targets", help="goals and budgets the goal and budget rules judge by "
+        "(default: KPIMON_TARGETS)"
+    )  # fmt: skip
     backtest.add_argument(
         "--eval-every", type=float, default=60.0, help="seconds of event time between evaluations"
     )

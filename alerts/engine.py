@@ -7,6 +7,8 @@ rule's scopes to that rule's CUSUMs (``alerts.detectors``) against the segment's
 (``alerts.baselines``), steps each rule's alert state machine in event time, and turns
 notifications into the alert object of SPEC.md (what moved, where, by how much, against
 which baseline, how sure, since when, which child segments contribute most, links).
+Rules against goals and budgets (``against: goal|budget``) are judged by ``alerts.goals``
+on the same view and step the same lifecycles and incidents.
 
 Minutes are added once: an evaluation repeated within a minute adds nothing (each
 detector keeps the last minute it added), and after a pause (a held backlog, a restart)
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from alerts import goals as goal_rules
 from alerts.baselines import FREEZE_HISTORY, FREEZE_MINUTES, Expected, expected
 from alerts.detectors import (
     Cusum,
@@ -43,6 +46,7 @@ from alerts.detectors import (
     threshold,
     weighted,
 )
+from alerts.goals import Goals
 from alerts.incidents import IncidentNote, Incidents, Seen, gap
 from alerts.lifecycle import Alert, AlertKey, AlertState, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
@@ -92,7 +96,10 @@ class AlertEngine:
         runbook_base_url: str | None = None,
         top: int = 3,
     ) -> None:
-        self.rules = list(rules.rules)
+        self.rules = [run for r in rules.rules for run in goal_rules.expand(r)]
+        self.trend = [r for r in self.rules if r.against == "baseline"]
+        self.goal_rules = [r for r in self.rules if r.against != "baseline"]
+        """Rules against goals and budgets, as they run (``alerts.goals.expand``)."""
         self.budget = rules.false_alerts_per_week
         self.grafana_url = grafana_url.rstrip("/") if grafana_url else None
         self.runbook_base_url = runbook_base_url
@@ -104,31 +111,33 @@ class AlertEngine:
             )
             for r in self.rules
         }
-        self.plans: dict[str, Plan] = {r.name: plan(KPI[r.kpi]) for r in self.rules}
+        self.plans: dict[str, Plan] = {r.name: plan(KPI[r.kpi]) for r in self.trend}
         self.detectors = {
-            r.name: Detectors(multipliers(self.plans[r.name], r.min_change)) for r in self.rules
+            r.name: Detectors(multipliers(self.plans[r.name], r.min_change)) for r in self.trend
         }
         self.baselines: dict[BaselineKey, float] = {}
         self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
-        self, segments: SegmentView, end_minute: int, now_s: float, *, replaying: bool = False
-    ) -> list[dict[str, Any]]:
+        self, segments: SegmentView, end_minute: int, now_s: float, *, replaying: bool = False,
+        goals: Goals | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
         """One tick over one snapshot's segments: incident records (firing, repeat, resolved).
 
         Each rule's alerts step their own lifecycle; what is notified is the incident
-        layer's (``alerts.incidents``): the alerts of one cause make one record."""
+        layer's (``alerts.incidents``): the alerts of one cause make one record. Rules
+        against goals and budgets judge by ``goals`` (the targets in force; none: nothing)."""
         # Folded segments change members when the guard promotes or demotes: a
         # promoted id's future leaves ``__other__``, which would read as a drop.
         keys = {
-            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k] for r in self.rules
+            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k] for r in self.trend
         }
-        weight = sum(r.budget_share * len(keys[r.name]) for r in self.rules)
+        weight = sum(r.budget_share * len(keys[r.name]) for r in self.trend)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
         self._expected = {}
-        for rule in self.rules:
+        for rule in self.trend:
             h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
                           self.budget)  # fmt: skip
             notes = self._evaluate_rule(
@@ -139,7 +148,26 @@ class AlertEngine:
         self._expected = {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
+        resolved.update(self._evaluate_goals(segments, end_minute, now_s, goals))
         return [self.incident_record(n) for n in self.incidents.step(now_s, self._seen(), resolved)]
+
+    def _evaluate_goals(
+        self, segments: SegmentView, end: int, now_s: float, goals: Goals | None
+    ) -> dict[AlertKey, dict[str, object]]:
+        """Step the goal and budget rules' lifecycles (``alerts.goals``); the details of
+        the alerts that resolved, as things stand now."""
+        tracked = {r.name: [a.key for a in self.states[r.name].alerts()] for r in self.goal_rules}
+        if (goals is None or goals.targets.empty()) and not any(tracked.values()):
+            return {}  # no targets: nothing to judge, nothing to resolve
+        seen = goal_rules.observe(self.goal_rules, goals, segments, end, tracked, self.budget)
+        resolved: dict[AlertKey, dict[str, object]] = {}
+        for rule in self.goal_rules:
+            o = seen[rule.name]
+            for note in self.states[rule.name].update(now_s, o.bad, o.still_bad, o.evaluated):
+                if note.kind == "resolved":
+                    note.alert.details.update(o.current.get(note.alert.key, {}))
+                    resolved[note.alert.key] = note.alert.details
+        return resolved
 
     def _seen(self) -> list[Seen]:
         """Every firing alert, as the incident layer takes it."""
@@ -365,9 +393,11 @@ class AlertEngine:
         d: Mapping[str, Any] = alert.details
         status = "resolved" if note.kind == "resolved" else "firing"
         change = d.get("change")
-        text = summary(rule, scope, channel, campaign, d, resolved=status == "resolved")
+        text = (summary if rule.against == "baseline" else goal_rules.summary)(
+            rule, scope, channel, campaign, d, resolved=status == "resolved"
+        )
         record: dict[str, Any] = {
-            "rule": rule.name,
+            "rule": rule.alertname,
             "status": status,
             "notification": note.kind,
             "kpi": rule.kpi,
@@ -389,8 +419,8 @@ class AlertEngine:
             "summary": text,
             "contributors": d.get("contributors", []),
             "labels": {
-                "alertname": rule.name,
-                "rule": rule.name,
+                "alertname": rule.alertname,
+                "rule": rule.alertname,
                 "kpi": rule.kpi,
                 "scope": scope,
                 "channel": channel,
@@ -433,11 +463,13 @@ class AlertEngine:
     def firing_labels(self) -> list[tuple[str, str, str, str, str]]:
         """(rule, severity, scope, channel, campaign) of every firing alert."""
         by_name = {r.name: r for r in self.rules}
-        return [
-            (name, by_name[name].severity, *alert.key[1:])
-            for name, state in self.states.items()
-            for alert in state.firing()
-        ]
+        return sorted(
+            {  # the KPIs of one goal rule share its name: one series per segment
+                (by_name[name].alertname, by_name[name].severity, *alert.key[1:])
+                for name, state in self.states.items()
+                for alert in state.firing()
+            }
+        )
 
     def firing_records(self, now_s: float) -> list[dict[str, Any]]:
         """Records of every open incident, for sinks that want active alerts re-sent."""

@@ -71,6 +71,10 @@ FAMILY: Mapping[str, str] = {"new_customers": "orders", "revenue": "orders"}
 SCOPE_DEPTH: Mapping[str, int] = {"global": 0, "channel": 1, "campaign": 2}
 KIND_RANK: Mapping[str, int] = {"count": 0, "rate": 1, "cost": 2}
 
+UNRELATED_KPIS = frozenset({"spend"})
+"""Alerted on but not in the catalogue: spend against its budget (``alerts.goals``). Such
+an alert relates to nothing: it is its own incident."""
+
 Role = Literal["root", "member"]
 IncidentKind = Literal["firing", "repeat", "update", "resolved"]
 Cause = tuple[str, str]
@@ -79,6 +83,8 @@ Cause = tuple[str, str]
 
 def causes(kpi: str) -> frozenset[Cause]:
     """The measure moves that push ``kpi`` its bad way (from the KPI catalogue)."""
+    if kpi in UNRELATED_KPIS:
+        return frozenset()
     k = KPI[kpi]
     num_way, den_way = ("up", "down") if k.bad == "up" else ("down", "up")
     found = {(FAMILY.get(k.numerator, k.numerator), num_way)}
@@ -148,7 +154,7 @@ class Member:
         if not (isinstance(key, list) and len(key) == 4 and all(isinstance(p, str) for p in key)):
             raise ValueError(f"member key must be 4 strings, got {key!r}")
         kpi, role, details = _field(d, "kpi"), _field(d, "role"), _field(d, "details")
-        if not isinstance(kpi, str) or kpi not in KPI:
+        if not isinstance(kpi, str) or (kpi not in KPI and kpi not in UNRELATED_KPIS):
             raise ValueError(f"unknown member kpi {kpi!r}")
         if role not in ("root", "member"):
             raise ValueError(f"member role must be root or member, got {role!r}")
@@ -249,8 +255,11 @@ class IncidentNote:
 def _rank(m: Member | Seen) -> tuple[int, int, float, AlertKey]:
     """Root preference: deepest segment, most direct KPI, largest move, then the key."""
     change = m.details.get("change")
-    worse = KPI[m.kpi].worse_by(change if isinstance(change, int | float) else None)
-    return (-SCOPE_DEPTH[m.key[1]], KIND_RANK[KPI[m.kpi].kind], -abs(worse), m.key)
+    known = KPI.get(m.kpi)
+    if known is None:  # UNRELATED_KPIS: alone in its incident
+        return (-SCOPE_DEPTH[m.key[1]], len(KIND_RANK), 0.0, m.key)
+    worse = known.worse_by(change if isinstance(change, int | float) else None)
+    return (-SCOPE_DEPTH[m.key[1]], KIND_RANK[known.kind], -abs(worse), m.key)
 
 
 def _share(parent: Member | Seen, child: tuple[str, str, str]) -> float:

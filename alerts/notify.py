@@ -80,11 +80,11 @@ def slack_payload(
     change = record.get("change")
     p_value = record.get("p_value")
     fields = [
-        f"*Value*\n{format_value(kpi, record.get('value'))}",
-        f"*Baseline*\n{format_value(kpi, record.get('baseline'))} "
-        f"({record.get('baseline_kind') or 'baseline'})",
+        f"*{'Projected' if record.get('baseline_kind') == 'budget' else 'Value'}*\n"
+        f"{format_value(kpi, record.get('value'))}",
+        _against(record, kpi),
         f"*Change*\n{'n/a' if change is None else f'{change:+.0%}'}",
-        f"*Confidence*\n{'volume floors met' if p_value is None else f'p = {p_value:.1e}'}",
+        f"*Confidence*\n{_sure(record, p_value)}",
         f"*Window*\n{record['window']}",
         f"*Since*\n{record['starts_at']}"
         + (f" (ended {record['ends_at']})" if record.get("ends_at") else ""),
@@ -131,6 +131,24 @@ def slack_payload(
     if buttons:
         blocks.append(buttons)
     return {"text": clip(f"{icon} {summary}", MAX_FALLBACK), "blocks": blocks[:MAX_BLOCKS]}
+
+
+def _sure(record: Mapping[str, Any], p_value: float | None) -> str:
+    if p_value is not None:
+        return f"p = {p_value:.1e}"
+    return "spent: a fact" if record.get("baseline_kind") == "budget" else "volume floors met"
+
+
+def _against(record: Mapping[str, Any], kpi: str) -> str:
+    """The field of what the value is compared with: a trend's baseline, a goal (rules
+    against goals: ``goal (min)``), or a budget."""
+    kind, value = str(record.get("baseline_kind") or "baseline"), record.get("baseline")
+    if kind == "budget":
+        return f"*Budget*\n{format_value(kpi, value)} today"
+    if kind.startswith("goal"):
+        least = "min" in kind
+        return f"*Goal*\n{'at least' if least else 'at most'} {format_value(kpi, value)}"
+    return f"*Baseline*\n{format_value(kpi, value)} ({kind})"
 
 
 def _members(record: Mapping[str, Any]) -> list[Mapping[str, Any]]:

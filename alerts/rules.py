@@ -27,9 +27,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -45,12 +47,24 @@ from alerts.yamlfile import (
     validation_issues,
 )
 from stream.durations import parse_duration
-from stream.kpis import KPI, LUMPY, TRAILING, Kind
+from stream.kpis import KPI, LUMPY, RATIOS, TRAILING, Kind
 from stream.settings import DEFAULT_RULES as DEFAULT_RULES
 from stream.windows import WINDOWS
 
 Scope = Literal["global", "channel", "campaign"]
 Severity = Literal["page", "ticket", "info"]
+Against = Literal["baseline", "goal", "budget"]
+"""What a rule judges a segment against: its own baseline (a trend: the sequential
+detectors), the goals of the targets file (a KPI past its goal, ``alerts.goals``) or its
+daily budget (spend pacing, ``alerts.goals``)."""
+GOAL_KPIS: tuple[str, ...] = tuple(k.name for k in RATIOS)
+"""KPIs a goal can be set on (the targets file's): the ratios."""
+ONLY_FOR: dict[str, tuple[Against, ...]] = {
+    "min_change": ("baseline",),
+    "budget_share": ("baseline", "goal"),
+    "margin": ("budget",),
+}
+"""Keys that mean something for some kinds of rule only; elsewhere they are refused."""
 
 RULE_KPIS: tuple[str, ...] = tuple(KPI)
 RESERVED_LABELS: frozenset[str] = frozenset(
@@ -122,15 +136,22 @@ class Rule(BaseModel):
     for silence), so smaller moves take long to accumulate evidence and larger ones fire
     fast. ``budget_share`` weighs the rule's share of the file's false-alarm budget per
     detector (2: twice the false alarms of a rule at 1, a lower threshold, faster alerts).
+
+    ``against: goal`` judges ``kpi`` (every ratio KPI when it is left out) against the
+    goals of the targets file instead; ``against: budget`` judges spend against the daily
+    budgets, with ``margin`` (default 0.2) around the budget (``alerts.goals``).
     """
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str = Field(min_length=1, max_length=100)
-    kpi: str
+    against: Against = "baseline"
+    kpi: str = Field("", validate_default=True)
+    """Empty only for a goal rule (every ratio KPI) and a budget rule (spend)."""
     scopes: Annotated[tuple[Scope, ...], Field(strict=False)]
     min_change: Annotated[Number, Field(gt=0, le=10)] = 0.2
     budget_share: Annotated[Number, Field(gt=0, le=100)] = 1.0
+    margin: Annotated[Number, Field(gt=0, lt=1)] = 0.2
     for_: Duration = Field("0s", alias="for")
     keep_firing_for: Duration = "10m"
     repeat_interval: Duration = "4h"
@@ -147,9 +168,43 @@ class Rule(BaseModel):
 
     @field_validator("kpi")
     @classmethod
-    def _kpi(cls, value: str) -> str:
+    def _kpi(cls, value: str, info: ValidationInfo) -> str:
+        against = info.data.get("against")
+        if "against" not in info.data:
+            return value  # `against` itself is wrong: that is the error to read
+        if against == "budget":
+            if value:
+                raise PydanticCustomError(
+                    "kpi_budget", "a budget rule judges spend against the daily budgets: "
+                    "delete kpi")  # fmt: skip
+            return value
+        if against == "goal":
+            if value and value not in GOAL_KPIS:
+                raise PydanticCustomError(
+                    "literal_error",
+                    f"goals are set on ratio KPIs: {one_of(GOAL_KPIS)} (or leave kpi out: all)",
+                )
+            return value
+        if not value:
+            raise PydanticCustomError(
+                "missing", f"a rule against its baseline needs kpi: {one_of(RULE_KPIS)}"
+            )
         if value not in RULE_KPIS:
             raise PydanticCustomError("literal_error", f"Input should be {one_of(RULE_KPIS)}")
+        return value
+
+    @field_validator("min_change", "budget_share", "margin", mode="before")
+    @classmethod
+    def _only_for(cls, value: Any, info: ValidationInfo) -> Any:
+        """A key set on a kind of rule it means nothing for is refused, not ignored."""
+        against = info.data.get("against")
+        allowed = ONLY_FOR[str(info.field_name)]
+        if against is not None and against not in allowed:
+            kinds = " or ".join(f"against: {a}" for a in allowed)
+            raise PydanticCustomError(
+                "only_for", "{key} applies to rules {kinds} only (delete the key)",
+                {"key": info.field_name, "kinds": kinds},
+            )  # fmt: skip
         return value
 
     @field_validator("scopes")
@@ -209,6 +264,21 @@ class Rule(BaseModel):
             raise PydanticCustomError("runbook", "runbook_url must not be empty")
         return value
 
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Without the keys this kind of rule refuses, so a dump validates again."""
+        data: dict[str, Any] = handler(self)
+        for key, kinds in ONLY_FOR.items():
+            if self.against not in kinds:
+                data.pop(key, None)
+        return data
+
+    @property
+    def alertname(self) -> str:
+        """The rule's name as users wrote it: ``alerts.goals`` runs a goal or budget rule as
+        several (``name:part``, a name no file can hold), which are all this rule."""
+        return self.name.partition(":")[0]
+
     @property
     def kind(self) -> Kind:
         """``rate``, ``count`` or ``cost``: the catalogue's kind of the KPI."""
@@ -221,12 +291,15 @@ class Rule(BaseModel):
 
     @property
     def window(self) -> str:
-        """The window dashboards and alert texts show the KPI over (see DISPLAY_WINDOWS)."""
+        """The window dashboards and alert texts show the KPI over (see DISPLAY_WINDOWS); a
+        budget rule judges the local day."""
+        if self.against == "budget":
+            return "1d"
         return _DISPLAY_WINDOW[self.kpi]
 
     @property
     def window_minutes(self) -> int:
-        return WINDOWS[self.window]
+        return WINDOWS.get(self.window, 1440)
 
     @property
     def for_seconds(self) -> float:

@@ -25,6 +25,7 @@ from typing import Any
 
 from alerts.engine import AlertEngine
 from alerts.exposition import render_alerts
+from alerts.goals import Goals
 from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.targets_export import TargetsExporter
@@ -88,11 +89,14 @@ class Tick:
     render_s: float
 
 
-def decide(view: SegmentStore, engine: AlertEngine, evaluation: Evaluation) -> list[dict[str, Any]]:
-    """Step ``engine`` on an evaluated scope store: the alert records of this tick."""
+def decide(
+    view: SegmentStore, engine: AlertEngine, evaluation: Evaluation, goals: Goals | None = None
+) -> list[dict[str, Any]]:
+    """Step ``engine`` on an evaluated scope store: the alert records of this tick (goal and
+    budget rules judge by ``goals``, the targets in force)."""
     segments = SegmentView(view.series)
     return engine.evaluate(segments, evaluation.end_minute, evaluation.watermark_ms / 1000,
-                           replaying=evaluation.hold_alerts)  # fmt: skip
+                           replaying=evaluation.hold_alerts, goals=goals)  # fmt: skip
 
 
 def compute_tick(
@@ -112,7 +116,8 @@ def compute_tick(
     evaluation = view.evaluate(now_ms, hold=hold)
     evaluated = time.perf_counter()
     stepped = engine.clone()
-    records = decide(view, stepped, evaluation)
+    goals = targets.goals(now_ms / 1000) if targets is not None else None
+    records = decide(view, stepped, evaluation, goals)
     state = state_entries(stepped.to_dict())
     before = committed or {}
     wire = {k: _wire(k, v) for k, v in state.items() if before.get(k) != v}

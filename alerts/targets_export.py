@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import date, tzinfo
 from typing import Protocol
 
-from alerts.pacing import Shape, SpendSum, day_of, local_day, own_shape, pace
+from alerts.goals import Curves, Goals, budget_shape
+from alerts.pacing import Shape, SpendSum, local_day, pace
 from alerts.targets import SeriesKey, Targets, TargetsWatcher
 from stream.windows import MICROS, SPEND, Totals
 
@@ -84,13 +85,7 @@ def render_targets(
         if day is None:
             continue
         spend = spends[key]
-        if shape_of is not None:
-            shape = shape_of(key, spend, day.date)
-        else:
-            shape = own_shape(spend, day, tz)
-        weights = budget.weights()
-        if weights is not None:
-            shape = Shape(weights, "file", shape.days, shape.dispersion)
+        shape = budget_shape(budget, key, spend, day, tz, shape_of)
         p = pace(spend, budget.daily, day, now_minute, shape)
         lines["kpimon_budget_prorated"].append(
             f"kpimon_budget_prorated{{{labels}}} {budget.daily * p.share!r}\n"
@@ -115,26 +110,20 @@ def render_targets(
 
 
 class TargetsExporter:
-    """The process' targets: the file watcher, the time zone, and a day's learnt curves.
-
-    A series' own curve depends only on past days, so it is computed once per series
-    and local day (168 hour sums) and kept until the day changes.
-    """
+    """The process' targets: the file watcher, the time zone, and a day's learnt curves
+    (``alerts.goals.Curves``), shared by the exposition and the goal rules."""
 
     def __init__(self, watcher: TargetsWatcher, tz: tzinfo) -> None:
         self.watcher = watcher
         self.tz = tz
-        self._shapes: dict[tuple[SeriesKey, date], Shape] = {}
-        self._day: date | None = None
+        self.curves = Curves(tz)
 
     def shape(self, key: SeriesKey, spend: SpendSum, day: date) -> Shape:
-        if day != self._day:
-            self._shapes.clear()
-            self._day = day
-        found = self._shapes.get((key, day))
-        if found is None:
-            found = self._shapes[key, day] = own_shape(spend, day_of(day, self.tz), self.tz)
-        return found
+        return self.curves.shape(key, spend, day)
+
+    def goals(self, now_s: float) -> Goals:
+        """The targets in force (the file reloaded first if it changed), for the rules."""
+        return Goals(self.watcher.poll(now_s), self.tz, self.curves)
 
     def render(self, series: Mapping[SeriesKey, Summable], now_minute: int, now_s: float) -> bytes:
         """Poll the file (reload if changed), then render targets, pacing and reload metrics."""

@@ -61,7 +61,10 @@ def test_quick_run_prints_the_bound_beside_each_incident() -> None:
     false_columns, false_rows = _table(lines, "| scenario | simulated")
     assert [r[0] for r in false_rows] == ["tiny"]
     assert float(false_rows[0][false_columns.index("per week")]) >= 0
-    assert any(line.startswith("TODO (issue 14)") for line in lines)
+    goal_columns, goal_rows = _table(lines, "| goal scenario | incident")
+    assert [r[0] for r in goal_rows] == ["breach_quick"]
+    found, trials = goal_rows[0][goal_columns.index("detected")].split("/")
+    assert 0 <= int(found) <= int(trials) == 1
 
 
 def test_bound_maths_gives_the_worked_examples_of_issue_12() -> None:
