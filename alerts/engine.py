@@ -28,20 +28,28 @@ from typing import Any
 
 import numpy as np
 
-from alerts.baselines import FREEZE_HISTORY, FREEZE_MINUTES, Expected, expected
+from alerts.baselines import (
+    FREEZE_HISTORY,
+    FREEZE_MINUTES,
+    Expected,
+    Floats,
+    block_sums,
+    blocks,
+    expected,
+)
 from alerts.detectors import (
+    MIN_BLOCKS,
     Cusum,
     Detectors,
     Evidence,
     Plan,
-    discount,
+    block_evidence,
     evidence,
+    judge,
     kpi_value,
-    llr,
     multipliers,
     plan,
     threshold,
-    weighted,
 )
 from alerts.incidents import IncidentNote, Incidents, Seen, gap
 from alerts.lifecycle import Alert, AlertKey, AlertState, Notification, RuleAlerts, Timing
@@ -110,6 +118,7 @@ class AlertEngine:
         }
         self.baselines: dict[BaselineKey, float] = {}
         self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
+        self._history: dict[tuple[SeriesKey, int, int, int], Floats] = {}
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
@@ -127,7 +136,7 @@ class AlertEngine:
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.rules)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
-        self._expected = {}
+        self._expected, self._history = {}, {}
         for rule in self.rules:
             h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
                           self.budget)  # fmt: skip
@@ -136,7 +145,7 @@ class AlertEngine:
             )
             resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
         self.baselines = baselines
-        self._expected = {}
+        self._expected, self._history = {}, {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
         return [self.incident_record(n) for n in self.incidents.step(now_s, self._seen(), resolved)]
@@ -229,6 +238,15 @@ class AlertEngine:
             self._expected[memo] = expected(segments, key, minute, until, span)
         return self._expected[memo]
 
+    def _blocks(
+        self, segments: SegmentView, key: SeriesKey, until: int, span: int, block: int
+    ) -> Floats:
+        """Past reporting blocks of ``key`` before ``until``, once a tick (memo)."""
+        memo = (key, until, span, block)
+        if memo not in self._history:
+            self._history[memo] = blocks(segments, key, until, span, block)
+        return self._history[memo]
+
     @staticmethod
     def _baseline_end(segments: SegmentView, key: SeriesKey, cusum: Cusum, minute: int) -> int:
         """Where the baseline of ``minute`` stops: before it, or at the start of the
@@ -246,6 +264,17 @@ class AlertEngine:
         self, p: Plan, segments: SegmentView, key: SeriesKey, minute: int, cusum: Cusum
     ) -> Evidence | None:
         until = self._baseline_end(segments, key, cusum, minute)
+        if p.block > 1:  # spend's reporting blocks, once the history holds enough of them
+            before = until - until % p.block  # ... and not the block judged
+            history = self._blocks(segments, key, before, p.span, p.block)
+            if len(history) >= MIN_BLOCKS:
+                if (minute + 1) % p.block:
+                    return None  # judged with its block
+                base = self._base(segments, key, minute, before, p.span)
+                if base is None:
+                    return None
+                block = block_sums(segments, key, minute + 1 - p.block, p.block)
+                return block_evidence(p, block, history, base.rate)
         base = self._base(segments, key, minute, until, p.span)
         if base is None:
             return None
@@ -268,7 +297,7 @@ class AlertEngine:
             if ev is None:  # nothing to judge by yet: the minute passes unjudged
                 cusum.last = minute
                 continue
-            ratios = [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
+            ratios = judge(ev, rs, h)
             cusum.add(minute, ev, ratios, [h] * len(rs))
 
     def _judged(
