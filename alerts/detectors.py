@@ -22,22 +22,21 @@ What is judged is a count given what it is exposed to, derived from the catalogu
   (orders by the minute of their click) would be exact, but the minute sums keep an order
   at its own time, and a cohort matures only after the longest delay: a lagged exposure
   judges every minute at once, and errs only while clicks themselves move fast;
-- money per spend (CPC ... CAC: conversions per unit spend; ROAS, ROI: revenue per spend):
-  in whole reporting blocks (``SPEND_BLOCK_MINUTES``, clock-aligned, as platforms report).
+- money per spend (CPC ... CAC: conversions per unit spend; ROAS, ROI: revenue per spend).
   Spend arrives in lumps (a report per period, minutes late): one minute of it is mostly
-  lump or none, but a block holds one report per period whatever its delay, so a block's
-  spend is known far better than its minutes'. Each block's conversions (clicks for CPC)
-  are judged against the block's spend at the baseline's rate, counted in units of their
-  dispersion given the spend, *fitted* to the segment's own last blocks (``unit``): where
-  prices are steady and clicks are what is paid for, clicks given spend hardly vary (a
-  price rise shows at once, in one block); conversions that trail their clicks (orders)
-  vary at least like Poisson. A block's spend is trimmed of its largest minutes
-  (``alerts.baselines.block_sums``), its reports' minutes, in every block alike: a report
-  that came with the wrong block (late, early, twice) does not move it, while a price rise
-  raises every minute. Until a segment has ``MIN_BLOCKS`` blocks of history, each minute's
-  conversions are judged against the spend of the last ``LUMP_MINUTES`` instead, with a
-  report's uncertainty (``LUMP_SD``) counted: slow (a spike ramps in over the hour), but
-  not blind;
+  lump or none. A count paid for as it comes (clicks: CPC) is judged in whole reporting
+  blocks (``SPEND_BLOCK_MINUTES``, clock-aligned, as platforms report): each block's
+  clicks against the block's spend at the past blocks' rate, in units of their dispersion
+  given the spend, *fitted* to the segment's own last blocks (``unit``). Where prices are
+  steady, clicks given spend hardly vary, so a price rise shows in a block or two. A
+  block's spend is trimmed of its largest minutes (``alerts.baselines.block_sums``), its
+  reports' minutes, in every block alike: a report that came with the wrong block (late,
+  early, twice) does not move it, while a price rise raises every minute. Conversions that
+  trail their clicks (CPL, CPA, CAC; revenue for ROAS, ROI) are their own noise (at least
+  Poisson whatever the spend): each minute's against the spend of the last
+  ``LUMP_MINUTES``, several reports, with a report's uncertainty (``LUMP_SD``) counted; so
+  is CPC until a segment has ``MIN_BLOCKS`` blocks of history. Slow for a price rise (it
+  ramps in over the hour), which the CPC finds; these are for the conversions' side;
 - revenue is counted in units of ``aov * (1 + cv^2)`` (a compound Poisson sum: orders at
   random, values spread with ``ORDER_VALUE_CV``), which makes it Poisson-like; revenue
   per order (AOV) given the minute's orders in units of ``aov * cv^2``.
@@ -111,8 +110,8 @@ noisier). Blocks are aligned to the clock, as the periods are."""
 MIN_BLOCKS = 6
 """Blocks of history before spend is judged in blocks: a dispersion from fewer is a guess."""
 MIN_UNIT = 0.01
-"""Floor of the fitted dispersion of a count that is not Poisson given the spend (clicks,
-paid per click): a history of identical blocks must not make the next one exact."""
+"""Floor of the fitted dispersion of clicks given their spend: a history of identical
+blocks must not make the next one exact."""
 WEEK_MINUTES = 7 * 24 * 60
 SILENCE = 0.0
 """The multiplier of a stream gone silent."""
@@ -271,7 +270,7 @@ def plan(kpi: Kpi) -> Plan:
     if judged in MONEY:  # given the conversions: their values' spread; else compound Poisson
         given = exposure == kpi.volume_index
         cv2 = ORDER_VALUE_CV**2 + (0.0 if given else 1.0)
-    block = SPEND_BLOCK_MINUTES if exposure in LUMPY else 1
+    block = SPEND_BLOCK_MINUTES if exposure in LUMPY and judged not in TRAILING else 1
     return Plan(kpi, judged, exposure, lag, binomial, judged == den, cv2, block)
 
 
@@ -361,52 +360,44 @@ def evidence(
     return Evidence(x, mu, None, 0.0, float(info))
 
 
-def unit(p: Plan, history: Floats, rate: Floats) -> float:
+def unit(p: Plan, history: Floats) -> float:
     """The dispersion of ``p``'s judged count given its exposure, per expected count, fitted
     to past blocks (``history``: one row of sums per block).
 
     Each block's count is set against its exposure at the history's own ratio (so a slow
     drift of the level is not counted as scatter); the residuals' variance per expected
     count, made unbiased and raised by one standard error of a variance from K blocks
-    (K / (K - sqrt(2K)): a short history must not look steadier than it is). Floors: a
-    count trailing its clicks (orders) is at least Poisson given the spend; revenue at
-    least the compound Poisson of its orders (in micros); other counts ``MIN_UNIT``.
+    (K / (K - sqrt(2K)): a short history must not look steadier than it is), at least
+    ``MIN_UNIT``. Infinite when the history has no exposure or count to fit.
     """
     j, e = p.judged, p.exposure
     assert e is not None
     x, s = history[:, j], history[:, e]
     k = len(history)
-    floor = MIN_UNIT
-    if p.value_cv2 is not None:
-        conversions = p.kpi.volume_index
-        floor = float(rate[j] / rate[conversions]) * p.value_cv2 if rate[conversions] > 0 else 0.0
-    elif j in TRAILING:
-        floor = 1.0
     if k < 2 or s.sum() <= 0 or x.sum() <= 0:
         return math.inf
     mu = s * (x.sum() / s.sum())
     fitted = float(((x - mu) ** 2).sum() / mu.sum()) * k / (k - 1)
     fitted *= k / max(k - math.sqrt(2 * k), 1.0)
-    return max(fitted, floor)
+    return max(fitted, MIN_UNIT)
 
 
-def block_evidence(p: Plan, block: Sums, history: Floats, rate: Floats) -> Evidence | None:
+def block_evidence(p: Plan, block: Sums, history: Floats) -> Evidence | None:
     """One reporting block's evidence: its judged count against its exposure at the ratio
     of the past blocks, both in units of their fitted dispersion (``unit``), so that the
     Poisson log-likelihood ratio of ``llr`` applies (a quasi-likelihood). The ratio is the
     trimmed blocks' own (``alerts.baselines.block_sums``: a trimmed block is set against
     trimmed ones), and known from their judged count in the same units.
 
-    ``block``: the block's sums; ``history``: past blocks' sums (``MIN_BLOCKS`` or more);
-    ``rate``: the baseline per minute (``alerts.baselines.Expected``), for the value per
-    conversion. None when the history has nothing to judge by.
+    ``block``: the block's sums; ``history``: past blocks' sums (``MIN_BLOCKS`` or more).
+    None when the history has nothing to judge by.
     """
     j, e = p.judged, p.exposure
     assert e is not None and p.block > 1
     if len(history) < MIN_BLOCKS:
         return None
     seen, exposed = float(history[:, j].sum()), float(history[:, e].sum())
-    u = unit(p, history, rate)
+    u = unit(p, history)
     if not (seen > 0 and exposed > 0 and math.isfinite(u) and u > 0):
         return None
     x, mu = float(block[j]) / u, seen / exposed * float(block[e]) / u

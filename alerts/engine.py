@@ -270,11 +270,8 @@ class AlertEngine:
             if len(history) >= MIN_BLOCKS:
                 if (minute + 1) % p.block:
                     return None  # judged with its block
-                base = self._base(segments, key, minute, before, p.span)
-                if base is None:
-                    return None
                 block = block_sums(segments, key, minute + 1 - p.block, p.block)
-                return block_evidence(p, block, history, base.rate)
+                return block_evidence(p, block, history)
         base = self._base(segments, key, minute, until, p.span)
         if base is None:
             return None
