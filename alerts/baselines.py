@@ -163,10 +163,16 @@ def blocks(segments: SegmentView, key: SeriesKey, until: int, span: int, block: 
     within the ``span`` minutes of history before ``until`` (one row per block, oldest
     first): what a reporting block is judged against (``alerts.detectors.unit``). Empty
     before the segment's first whole block."""
-    first = segments.first_minute(key)
+    starts = block_starts(segments.first_minute(key), until, span, block)
+    rows = [block_sums(segments, key, b, block) for b in starts]
+    return np.array(rows, dtype=np.float64).reshape(len(rows), N_MEASURES)
+
+
+def block_starts(first: int | None, until: int, span: int, block: int) -> range:
+    """First minutes of the whole clock-aligned blocks of ``block`` minutes within the
+    ``span`` minutes before ``until``, from minute ``first`` of the history (None: none)."""
     if first is None:
-        return np.zeros((0, N_MEASURES))
+        return range(0)
     start = max(first, until - span)
     start += -start % block
-    rows = [block_sums(segments, key, b, block) for b in range(start, until - block + 1, block)]
-    return np.array(rows, dtype=np.float64).reshape(len(rows), N_MEASURES)
+    return range(start, until - block + 1, block)

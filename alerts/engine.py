@@ -33,6 +33,7 @@ from alerts.baselines import (
     FREEZE_MINUTES,
     Expected,
     Floats,
+    block_starts,
     block_sums,
     blocks,
     expected,
@@ -266,10 +267,11 @@ class AlertEngine:
         until = self._baseline_end(segments, key, cusum, minute)
         if p.block > 1:  # spend's reporting blocks, once the history holds enough of them
             before = until - until % p.block  # ... and not the block judged
-            history = self._blocks(segments, key, before, p.span, p.block)
-            if len(history) >= MIN_BLOCKS:
+            starts = block_starts(segments.first_minute(key), before, p.span, p.block)
+            if len(starts) >= MIN_BLOCKS:
                 if (minute + 1) % p.block:
                     return None  # judged with its block
+                history = self._blocks(segments, key, before, p.span, p.block)
                 block = block_sums(segments, key, minute + 1 - p.block, p.block)
                 return block_evidence(p, block, history)
         base = self._base(segments, key, minute, until, p.span)
