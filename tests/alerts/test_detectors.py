@@ -508,3 +508,18 @@ def test_a_price_rise_is_found_in_a_few_blocks(price: float, within: int) -> Non
     assert _blocked_run("cpc", sums[:onset], h, 180) is None
     fired = _blocked_run("cpc", sums, h, 180)
     assert fired is not None and onset <= fired < onset + within
+
+
+def test_a_ratio_baseline_is_as_sure_as_its_judged_count_given_the_exposure() -> None:
+    """Orders given their clicks: the baseline ratio is uncertain by its orders alone (the
+    judgement conditions on the clicks); a proportion by (1 - p) / (n p), less than its
+    count's. Spend, which is not a count, still adds its own uncertainty."""
+    rate = np.array([150.0, 6.0, 0.6, 0.85, 0.25, 60e6 * 0.85, 10e6])
+    counts = np.array([27_000.0, 1_080.0, 108.0, 153.0, 45.0, 153.0, 1e9])
+    minute = [140, 5, 1, 2, 0, 100_000_000, 9_000_000]
+    ctr = evidence(plan(KPI["ctr"]), minute, minute, rate, counts, 180)
+    assert ctr is not None and ctr.counts == pytest.approx(1_080 / (1 - 0.04))
+    conversion = evidence(plan(KPI["conversion_rate"]), minute, minute, rate, counts, 180)
+    assert conversion is not None and conversion.counts == pytest.approx(153.0)
+    cpa = evidence(plan(KPI["cpa"]), minute, minute, rate, counts, 180)
+    assert cpa is not None and cpa.counts < 153.0
