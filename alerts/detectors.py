@@ -394,6 +394,12 @@ def block_evidence(p: Plan, block: Sums, history: Floats) -> Evidence | None:
     """
     j, e = p.judged, p.exposure
     assert e is not None and p.block > 1
+    # Blocks before the segment's traffic (its first minute may be a stray's: a trickle of
+    # late events) say nothing of its prices, and would fit a dispersion of ~0: a block
+    # counts with a quarter of the largest one's exposure or more (the day's shape moves
+    # traffic far less within the span).
+    exposure = history[:, e]
+    history = history[(history[:, j] > 0) & (exposure > 0) & (exposure >= exposure.max() / 4)]
     if len(history) < MIN_BLOCKS:
         return None
     seen, exposed = float(history[:, j].sum()), float(history[:, e].sum())

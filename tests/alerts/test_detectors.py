@@ -523,3 +523,20 @@ def test_a_ratio_baseline_is_as_sure_as_its_judged_count_given_the_exposure() ->
     assert conversion is not None and conversion.counts == pytest.approx(153.0)
     cpa = evidence(plan(KPI["cpa"]), minute, minute, rate, counts, 180)
     assert cpa is not None and cpa.counts < 153.0
+
+
+def test_blocks_before_a_segments_traffic_are_not_history() -> None:
+    """Empty blocks and a trickle of strays (before the traffic began, after a stray event
+    set its first minute) would fit a dispersion of ~0 and make the next block exact:
+    they are left out."""
+    rng = np.random.default_rng(5)
+    real = _shop_minutes(rng, 100, late=0.0).reshape(-1, SPEND_BLOCK_MINUTES, 7).sum(axis=1)
+    cpc = plan(KPI["cpc"])
+    empty = np.zeros((12, 7))
+    empty[::3, CLICKS], empty[1::3, SPEND] = 1, 2e6  # strays
+    empty[2::3, CLICKS], empty[2::3, SPEND] = 1, 1e6
+    few = np.concatenate([empty, real[: MIN_BLOCKS - 1]])
+    assert block_evidence(cpc, real[-1], few) is None
+    padded = block_evidence(cpc, real[-1], np.concatenate([empty, real[:-1]]))
+    alone = block_evidence(cpc, real[-1], real[:-1])
+    assert padded is not None and padded == alone
