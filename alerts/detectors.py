@@ -22,14 +22,21 @@ What is judged is a count given what it is exposed to, derived from the catalogu
   (orders by the minute of their click) would be exact, but the minute sums keep an order
   at its own time, and a cohort matures only after the longest delay: a lagged exposure
   judges every minute at once, and errs only while clicks themselves move fast;
-- money per spend (CPC ... CAC: conversions per unit spend; ROAS, ROI: revenue per spend):
-  Poisson, given the spend of the last ``LUMP_MINUTES``. Spend arrives in lumps (platform
-  reports every ~10 min, minutes late): one minute of spend says nothing, an hour holds
-  six reports give or take one. So cost KPIs are judged on the conversions side, each
-  minute's conversions against the hour's spend rate; the price is that a spend spike
-  shows up as it enters that hour (detection ramps over up to an hour), not at once, and
-  that the hour's spend is itself uncertain by a report (``LUMP_SD``, counted below), so
-  small moves of cost KPIs take long to tell at any volume;
+- money per spend (CPC ... CAC: conversions per unit spend; ROAS, ROI: revenue per spend).
+  Spend arrives in lumps (a report per period, minutes late): one minute of it is mostly
+  lump or none. A count paid for as it comes (clicks: CPC) is judged in whole reporting
+  blocks (``SPEND_BLOCK_MINUTES``, clock-aligned, as platforms report): each block's
+  clicks against the block's spend at the past blocks' rate, in units of their dispersion
+  given the spend, *fitted* to the segment's own last blocks (``unit``). Where prices are
+  steady, clicks given spend hardly vary, so a price rise shows in a block or two. A
+  block's spend is trimmed of its largest minutes (``alerts.baselines.block_sums``), its
+  reports' minutes, in every block alike: a report that came with the wrong block (late,
+  early, twice) does not move it, while a price rise raises every minute. Conversions that
+  trail their clicks (CPL, CPA, CAC; revenue for ROAS, ROI) are their own noise (at least
+  Poisson whatever the spend): each minute's against the spend of the last
+  ``LUMP_MINUTES``, several reports, with a report's uncertainty (``LUMP_SD``) counted; so
+  is CPC until a segment has ``MIN_BLOCKS`` blocks of history. Slow for a price rise (it
+  ramps in over the hour), which the CPC finds; these are for the conversions' side;
 - revenue is counted in units of ``aov * (1 + cv^2)`` (a compound Poisson sum: orders at
   random, values spread with ``ORDER_VALUE_CV``), which makes it Poisson-like; revenue
   per order (AOV) given the minute's orders in units of ``aov * cv^2``.
@@ -96,6 +103,15 @@ LUMP_SD = 0.1
 """Relative spread of an hour's spend from its lumps (six reports, give or take one, of
 a share of the spend): it persists for minutes, so it is counted like the baseline's own
 uncertainty. This is what makes small moves of cost KPIs slow to tell at any volume."""
+SPEND_BLOCK_MINUTES = 10
+"""Minutes of a reporting block: the period of ad platforms' spend reports (10-15 min is
+common; with longer periods the fitted dispersion is larger and detection slower, never
+noisier). Blocks are aligned to the clock, as the periods are."""
+MIN_BLOCKS = 6
+"""Blocks of history before spend is judged in blocks: a dispersion from fewer is a guess."""
+MIN_UNIT = 0.01
+"""Floor of the fitted dispersion of clicks given their spend: a history of identical
+blocks must not make the next one exact."""
 WEEK_MINUTES = 7 * 24 * 60
 SILENCE = 0.0
 """The multiplier of a stream gone silent."""
@@ -226,6 +242,9 @@ class Plan:
     """The judged count is the KPI's denominator (a cost per conversion moves against it)."""
     value_cv2: float | None
     """Money judged (revenue): counted in units of the value per conversion times this."""
+    block: int = 1
+    """Minutes judged at once once the history allows (spend's reporting blocks); 1: each
+    minute on its own."""
 
     @property
     def span(self) -> int:
@@ -251,7 +270,8 @@ def plan(kpi: Kpi) -> Plan:
     if judged in MONEY:  # given the conversions: their values' spread; else compound Poisson
         given = exposure == kpi.volume_index
         cv2 = ORDER_VALUE_CV**2 + (0.0 if given else 1.0)
-    return Plan(kpi, judged, exposure, lag, binomial, judged == den, cv2)
+    block = SPEND_BLOCK_MINUTES if exposure in LUMPY and judged not in TRAILING else 1
+    return Plan(kpi, judged, exposure, lag, binomial, judged == den, cv2, block)
 
 
 def multipliers(p: Plan, min_change: float) -> tuple[float, ...]:
@@ -283,6 +303,8 @@ class Evidence:
     p0: float
     counts: float
     """Information of the baseline behind ``mu`` (1 / its relative variance)."""
+    block: bool = False
+    """A whole reporting block (``block_evidence``), not one minute."""
 
 
 def evidence(
@@ -311,10 +333,17 @@ def evidence(
     ratio = float(rate[j] / rate[e])
     conversions = p.kpi.volume_index
     info_j = counts[conversions] if j in MONEY else counts[j]
-    info_e = counts[e]
     if e in LUMPY:
         info_e = 1.0 / (1.0 / (SPEND_INFORMATION_PER_MINUTE * span) + LUMP_SD**2)
-    info = 0.0 if min(info_j, info_e) <= 0 else 1.0 / (1.0 / info_j + 1.0 / info_e)
+        info = 0.0 if min(info_j, info_e) <= 0 else 1.0 / (1.0 / info_j + 1.0 / info_e)
+    else:
+        # The exposure is a count seen with the judged one, and judged given: the
+        # baseline ratio is uncertain by its judged count alone (orders given their
+        # clicks), not by the exposure's own chance (which the judgement conditions on);
+        # a proportion's by (1 - p) / (n p), less than its count's.
+        info = float(info_j) if counts[e] > 0 else 0.0
+        if p.binomial and ratio < 1:
+            info /= 1.0 - ratio
     x = float(minute[j])
     if p.binomial:
         if ratio >= 1:
@@ -329,6 +358,62 @@ def evidence(
         unit = float(rate[j] / rate[conversions]) * p.value_cv2
         x, mu = x / unit, mu / unit
     return Evidence(x, mu, None, 0.0, float(info))
+
+
+def unit(p: Plan, history: Floats) -> float:
+    """The dispersion of ``p``'s judged count given its exposure, per expected count, fitted
+    to past blocks (``history``: one row of sums per block).
+
+    Each block's count is set against its exposure at the history's own ratio (so a slow
+    drift of the level is not counted as scatter); the residuals' variance per expected
+    count, made unbiased and raised by one standard error of a variance from K blocks
+    (K / (K - sqrt(2K)): a short history must not look steadier than it is), at least
+    ``MIN_UNIT``. Infinite when the history has no exposure or count to fit.
+    """
+    j, e = p.judged, p.exposure
+    assert e is not None
+    x, s = history[:, j], history[:, e]
+    k = len(history)
+    if k < 2 or s.sum() <= 0 or x.sum() <= 0:
+        return math.inf
+    mu = s * (x.sum() / s.sum())
+    fitted = float(((x - mu) ** 2).sum() / mu.sum()) * k / (k - 1)
+    fitted *= k / max(k - math.sqrt(2 * k), 1.0)
+    return max(fitted, MIN_UNIT)
+
+
+def block_evidence(p: Plan, block: Sums, history: Floats) -> Evidence | None:
+    """One reporting block's evidence: its judged count against its exposure at the ratio
+    of the past blocks, both in units of their fitted dispersion (``unit``), so that the
+    Poisson log-likelihood ratio of ``llr`` applies (a quasi-likelihood). The ratio is the
+    trimmed blocks' own (``alerts.baselines.block_sums``: a trimmed block is set against
+    trimmed ones), and known from their judged count in the same units.
+
+    ``block``: the block's sums; ``history``: past blocks' sums (``MIN_BLOCKS`` or more).
+    None when the history has nothing to judge by.
+    """
+    j, e = p.judged, p.exposure
+    assert e is not None and p.block > 1
+    # Blocks before the segment's traffic (its first minute may be a stray's: a trickle of
+    # late events) say nothing of its prices, and would fit a dispersion of ~0: a block
+    # counts with a quarter of the largest one's exposure or more (the day's shape moves
+    # traffic far less within the span).
+    exposure = history[:, e]
+    history = history[(history[:, j] > 0) & (exposure > 0) & (exposure >= exposure.max() / 4)]
+    if len(history) < MIN_BLOCKS:
+        return None
+    seen, exposed = float(history[:, j].sum()), float(history[:, e].sum())
+    u = unit(p, history)
+    if not (seen > 0 and exposed > 0 and math.isfinite(u) and u > 0):
+        return None
+    x, mu = float(block[j]) / u, seen / exposed * float(block[e]) / u
+    return Evidence(x, mu, None, 0.0, seen / u, block=True)
+
+
+def judge(ev: Evidence, rs: Sequence[float], h: float) -> list[float]:
+    """The log-likelihood ratios of ``ev`` for magnitudes ``rs``, each weighted by the
+    baseline's certainty at threshold ``h`` (``discount``)."""
+    return [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
 
 
 def llr(ev: Evidence, r: float) -> float:

@@ -31,20 +31,29 @@ from typing import Any
 import numpy as np
 
 from alerts import goals as goal_rules
-from alerts.baselines import FREEZE_HISTORY, FREEZE_MINUTES, Expected, expected
+from alerts.baselines import (
+    FREEZE_HISTORY,
+    FREEZE_MINUTES,
+    Expected,
+    Floats,
+    block_starts,
+    block_sums,
+    blocks,
+    expected,
+)
 from alerts.detectors import (
+    MIN_BLOCKS,
     Cusum,
     Detectors,
     Evidence,
     Plan,
-    discount,
+    block_evidence,
     evidence,
+    judge,
     kpi_value,
-    llr,
     multipliers,
     plan,
     threshold,
-    weighted,
 )
 from alerts.goals import Goals
 from alerts.incidents import IncidentNote, Incidents, Seen, gap
@@ -117,6 +126,7 @@ class AlertEngine:
         }
         self.baselines: dict[BaselineKey, float] = {}
         self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
+        self._history: dict[tuple[SeriesKey, int, int, int], Floats] = {}
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
@@ -136,7 +146,7 @@ class AlertEngine:
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.trend)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
-        self._expected = {}
+        self._expected, self._history = {}, {}
         for rule in self.trend:
             h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
                           self.budget)  # fmt: skip
@@ -145,7 +155,7 @@ class AlertEngine:
             )
             resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
         self.baselines = baselines
-        self._expected = {}
+        self._expected, self._history = {}, {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
         resolved.update(self._evaluate_goals(segments, end_minute, now_s, goals))
@@ -257,6 +267,15 @@ class AlertEngine:
             self._expected[memo] = expected(segments, key, minute, until, span)
         return self._expected[memo]
 
+    def _blocks(
+        self, segments: SegmentView, key: SeriesKey, until: int, span: int, block: int
+    ) -> Floats:
+        """Past reporting blocks of ``key`` before ``until``, once a tick (memo)."""
+        memo = (key, until, span, block)
+        if memo not in self._history:
+            self._history[memo] = blocks(segments, key, until, span, block)
+        return self._history[memo]
+
     @staticmethod
     def _baseline_end(segments: SegmentView, key: SeriesKey, cusum: Cusum, minute: int) -> int:
         """Where the baseline of ``minute`` stops: before it, or at the start of the
@@ -274,6 +293,15 @@ class AlertEngine:
         self, p: Plan, segments: SegmentView, key: SeriesKey, minute: int, cusum: Cusum
     ) -> Evidence | None:
         until = self._baseline_end(segments, key, cusum, minute)
+        if p.block > 1:  # spend's reporting blocks, once the history holds enough of them
+            before = until - until % p.block  # ... and not the block judged
+            starts = block_starts(segments.first_minute(key), before, p.span, p.block)
+            if len(starts) >= MIN_BLOCKS:
+                if (minute + 1) % p.block:
+                    return None  # judged with its block
+                history = self._blocks(segments, key, before, p.span, p.block)
+                block = block_sums(segments, key, minute + 1 - p.block, p.block)
+                return block_evidence(p, block, history)
         base = self._base(segments, key, minute, until, p.span)
         if base is None:
             return None
@@ -296,7 +324,7 @@ class AlertEngine:
             if ev is None:  # nothing to judge by yet: the minute passes unjudged
                 cusum.last = minute
                 continue
-            ratios = [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
+            ratios = judge(ev, rs, h)
             cusum.add(minute, ev, ratios, [h] * len(rs))
 
     def _judged(

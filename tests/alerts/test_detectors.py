@@ -16,18 +16,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from alerts.baselines import FREEZE_MINUTES, block_sums, blocks
 from alerts.detectors import (
     LUMP_MINUTES,
     MATURING_MINUTES,
+    MIN_BLOCKS,
+    MIN_UNIT,
     ORDER_VALUE_CV,
     SILENCE,
+    SPEND_BLOCK_MINUTES,
     WEEK_MINUTES,
     Cusum,
     Detectors,
     Evidence,
+    block_evidence,
     discount,
     evidence,
     information_bound,
+    judge,
     kl_per_count,
     llr,
     multipliers,
@@ -36,9 +42,12 @@ from alerts.detectors import (
     poisson_cdf,
     poisson_sf,
     threshold,
+    unit,
     weighted,
 )
-from stream.kpis import KPI, KPIS, LUMPY, SPEND, TRAILING
+from stream.kpis import CLICKS, IMPRESSIONS, KPI, KPIS, LUMPY, ORDERS, SPEND, TRAILING
+from stream.segments import SegmentView
+from stream.windows import Retention, SeriesBuckets
 from tests.kpis import COST_KPIS, COUNT_KPIS, RATE_KPIS
 
 # --- known numbers -----------------------------------------------------------------------------
@@ -380,3 +389,154 @@ def test_any_evidence_keeps_the_statistics_finite_and_consistent(
         assert all(0 <= s <= 12.0 for s in cusum.stats)
     data = json.loads(json.dumps(detectors.to_dict()))
     assert Detectors.from_dict(detectors.multipliers, data).to_dict() == detectors.to_dict()
+
+
+# --- spend in reporting blocks -----------------------------------------------------------------
+
+
+def _shop_minutes(
+    rng: np.random.Generator, minutes: int, *, impressions: float = 300.0, ctr: float = 0.04,
+    cpc: float = 1.5, fee_cpm: float = 12.0, price: float = 1.0, rise_from: int | None = None,
+    late: float = 0.02,
+) -> np.ndarray:  # fmt: skip
+    """Minute sums (measures of ``stream.kpis``; spend in micros) of a segment priced like
+    ``kpimon simulate``'s: clicks at a CPC varying +-20% each, impression costs, and fees
+    accrued per impression but reported in one lump per clock-aligned 10-minute period, up
+    to 3 minutes after it; a share ``late`` of reports is stamped 1-5 minutes earlier (a
+    late event: two lumps in one block, none in the next). Prices are times ``price`` from
+    minute ``rise_from`` on."""
+    out = np.zeros((minutes, 7))
+    shown = rng.poisson(impressions, minutes)
+    clicks = rng.binomial(shown, ctr)
+    scale = np.ones(minutes)
+    if rise_from is not None:
+        scale[rise_from:] = price
+    for m in range(minutes):
+        per_click = cpc * rng.uniform(0.8, 1.2, clicks[m]).sum()
+        out[m, IMPRESSIONS], out[m, CLICKS] = shown[m], clicks[m]
+        out[m, ORDERS] = rng.poisson(clicks[m] * 0.05)
+        out[m, SPEND] += (shown[m] * 4.0 / 1000 + per_click) * scale[m] * 1e6
+    fees = shown * fee_cpm / 1000 * scale * 1e6
+    for end in range(10, minutes, 10):
+        due = end + int(rng.integers(0, 4))
+        if rng.random() < late:
+            due -= int(rng.integers(1, 6))
+        if due < minutes:
+            out[due, SPEND] += fees[end - 10 : end].sum()
+    return out
+
+
+def _blocked_run(kpi: str, sums: np.ndarray, h: float, start: int) -> int | None:
+    """Minute of the first alarm of ``kpi``'s block CUSUM over ``sums`` from ``start`` (the
+    engine's way, through a segment view: trimmed blocks, 3 hours of trailing baseline and
+    blocks before each block, frozen at the start of an excursion), or None."""
+    p = plan(KPI[kpi])
+    rs = multipliers(p, 0.2)
+    cusum = Cusum.empty(len(rs))
+    key = ("channel", "display", "")
+    buckets = SeriesBuckets(Retention())
+    for m in range(start):
+        buckets.add(m, [int(v) for v in sums[m]])
+    for end in range(start + p.block, len(sums) + 1, p.block):
+        for m in range(end - p.block, end):
+            buckets.add(m, [int(v) for v in sums[m]])
+        view = SegmentView({key: buckets})
+        until = end - 1 if cusum.since is None else max(cusum.since, end - 1 - FREEZE_MINUTES)
+        before = until - until % p.block
+        history = blocks(view, key, before, 180, p.block)
+        ev = block_evidence(p, block_sums(view, key, end - p.block, p.block), history)
+        assert ev is not None
+        cusum.add(end - 1, ev, judge(ev, rs, h), [h] * len(rs))
+        if cusum.alarms():
+            return end - 1
+    return None
+
+
+def test_cost_kpis_judge_spend_in_reporting_blocks() -> None:
+    for known in KPIS:  # counts paid for as they come; conversions trailing them are not
+        p = plan(known)
+        blocked = p.exposure in LUMPY and p.judged not in TRAILING
+        assert p.block == (SPEND_BLOCK_MINUTES if blocked else 1)
+    cpc = plan(KPI["cpc"])
+    assert (cpc.judged, cpc.exposure, cpc.inverse) == (CLICKS, SPEND, True)
+
+
+def test_the_dispersion_is_fitted_to_the_blocks_and_floored() -> None:
+    rng = np.random.default_rng(7)
+    sums = _shop_minutes(rng, 180, late=0.0)
+    history = sums.reshape(-1, SPEND_BLOCK_MINUTES, 7).sum(axis=1)
+    cpc = plan(KPI["cpc"])
+    # Clicks given their spend hardly vary: far below Poisson.
+    assert MIN_UNIT <= unit(cpc, history) < 0.5
+    steady = np.tile(history[:1], (len(history), 1))  # identical blocks: the floor, not 0
+    assert unit(cpc, steady) == MIN_UNIT
+    assert block_evidence(cpc, history[0], history[: MIN_BLOCKS - 1]) is None
+    ev = block_evidence(cpc, history[-1], history)
+    assert (
+        ev is not None
+        and ev.block
+        and ev.x == pytest.approx(history[-1, CLICKS] / unit(cpc, history))
+    )
+    # A report that came with the wrong block (here: the next block's, early) is trimmed.
+    minutes = sums[:SPEND_BLOCK_MINUTES].copy()
+    early = minutes.copy()
+    early[5, SPEND] += minutes[:, SPEND].max()  # a second report, in a quiet minute
+    fake = {("global", "", ""): SeriesBuckets(Retention())}
+    for m, row in enumerate(early):
+        fake[("global", "", "")].add(m, [int(v) for v in row])
+    view = SegmentView(fake)
+    trimmed = block_sums(view, ("global", "", ""), 0, SPEND_BLOCK_MINUTES)
+    assert trimmed[SPEND] < minutes[:, SPEND].sum() < early[:, SPEND].sum()
+
+
+def test_lumpy_spend_without_a_price_rise_stays_quiet() -> None:
+    """A week of blocks of lumpy spend reports, 5% of them with the wrong block: no alarm
+    at a threshold of one false alert a week over ~300 detectors (h ~ 15)."""
+    rng = np.random.default_rng(20261202)
+    sums = _shop_minutes(rng, 7 * 1440, late=0.05)
+    assert _blocked_run("cpc", sums, threshold(300, 1, 3, 1), 180) is None
+
+
+@pytest.mark.parametrize(("price", "within"), [(1.2, 60), (1.3, 40), (1.5, 10)])
+def test_a_price_rise_is_found_in_a_few_blocks(price: float, within: int) -> None:
+    """Prices up at unchanged clicks (``spend_spike``) show in CPC within a few blocks at
+    12 clicks a minute (~15% of the spend in lumps), a 50% rise in its first block."""
+    rng = np.random.default_rng(11)
+    onset = 600
+    sums = _shop_minutes(rng, onset + 120, price=price, rise_from=onset)
+    h = threshold(300, 1, 3, 1)
+    assert _blocked_run("cpc", sums[:onset], h, 180) is None
+    fired = _blocked_run("cpc", sums, h, 180)
+    assert fired is not None and onset <= fired < onset + within
+
+
+def test_a_ratio_baseline_is_as_sure_as_its_judged_count_given_the_exposure() -> None:
+    """Orders given their clicks: the baseline ratio is uncertain by its orders alone (the
+    judgement conditions on the clicks); a proportion by (1 - p) / (n p), less than its
+    count's. Spend, which is not a count, still adds its own uncertainty."""
+    rate = np.array([150.0, 6.0, 0.6, 0.85, 0.25, 60e6 * 0.85, 10e6])
+    counts = np.array([27_000.0, 1_080.0, 108.0, 153.0, 45.0, 153.0, 1e9])
+    minute = [140, 5, 1, 2, 0, 100_000_000, 9_000_000]
+    ctr = evidence(plan(KPI["ctr"]), minute, minute, rate, counts, 180)
+    assert ctr is not None and ctr.counts == pytest.approx(1_080 / (1 - 0.04))
+    conversion = evidence(plan(KPI["conversion_rate"]), minute, minute, rate, counts, 180)
+    assert conversion is not None and conversion.counts == pytest.approx(153.0)
+    cpa = evidence(plan(KPI["cpa"]), minute, minute, rate, counts, 180)
+    assert cpa is not None and cpa.counts < 153.0
+
+
+def test_blocks_before_a_segments_traffic_are_not_history() -> None:
+    """Empty blocks and a trickle of strays (before the traffic began, after a stray event
+    set its first minute) would fit a dispersion of ~0 and make the next block exact:
+    they are left out."""
+    rng = np.random.default_rng(5)
+    real = _shop_minutes(rng, 100, late=0.0).reshape(-1, SPEND_BLOCK_MINUTES, 7).sum(axis=1)
+    cpc = plan(KPI["cpc"])
+    empty = np.zeros((12, 7))
+    empty[::3, CLICKS], empty[1::3, SPEND] = 1, 2e6  # strays
+    empty[2::3, CLICKS], empty[2::3, SPEND] = 1, 1e6
+    few = np.concatenate([empty, real[: MIN_BLOCKS - 1]])
+    assert block_evidence(cpc, real[-1], few) is None
+    padded = block_evidence(cpc, real[-1], np.concatenate([empty, real[:-1]]))
+    alone = block_evidence(cpc, real[-1], real[:-1])
+    assert padded is not None and padded == alone

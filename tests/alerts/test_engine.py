@@ -312,3 +312,37 @@ def test_a_clone_steps_like_the_engine_and_leaves_it_as_it_was() -> None:
     assert notified == {"firing", "update", "resolved"}
     assert json.dumps(engine.to_dict()) == before, "the original is untouched"
     assert step(engine, later) == from_clone
+
+
+def _spend_run(price: float, minutes: int, onset: int) -> list[dict[str, Any]]:
+    """One campaign priced like ``kpimon simulate``'s (lumpy fee reports, a few with the
+    wrong block) through the engine with the default CPC rules' shape, every minute."""
+    import numpy as np
+
+    from tests.alerts.test_detectors import _shop_minutes
+
+    rules = parse_rules(
+        "rules:\n  - name: cpc_rise\n    kpi: cpc\n    scopes: [global, channel, campaign]\n"
+        "    min_change: 0.2\n    keep_firing_for: 15m\n    severity: ticket\n"
+        "    runbook_url: docs/runbooks/cost-rise.md\n"
+    )
+    sums = _shop_minutes(np.random.default_rng(3), minutes, price=price, rise_from=onset,
+                         late=0.05)  # fmt: skip
+    store, engine = SegmentStore(), AlertEngine(rules)
+    t0 = 29_916_000  # a minute index, aligned to the 10-minute reports
+    out: list[dict[str, Any]] = []
+    for m in range(minutes):
+        store.apply_cells([("display", "c2", t0 + m, [int(v) for v in sums[m]])])
+        out += engine.evaluate(SegmentView(store.series), t0 + m + 1, (t0 + m + 1) * 60.0)
+    return [r for r in out if r["notification"] == "firing"]
+
+
+def test_a_price_rise_fires_cpc_in_its_first_blocks_and_lumps_alone_do_not() -> None:
+    """The engine's CPC rule over lumpy spend: quiet for 8 hours of it, and a 50% price
+    rise at unchanged clicks (``spend_spike``) fires within two reporting blocks."""
+    onset = 8 * 60
+    assert _spend_run(1.0, onset + 60, onset) == []
+    fired = _spend_run(1.5, onset + 60, onset)
+    assert fired and {r["kpi"] for r in fired} == {"cpc"}
+    first = min(datetime.fromisoformat(r["fired_at"]).timestamp() for r in fired) / 60
+    assert 29_916_000 + onset < first <= 29_916_000 + onset + 21
