@@ -47,7 +47,7 @@ from alerts.incidents import IncidentNote, Incidents, Seen, gap
 from alerts.lifecycle import Alert, AlertKey, AlertState, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
 from alerts.text import iso, summary
-from stream.aggregate import OTHER, SeriesKey
+from stream.aggregate import OTHER, UNATTRIBUTED, SeriesKey
 from stream.kpis import KPI
 from stream.segments import SegmentView
 
@@ -120,10 +120,14 @@ class AlertEngine:
         Each rule's alerts step their own lifecycle; what is notified is the incident
         layer's (``alerts.incidents``): the alerts of one cause make one record."""
         # Folded segments change members when the guard promotes or demotes: a
-        # promoted id's future leaves ``__other__``, which would read as a drop.
+        # promoted id's future leaves ``__other__``, which would read as a drop. Nor is
+        # ``unattributed`` judged: orders leave it when their click comes (good news, not a
+        # drop), it has no clicks or spend for ratios, and a loss shows in its channel.
         keys = {
-            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k] for r in self.rules
-        }
+            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k
+                     and k[2] != UNATTRIBUTED]
+            for r in self.rules
+        }  # fmt: skip
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.rules)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
