@@ -405,6 +405,26 @@ def test_a_restore_between_an_order_and_its_click_moves_it_as_the_live_state() -
     assert a.cells == b.cells and a.reattributed == b.reattributed == Counter({"order": 4})
 
 
+def test_a_move_into_shown_minutes_restates_them() -> None:
+    """Moving an order rewrites a minute the windows have shown in two series: the scope
+    store counts both cells as restated (alerts hold while a worker still lags), and the
+    unattributed series' minute sums to zero."""
+    state, store = DedupState(), SegmentStore()
+    order = routed("order", "o1", T0, campaign=None, channel="unknown", click="k1", revenue=9)
+    cells = state.apply([order], T0 + MIN).cells
+    store.apply_cells([(*cell, values) for cell, values in cells.items()])
+    store.evaluate(T0 + 5 * MIN)  # shows the order's minute
+    store.restated = 0
+    moved = state.apply([routed("click", "k", T0 + 4 * MIN, campaign="c2", click="k1")],
+                        T0 + 5 * MIN).cells  # fmt: skip
+    store.apply_cells([(*cell, values) for cell, values in moved.items()])
+    assert store.restated == 2, "the order's minute in two series (the click's is not shown)"
+    minute = T0 // MIN
+    assert store.series[("campaign", "unknown", UNATTRIBUTED)].sum(minute, minute + 1)[3] == 0
+    assert store.series[("campaign", "search", "c2")].sum(minute, minute + 1)[3] == 1
+    assert store.series[("channel", "search", "")].sum(minute, minute + 1)[5] == 9
+
+
 ids_st = st.integers(0, 7)
 
 
