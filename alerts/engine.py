@@ -60,7 +60,7 @@ from alerts.incidents import IncidentNote, Incidents, Seen, gap
 from alerts.lifecycle import Alert, AlertKey, AlertState, Notification, RuleAlerts, Timing
 from alerts.rules import Rule, RulesFile
 from alerts.text import iso, summary
-from stream.aggregate import OTHER, SeriesKey
+from stream.aggregate import OTHER, UNATTRIBUTED, SeriesKey
 from stream.kpis import KPI
 from stream.segments import SegmentView
 
@@ -139,10 +139,14 @@ class AlertEngine:
         layer's (``alerts.incidents``): the alerts of one cause make one record. Rules
         against goals and budgets judge by ``goals`` (the targets in force; none: nothing)."""
         # Folded segments change members when the guard promotes or demotes: a
-        # promoted id's future leaves ``__other__``, which would read as a drop.
+        # promoted id's future leaves ``__other__``, which would read as a drop. Nor is
+        # ``unattributed`` judged: orders leave it when their click comes (good news, not a
+        # drop), it has no clicks or spend for ratios, and a loss shows in its channel.
         keys = {
-            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k] for r in self.trend
-        }
+            r.name: [k for k in segments if k[0] in r.scopes and OTHER not in k
+                     and k[2] != UNATTRIBUTED]
+            for r in self.trend
+        }  # fmt: skip
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.trend)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}

@@ -44,6 +44,8 @@ from stream.windows import (
 )
 
 UNATTRIBUTED = "unattributed"
+ATTRIBUTED = ("lead", "order")
+"""Event types attributed to the clicked campaign when they carry none."""
 OTHER = "__other__"
 
 # A routed event, as a tuple for speed (see stream.codec): these are its fields.
@@ -54,6 +56,9 @@ Cell = tuple[str, str, int]  # (channel, campaign, minute)
 
 
 DEDUP_MINUTES = {"impression": 60, "click": 60, "lead": 1440, "order": 1440, "spend": 1440}
+PENDING_LIMIT = 100_000
+"""Leads and orders one partition keeps waiting for their click (~200 bytes each); beyond
+it they stay unattributed, counted in ``BatchOutput.attribution_overflow``."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Horizons:
     dedup_minutes: dict[str, int] = field(default_factory=lambda: dict(DEDUP_MINUTES))
     attribution_minutes: int = 1440
     settle_ms: int = 60_000
+    max_pending: int = PENDING_LIMIT
+    """Leads and orders kept per partition waiting for their click (:class:`_Pending`)."""
 
 
 @dataclass
@@ -78,6 +85,12 @@ class BatchOutput:
     late: Counter[str] = field(default_factory=Counter)
     out_of_order: Counter[str] = field(default_factory=Counter)
     too_late: list[TooLate] = field(default_factory=list)
+    reattributed: Counter[str] = field(default_factory=Counter)
+    """Leads and orders moved from ``unattributed`` to their click's campaign when the
+    click came after them (a backlog read ahead of the clicks, a late click)."""
+    attribution_overflow: Counter[str] = field(default_factory=Counter)
+    """Leads and orders left unattributed, whatever click comes, because the partition's
+    pending bound (``Horizons.max_pending``) was full."""
     source_hist: dict[int, int] = field(default_factory=dict)
     """Counted events by source timestamp rounded down to 100 ms (end-to-end latency)."""
 
@@ -158,6 +171,64 @@ class _ExpiringKeys:
                     del self.entries[key]
 
 
+_Conversion = tuple[int, str, str, int, int, int]
+"""A pending lead or order: (expires, type, channel, minute, new customer, revenue)."""
+
+
+class _Pending:
+    """Leads and orders counted as ``unattributed`` because their click was not known yet,
+    by the click's key hash: when the click comes, they move to its campaign.
+
+    One is kept until its click could no longer be counted (its minute plus the click
+    horizon, at most the attribution window): a click stamped before its order is then
+    too late. ``limit`` bounds the memory; logs additions (a click claiming them is in
+    the clicks log, which removes them on restore).
+    """
+
+    __slots__ = ("by_minute", "entries", "limit", "log", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.entries: dict[int, list[_Conversion]] = {}
+        self.by_minute: dict[int, list[int]] = {}
+        self.log: list[tuple[int, int, str, str, int, int, int]] = []  # (click, *item)
+        self.limit = limit
+        self.size = 0
+
+    def put(self, click: int, item: _Conversion, *, record: bool = True) -> None:
+        self.entries.setdefault(click, []).append(item)
+        self.by_minute.setdefault(item[0], []).append(click)
+        self.size += 1
+        if record:
+            self.log.append((click, *item))
+
+    def pop(self, click: int) -> list[_Conversion]:
+        items = self.entries.pop(click, [])
+        self.size -= len(items)
+        return items
+
+    def expire(self, now_minute: int) -> None:
+        for minute in [m for m in self.by_minute if m < now_minute]:
+            for click in self.by_minute.pop(minute):
+                items = self.entries.get(click)
+                if items is None:
+                    continue
+                keep = [item for item in items if item[0] >= now_minute]
+                self.size -= len(items) - len(keep)
+                if keep:
+                    self.entries[click] = keep
+                else:
+                    del self.entries[click]
+
+
+def _conversion_values(kind: str, new: int, revenue: int) -> list[int]:
+    values = [0] * N_MEASURES
+    if kind == "lead":
+        values[LEADS] = 1
+    else:
+        values[ORDERS], values[NEW_CUSTOMERS], values[REVENUE] = 1, new, revenue
+    return values
+
+
 class DedupState:
     """Dedup, attribution and the lateness horizon for one partition of routed events.
 
@@ -168,12 +239,18 @@ class DedupState:
     type's horizon; an event whose key would already be forgotten cannot be told
     from a copy that was counted, so it is set aside as too late instead of counted.
     Every other event is counted exactly once, however late or out of order.
+
+    Attribution does not depend on arrival order either: a lead or order whose click
+    is not known yet counts as ``unattributed`` and waits (:class:`_Pending`); its click,
+    when it comes, moves it to the click's campaign (a negative and a positive delta).
+    A lead or order attributes to a click at most ``attribution_minutes`` after it.
     """
 
     def __init__(self, horizons: Horizons | None = None) -> None:
         self.horizons = horizons or Horizons()
         self.seen = _ExpiringKeys()
         self.clicks = _ExpiringMap()
+        self.pending = _Pending(self.horizons.max_pending)
         self.max_ts = 0
         self.clock_ms = 0
         self._expired_at = 0
@@ -239,12 +316,17 @@ class DedupState:
             channel: str = ev[R_CHANNEL]  # type: ignore[assignment]
             click_id = ev[R_CLICK]
             if kind == "click" and click_id is not None:
-                self.clicks.put(key_hash("click", str(click_id)), minute + attribution,
-                                (campaign, channel))  # fmt: skip
+                click = key_hash("click", str(click_id))
+                self.clicks.put(click, minute + attribution, (campaign, channel))
+                if click in self.pending.entries:  # leads/orders that came before it
+                    self._claim(click, minute + attribution, campaign, channel, out)
             elif campaign is None:
-                hit = clicks.get(key_hash("click", str(click_id))) if click_id is not None else None
-                if hit is None:
+                click = key_hash("click", str(click_id)) if click_id is not None else 0
+                hit = clicks.get(click) if click_id is not None else None
+                if hit is None or minute > hit[0]:  # unknown yet, or beyond the window
                     campaign = UNATTRIBUTED
+                    if hit is None and click_id is not None:
+                        self._wait(click, kind, channel, minute, ev, clock_minute, out)
                 else:
                     clicked: tuple[str, str] = hit[1]  # type: ignore[assignment]
                     campaign = clicked[0]
@@ -276,12 +358,47 @@ class DedupState:
         out.applied.update({kind: n for kind, n in applied.items() if n})
         return out
 
+    def _wait(self, click: int, kind: str, channel: str, minute: int, ev: Routed,
+              clock_minute: int, out: BatchOutput) -> None:  # fmt: skip
+        """A lead or order counted as unattributed: keep it for its click, if one may come."""
+        expires = minute + min(self._dedup["click"], self.horizons.attribution_minutes)
+        if expires < clock_minute:
+            return  # a click stamped before it would be too late
+        if self.pending.size >= self.pending.limit:
+            out.attribution_overflow[kind] += 1
+            return
+        new = int(bool(ev[R_NEW])) if kind == "order" else 0
+        revenue: int = ev[R_REVENUE] if kind == "order" else 0  # type: ignore[assignment]
+        self.pending.put(click, (expires, kind, channel, minute, new, revenue))
+
+    def _claim(self, click: int, window_end: int, campaign: str | None, channel: str,
+               out: BatchOutput) -> None:  # fmt: skip
+        """The click of pending leads/orders came: move them from their unattributed cell
+        to (the click's channel if theirs was ``unknown``, the click's campaign)."""
+        cells = out.cells
+        for _, kind, own_channel, minute, new, revenue in self.pending.pop(click):
+            if minute > window_end:
+                continue  # beyond the attribution window: stays unattributed
+            values = _conversion_values(kind, new, revenue)
+            source = (own_channel, UNATTRIBUTED, minute)
+            target = (channel if own_channel == "unknown" else own_channel, str(campaign), minute)
+            for cell, sign in ((source, -1), (target, 1)):
+                row = cells.get(cell)
+                if row is None:
+                    row = cells[cell] = [0] * N_MEASURES
+                for i, v in enumerate(values):
+                    row[i] += sign * v
+                if not any(row):  # counted and moved within this batch
+                    del cells[cell]
+            out.reattributed[kind] += 1
+
     def _expire(self) -> None:
         minute = self.clock_ms // 60_000
         if minute > self._expired_at:
             self._expired_at = minute
             self.seen.expire(minute)
             self.clicks.expire(minute)
+            self.pending.expire(minute)
 
     # -- changelog --------------------------------------------------------------
     def drain_changes(self) -> dict[str, object]:
@@ -292,8 +409,11 @@ class DedupState:
             "seen": self.seen.log,  # (key, expires) tuples: JSON arrays, as written
             "clicks": self.clicks.log,
         }
+        if self.pending.log:  # (click, expires, type, channel, minute, new, revenue)
+            change["pending"] = self.pending.log
         self.seen.log = []
         self.clicks.log = []
+        self.pending.log = []
         return change
 
     def load_changes(self, change: dict[str, object]) -> None:
@@ -306,9 +426,13 @@ class DedupState:
         for key, expires in change["seen"]:  # type: ignore[attr-defined]
             if expires >= forgotten:
                 self.seen.put(_legacy_seen(key), expires, record=False)
+        for click, *item in change.get("pending", ()):  # type: ignore[attr-defined]
+            if item[0] >= forgotten and click not in self.clicks.entries:
+                self.pending.put(click, tuple(item), record=False)
         for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
+            click = key_hash("click", key) if isinstance(key, str) else key
+            self.pending.pop(click)  # claimed by it, live
             if expires >= forgotten:
-                click = key_hash("click", key) if isinstance(key, str) else key
                 self.clicks.put(click, expires, tuple(value), record=False)
 
 

@@ -71,12 +71,13 @@ def chunks(items: list[Any], size: int = ROWS_PER_MESSAGE) -> Iterator[list[Any]
 def split_changes(
     change: dict[str, Any], size: int = 2 * ROWS_PER_MESSAGE
 ) -> Iterator[dict[str, Any]]:
-    """The dedup-changelog entry of one batch as entries of at most ``size`` keys or clicks."""
-    seen, clicks = change["seen"], change["clicks"]
+    """The dedup-changelog entry of one batch as entries of at most ``size`` keys, clicks
+    or pending leads/orders (each restores in any order of the parts)."""
+    names = [name for name in ("seen", "pending", "clicks") if name in change]
     yielded = False
-    for name, items in (("seen", seen), ("clicks", clicks)):
-        for part in chunks(items, size):
-            yield {**change, "seen": [], "clicks": [], name: part}
+    for name in names:
+        for part in chunks(change[name], size):
+            yield {**change, **{other: [] for other in names}, name: part}
             yielded = True
     if not yielded:
         yield change

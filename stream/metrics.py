@@ -26,7 +26,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from stream.aggregate import LATENCY_BUCKETS, Evaluation, SegmentStore
+from stream.aggregate import LATENCY_BUCKETS, PENDING_LIMIT, Evaluation, SegmentStore
 from stream.pipeline import PipelineStats
 from stream.windows import MEASURES, measure_value
 
@@ -53,6 +53,12 @@ class PipelineCollector(Collector):
              "but dead-lettered as too_late, by type", "type", stats.late),
             ("kpimon_events_out_of_order", "Events counted into a minute the windows had "
              "already shown (the windows were restated), by type", "type", stats.out_of_order),
+            ("kpimon_events_reattributed", "Leads and orders moved from campaign=\"unattributed\" "
+             "to their click's campaign when the click was counted after them, by type", "type",
+             stats.reattributed),
+            ("kpimon_events_attribution_overflow", "Leads and orders left unattributed whatever "
+             f"click comes: too many ({PENDING_LIMIT:,} per routed partition) were waiting for "
+             "theirs, by type", "type", stats.attribution_overflow),
         ):  # fmt: skip
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, count in counts.copy().items():

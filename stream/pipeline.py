@@ -17,6 +17,7 @@ import orjson
 
 from stream import codec
 from stream.aggregate import (
+    ATTRIBUTED,
     R_CAMPAIGN,
     R_CHANNEL,
     R_CLICK,
@@ -232,6 +233,10 @@ class PipelineStats:
     duplicates: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     late: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
     out_of_order: dict[str, int] = field(default_factory=lambda: dict.fromkeys(EVENT_TYPES, 0))
+    reattributed: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ATTRIBUTED, 0))
+    attribution_overflow: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(ATTRIBUTED, 0)
+    )
     last_event_ms: dict[str, int] = field(default_factory=dict)
     transactions: int = 0
     aborted: int = 0
@@ -269,6 +274,18 @@ class PipelineStats:
         ):  # fmt: skip
             for kind, n in counts.items():
                 target[kind] += n
+
+    def apply_attribution(
+        self, reattributed: Mapping[str, int], attribution_overflow: Mapping[str, int]
+    ) -> None:
+        """Leads and orders moved to their click's campaign when it came after them, and
+        those left unattributed by the bound on waiting ones (``stream.aggregate``)."""
+        for target, counts in (
+            (self.reattributed, reattributed),
+            (self.attribution_overflow, attribution_overflow),
+        ):
+            for kind, n in counts.items():
+                target[kind] = target.get(kind, 0) + n
 
 
 class RecordHandler:

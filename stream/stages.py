@@ -472,4 +472,5 @@ class Stages:
             dups.update(out.duplicates)
             late.update(out.late)
             out_of_order.update(out.out_of_order)
+            stats.apply_attribution(out.reattributed, out.attribution_overflow)
         stats.apply_stateful(dups, late, out_of_order)

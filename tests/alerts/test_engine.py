@@ -17,7 +17,7 @@ from alerts.backtest import BacktestStats, Replay, run_backtest
 from alerts.baselines import DAY, MIN_HISTORY, expected
 from alerts.engine import AlertEngine
 from alerts.rules import parse_rules
-from stream.aggregate import SegmentStore
+from stream.aggregate import UNATTRIBUTED, SegmentStore
 from stream.segments import SegmentView
 from stream.settings import Settings
 from stream.simulate import SimConfig, Simulator, diurnal_factor, encode
@@ -346,3 +346,26 @@ def test_a_price_rise_fires_cpc_in_its_first_blocks_and_lumps_alone_do_not() -> 
     assert fired and {r["kpi"] for r in fired} == {"cpc"}
     first = min(datetime.fromisoformat(r["fired_at"]).timestamp() for r in fired) / 60
     assert 29_916_000 + onset < first <= 29_916_000 + onset + 21
+
+
+def test_unattributed_orders_are_not_judged() -> None:
+    """Orders leave ``campaign="unattributed"`` when their click is counted after them: its
+    fall is good news, not an incident. The same fall on a campaign fires (the control)."""
+    rules = parse_rules("""
+rules:
+  - name: orders_drop
+    kpi: orders
+    scopes: [campaign]
+    min_change: 0.8
+    runbook_url: docs/runbooks/volume-drop.md
+""")
+    store, engine = SegmentStore(), AlertEngine(rules)
+    records = []
+    for minute in range(T0_MIN, T0_MIN + 240):
+        orders = 0 if minute >= T0_MIN + 120 else 40
+        store.apply_cells([("unknown", UNATTRIBUTED, minute, [0, 0, 0, orders, 0, 0, 0]),
+                           ("social", "c9", minute, [0, 0, 0, orders, 0, 0, 0]),
+                           ("social", "c1", minute, [0, 0, 0, 40, 0, 0, 0])])  # fmt: skip
+        records += engine.evaluate(SegmentView(store.series), minute + 1, (minute + 1) * 60.0)
+    firing = {(r["channel"], r["campaign"]) for r in records if r["notification"] == "firing"}
+    assert firing == {("social", "c9")}

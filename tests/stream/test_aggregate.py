@@ -17,6 +17,7 @@ from stream.aggregate import (
     UNATTRIBUTED,
     BatchOutput,
     DedupState,
+    Horizons,
     SegmentStore,
     key_hash,
 )
@@ -41,13 +42,21 @@ HORIZON = {"impression": 60, "click": 60, "lead": 1440, "order": 1440, "spend": 
 def reference(batches: list[list[list[Any]]], now_ms: int) -> Model:
     """The contract in its plainest form: an event counts once unless its type's dedup
     horizon, measured against the clock (the newest event time before its batch, at most
-    ``now_ms``), no longer covers it; then it is late."""
+    ``now_ms``), no longer covers it; then it is late. A lead or order goes to its click's
+    campaign, whichever came first, as long as the click can count (its horizon, from
+    the lead's or order's minute, covers the clock)."""
     counted: dict[tuple[str, str], int] = {}  # key -> minute its dedup entry expires
     clicks: dict[str, tuple[str, str]] = {}
+    waiting: dict[str, list[tuple[str, int, list[int]]]] = {}  # click -> (channel, minute, row)
     cells: dict[Any, list[int]] = {}
     dups: Counter[str] = Counter()
     late: Counter[str] = Counter()
     max_ts = clock = 0
+
+    def add(cell: Any, values: list[int], sign: int = 1) -> None:
+        row = cells.setdefault(cell, [0] * N)
+        cells[cell] = [a + sign * b for a, b in zip(row, values, strict=True)]
+
     for batch in batches:
         clock = max(clock, min(max_ts, now_ms))
         for kind, key, ts, campaign, channel, click, spend, revenue, new, _, _ in batch:
@@ -60,23 +69,30 @@ def reference(batches: list[list[list[Any]]], now_ms: int) -> Model:
                 continue
             counted[(kind, key)] = expires
             max_ts = max(max_ts, ts)
+            values = [0] * N
+            index = {"impression": 0, "click": 1, "lead": 2, "order": 3}.get(kind)
+            if index is not None:
+                values[index] += 1
+            if kind == "order":
+                values[4] += int(new)
+                values[5] += revenue
+            elif kind != "lead":
+                values[6] += spend
             if kind == "click" and click is not None:
                 clicks[click] = (campaign, channel)
+                for own, minute, moved in waiting.pop(click, []):
+                    if minute + HORIZON["click"] >= clock // MIN:
+                        add((own, UNATTRIBUTED, minute), moved, -1)
+                        add((channel if own == "unknown" else own, campaign, minute), moved)
             elif campaign is None:
                 if click in clicks:
                     campaign = clicks[click][0]
                     channel = clicks[click][1] if channel == "unknown" else channel
                 else:
                     campaign = UNATTRIBUTED
-            row = cells.setdefault((channel, campaign, ts // MIN), [0] * N)
-            index = {"impression": 0, "click": 1, "lead": 2, "order": 3}.get(kind)
-            if index is not None:
-                row[index] += 1
-            if kind == "order":
-                row[4] += int(new)
-                row[5] += revenue
-            elif kind != "lead":
-                row[6] += spend
+                    if click is not None:
+                        waiting.setdefault(click, []).append((channel, ts // MIN, values))
+            add((channel, campaign, ts // MIN), values)
     return cells, dups, late
 
 
@@ -267,6 +283,193 @@ def test_restore_from_changelog_decides_as_the_live_state(
             restored.load_changes(chunk)
     a, b = live.apply(follow, now), restored.apply(follow, now)
     assert (a.cells, a.duplicates, a.late) == (b.cells, b.duplicates, b.late)
+
+
+# --- attribution whichever comes first: the click or its leads and orders ---------------
+
+
+def net(out: BatchOutput) -> dict[Any, list[int]]:
+    return {cell: values for cell, values in out.cells.items() if any(values)}
+
+
+def test_an_order_before_its_click_moves_to_the_clicked_campaign() -> None:
+    """In one message or across messages, the order and lead that came before their click
+    end in the click's campaign, as if the click had come first; a lead keeps its own
+    channel, an order of channel ``unknown`` takes the click's."""
+    minute = (T0 + MIN) // MIN
+    click = routed("click", "k-ev", T0, campaign="c7", channel="social", click="k9")
+    order = routed("order", "o1", T0 + MIN, campaign=None, channel="unknown", click="k9",
+                   revenue=5_000_000, new=True)  # fmt: skip
+    lead = routed("lead", "l1", T0 + MIN, campaign=None, channel="email", click="k9")
+    expected = net(DedupState().apply([click, order, lead], T0 + 2 * MIN))
+    assert expected == {
+        ("social", "c7", T0 // MIN): [0, 1, 0, 0, 0, 0, 0],
+        ("social", "c7", minute): [0, 0, 0, 1, 1, 5_000_000, 0],
+        ("email", "c7", minute): [0, 0, 1, 0, 0, 0, 0],
+    }
+    same = DedupState().apply([order, lead, click], T0 + 2 * MIN)
+    assert net(same) == expected, "moved within the message: no unattributed cell at all"
+    assert not any(cell[1] == UNATTRIBUTED for cell in same.cells)
+    assert same.reattributed == Counter({"order": 1, "lead": 1})
+    state = DedupState()
+    first = state.apply([order, lead], T0 + 2 * MIN)
+    assert net(first) == {("unknown", UNATTRIBUTED, minute): [0, 0, 0, 1, 1, 5_000_000, 0],
+                          ("email", UNATTRIBUTED, minute): [0, 0, 1, 0, 0, 0, 0]}  # fmt: skip
+    then = state.apply([click], T0 + 2 * MIN)
+    assert then.cells[("unknown", UNATTRIBUTED, minute)] == [0, 0, 0, -1, -1, -5_000_000, 0]
+    total = BatchOutput()
+    for out in (first, then):
+        for cell, values in out.cells.items():
+            row = total.cells.setdefault(cell, [0] * N)
+            total.cells[cell] = [a + b for a, b in zip(row, values, strict=True)]
+    assert net(total) == expected
+    assert then.reattributed == Counter({"order": 1, "lead": 1}) and state.pending.size == 0
+
+
+def test_a_duplicate_order_before_its_click_moves_once() -> None:
+    state = DedupState()
+    order = routed("order", "o1", T0 + MIN, campaign=None, click="k1", revenue=7)
+    first = state.apply([order, order], T0 + 2 * MIN)
+    again = state.apply([order], T0 + 2 * MIN)
+    assert first.duplicates["order"] == 1 and again.duplicates["order"] == 1
+    assert state.pending.size == 1
+    moved = state.apply([routed("click", "k", T0, campaign="c2", click="k1")], T0 + 2 * MIN)
+    assert moved.reattributed == Counter({"order": 1})
+    assert moved.cells[("search", "c2", (T0 + MIN) // MIN)][3:6] == [1, 0, 7]
+    assert moved.cells[("search", UNATTRIBUTED, (T0 + MIN) // MIN)][3:6] == [-1, 0, -7]
+
+
+def test_an_order_whose_click_never_comes_stays_unattributed() -> None:
+    """It waits while a click stamped before it could still count (the click horizon past
+    its minute), then is forgotten: memory does not grow with such orders."""
+    state = DedupState()
+    out = state.apply([routed("order", "o1", T0, campaign=None, click="gone")], T0 + MIN)
+    assert net(out) == {("search", UNATTRIBUTED, T0 // MIN): [0, 0, 0, 1, 0, 0, 0]}
+    assert state.pending.size == 1
+    state.apply([routed("impression", "i", T0 + 60 * MIN)], T0 + 61 * MIN)
+    state.apply([], T0 + 61 * MIN)  # the clock reaches the order's minute + 60
+    assert state.pending.size == 1, "a click of the order's minute still counts"
+    state.apply([routed("impression", "j", T0 + 61 * MIN)], T0 + 62 * MIN)
+    state.apply([], T0 + 62 * MIN)
+    assert state.pending.size == 0 and not state.pending.entries
+    late_click = state.apply([routed("click", "k", T0, campaign="c2", click="gone")], T0 + 62 * MIN)
+    assert late_click.late["click"] == 1 and not late_click.reattributed
+
+
+def test_attribution_window_holds_whichever_comes_first() -> None:
+    horizons = Horizons(attribution_minutes=10)
+    click = routed("click", "k", T0, campaign="c2", click="k1")
+    within = routed("order", "o1", T0 + 10 * MIN, campaign=None, click="k1")
+    beyond = routed("order", "o2", T0 + 11 * MIN, campaign=None, click="k1")
+    first = net(DedupState(horizons).apply([click, within, beyond], T0 + 12 * MIN))
+    assert first[("search", "c2", T0 // MIN + 10)][3] == 1
+    assert first[("search", UNATTRIBUTED, T0 // MIN + 11)][3] == 1
+    assert net(DedupState(horizons).apply([within, beyond, click], T0 + 12 * MIN)) == first
+
+
+def test_waiting_orders_are_bounded_and_the_overflow_counted() -> None:
+    state = DedupState(Horizons(max_pending=2))
+    orders = [routed("order", f"o{i}", T0, campaign=None, click=f"k{i}") for i in range(3)]
+    out = state.apply(orders, T0 + MIN)
+    assert state.pending.size == 2 and out.attribution_overflow == Counter({"order": 1})
+    clicks = [routed("click", f"c{i}", T0, campaign="c2", click=f"k{i}") for i in range(3)]
+    moved = state.apply(clicks, T0 + MIN)
+    assert moved.reattributed == Counter({"order": 2}) and state.pending.size == 0
+    assert moved.cells[("search", UNATTRIBUTED, T0 // MIN)][3] == -2, "one stays unattributed"
+
+
+def test_a_restore_between_an_order_and_its_click_moves_it_as_the_live_state() -> None:
+    """Waiting orders go to the dedup changelog: a worker restored after the orders and
+    before their clicks moves them exactly as the live one; a click already known when
+    its order waited (same entry, parts in any order) leaves nothing waiting."""
+    orders = [routed("order", f"o{i}", T0 + i * MIN, campaign=None, channel="unknown",
+                     click=f"k{i % 3}", revenue=i) for i in range(6)]  # fmt: skip
+    clicks = [routed("click", f"c{i}", T0, campaign=f"c{i}", channel="social", click=f"k{i}")
+              for i in range(3)]  # fmt: skip
+    live = DedupState()
+    live.apply([*orders, clicks[0]], T0 + 7 * MIN)  # k0 claims its orders in the message
+    change = live.drain_changes()
+    assert len(change["pending"]) == 6  # type: ignore[arg-type]
+    restored, reversed_parts = DedupState(), DedupState()
+    for part in codec.split_changes(change, size=2):
+        restored.load_changes(part)
+    for part in reversed(list(codec.split_changes(change, size=2))):
+        reversed_parts.load_changes(part)
+    for state in (restored, reversed_parts):
+        assert state.pending.size == live.pending.size == 4
+        assert {k: sorted(v) for k, v in state.pending.entries.items()} == {
+            k: sorted(v) for k, v in live.pending.entries.items()
+        }
+    a = live.apply(clicks[1:], T0 + 7 * MIN)
+    b = restored.apply(clicks[1:], T0 + 7 * MIN)
+    assert a.cells == b.cells and a.reattributed == b.reattributed == Counter({"order": 4})
+
+
+def test_a_move_into_shown_minutes_restates_them() -> None:
+    """Moving an order rewrites a minute the windows have shown in two series: the scope
+    store counts both cells as restated (alerts hold while a worker still lags), and the
+    unattributed series' minute sums to zero."""
+    state, store = DedupState(), SegmentStore()
+    order = routed("order", "o1", T0, campaign=None, channel="unknown", click="k1", revenue=9)
+    cells = state.apply([order], T0 + MIN).cells
+    store.apply_cells([(*cell, values) for cell, values in cells.items()])
+    store.evaluate(T0 + 5 * MIN)  # shows the order's minute
+    store.restated = 0
+    moved = state.apply([routed("click", "k", T0 + 4 * MIN, campaign="c2", click="k1")],
+                        T0 + 5 * MIN).cells  # fmt: skip
+    store.apply_cells([(*cell, values) for cell, values in moved.items()])
+    assert store.restated == 2, "the order's minute in two series (the click's is not shown)"
+    minute = T0 // MIN
+    assert store.series[("campaign", "unknown", UNATTRIBUTED)].sum(minute, minute + 1)[3] == 0
+    assert store.series[("campaign", "search", "c2")].sum(minute, minute + 1)[3] == 1
+    assert store.series[("channel", "search", "")].sum(minute, minute + 1)[5] == 9
+
+
+ids_st = st.integers(0, 7)
+
+
+@settings(max_examples=200)
+@given(
+    clicks=st.lists(st.tuples(ids_st, st.integers(0, 50), st.sampled_from(["search", "social"]),
+                              st.sampled_from(["c1", "c2", "c3"])),
+                    max_size=8, unique_by=lambda c: c[0]),
+    conversions=st.lists(st.tuples(st.sampled_from(["lead", "order"]), st.integers(0, 11),
+                                   ids_st, st.integers(0, 50),
+                                   st.sampled_from(["unknown", "email"]),
+                                   st.integers(0, 10**6), st.booleans()), max_size=20),
+    copies=st.lists(st.integers(0, 40), max_size=5),
+    cuts=st.lists(st.integers(0, 40), max_size=5),
+    order=st.randoms(use_true_random=False),
+)  # fmt: skip
+def test_attribution_does_not_depend_on_arrival_order(
+    clicks: list[Any], conversions: list[Any], copies: list[int], cuts: list[int], order: Any
+) -> None:
+    """Clicks and the leads/orders naming them (some naming no counted click, some sent
+    twice) within the horizons: any order and any split into messages gives the same
+    per-(channel, campaign, minute) sums as applying them one by one in event-time order."""
+    now = T0 + 60 * MIN
+    events = [routed("click", f"c{cid}", T0 + m * MIN, campaign=campaign, channel=channel,
+                     click=f"k{cid}") for cid, m, channel, campaign in clicks]  # fmt: skip
+    events += [routed(kind, f"{kind[0]}{key}", T0 + m * MIN, campaign=None, channel=channel,
+                      click=f"k{cid}", revenue=revenue, new=new)
+               for kind, key, cid, m, channel, revenue, new in conversions]  # fmt: skip
+    events += [list(events[i]) for i in copies if i < len(events)]
+
+    def sums(batches: list[list[list[Any]]]) -> dict[Any, list[int]]:
+        state, out = DedupState(), BatchOutput()
+        for batch in batches:
+            state.apply(batch, now, out)
+        return net(out)
+
+    first: dict[tuple[str, str], list[Any]] = {}
+    for ev in events:  # copies of one event are alike, as real duplicates are
+        first.setdefault((ev[0], ev[1]), ev)
+    events = [first[(ev[0], ev[1])] for ev in events]
+    in_order = sums([[ev] for ev in sorted(events, key=lambda ev: (ev[2], ev[0] != "click"))])
+    shuffled = list(events)
+    order.shuffle(shuffled)
+    bounds = [0, *sorted(c for c in cuts if c <= len(shuffled)), len(shuffled)]
+    assert sums([shuffled[a:b] for a, b in itertools.pairwise(bounds)]) == in_order
 
 
 # --- SegmentStore ------------------------------------------------------------------
