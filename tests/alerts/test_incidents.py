@@ -258,7 +258,11 @@ def test_time_never_runs_backwards_and_must_be_finite() -> None:
 # ----------------------------------------------------------------------------- restarts
 
 
-def _scenario() -> list[tuple[float, list[Seen], dict[AlertKey, dict[str, object]]]]:
+Steps = list[tuple[float, list[Seen], dict[AlertKey, dict[str, object]]]]
+"""Ticks of an incident book: (now, alerts seen, details of the alerts that resolved)."""
+
+
+def _scenario() -> Steps:
     o, c = seen("orders", at=0.0), seen("cpa", at=60.0)
     s = seen("ctr", SEARCH, at=60.0, shares={C1: 0.8})
     x = seen("ctr", C1, at=120.0)
@@ -269,11 +273,25 @@ def _scenario() -> list[tuple[float, list[Seen], dict[AlertKey, dict[str, object
     ]  # fmt: skip
 
 
+def run(incidents: Incidents, steps: Steps) -> list[list[IncidentNote]]:
+    """Each tick's notes."""
+    return [incidents.step(now, alerts, resolved) for now, alerts, resolved in steps]
+
+
+def assert_restarts_resume_exactly(steps: Steps, expected: list[list[IncidentNote]]) -> None:
+    """A restart before any tick, through JSON as the scope changelog holds the state,
+    gives the same notes as the straight run."""
+    for cut in range(len(steps)):
+        incidents = book()
+        got = run(incidents, steps[:cut])
+        state = json.loads(json.dumps(incidents.to_dict()))
+        got += run(Incidents.from_dict(state, book().repeat_interval), steps[cut:])
+        assert got == expected, f"restart before tick {cut}"
+
+
 def test_a_restart_at_any_tick_resumes_exactly() -> None:
     steps = _scenario()
-    straight, expected = book(), []
-    for now, alerts, resolved in steps:
-        expected.append(straight.step(now, alerts, resolved))
+    expected = run(book(), steps)
     assert [kinds(n) for n in expected] == [
         ["firing"],
         ["firing"],
@@ -283,14 +301,7 @@ def test_a_restart_at_any_tick_resumes_exactly() -> None:
         ["repeat"],
         ["resolved"],
     ]
-    for cut in range(len(steps)):
-        incidents, got = book(), []
-        for i, (now, alerts, resolved) in enumerate(steps):
-            if i == cut:  # through JSON, as the scope changelog holds it
-                state = json.loads(json.dumps(incidents.to_dict()))
-                incidents = Incidents.from_dict(state, book().repeat_interval)
-            got.append(incidents.step(now, alerts, resolved))
-        assert got == expected, f"restart before tick {cut}"
+    assert_restarts_resume_exactly(steps, expected)
 
 
 @pytest.mark.parametrize(
@@ -402,7 +413,7 @@ def test_a_joiner_that_resolved_before_its_turn_makes_no_update() -> None:
     assert all(incidents.step(float(t), [orders]) == [] for t in range(180, 3600, 60))
 
 
-def _growing() -> list[tuple[float, list[Seen], dict[AlertKey, dict[str, object]]]]:
+def _growing() -> Steps:
     o, c = seen("orders", at=0.0), seen("cpa", at=60.0)
     r, x = seen("roas", at=120.0), seen("roi", at=420.0)
     s = seen("ctr", SEARCH, at=0.0, shares={C1: 0.8})
@@ -418,21 +429,12 @@ def _growing() -> list[tuple[float, list[Seen], dict[AlertKey, dict[str, object]
 
 def test_a_restart_at_any_tick_resumes_updates_exactly() -> None:
     steps = _growing()
-    straight, expected = book(), []
-    for now, alerts, resolved in steps:
-        expected.append(straight.step(now, alerts, resolved))
+    expected = run(book(), steps)
     assert [kinds(n) for n in expected] == [
         ["firing", "firing"], [], [], [], ["update", "update"], [], [], ["update"],
         ["repeat", "repeat"], ["resolved", "resolved"],
     ]  # fmt: skip
-    for cut in range(len(steps)):
-        incidents, got = book(), []
-        for i, (now, alerts, resolved) in enumerate(steps):
-            if i == cut:  # through JSON, as the scope changelog holds it
-                state = json.loads(json.dumps(incidents.to_dict()))
-                incidents = Incidents.from_dict(state, book().repeat_interval)
-            got.append(incidents.step(now, alerts, resolved))
-        assert got == expected, f"restart before tick {cut}"
+    assert_restarts_resume_exactly(steps, expected)
 
 
 def test_a_version_1_state_loads_and_tells_who_joined_since_its_last_message() -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -76,6 +77,24 @@ def test_a_refused_payload_is_dropped_and_counted_not_retried_forever() -> None:
     assert counted == [("slack", "error"), ("slack", "sent")]
 
 
+@contextlib.asynccontextmanager
+async def webhook(
+    path: str, handler: Callable[[web.Request], Awaitable[web.Response]]
+) -> AsyncIterator[str]:
+    """A local webhook receiver answering POSTs to ``path`` with ``handler``: its URL."""
+    app = web.Application()
+    app.router.add_post(path, handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}{path}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.mark.parametrize(
     ("status", "outcome", "retry_after", "permanent"),
     [(429, "rate_limited", 7.0, False), (500, "error", None, False),
@@ -88,22 +107,12 @@ def test_slack_answers_map_to_delivery_errors_without_the_secret(
         async def hook(request: web.Request) -> web.Response:
             return web.Response(status=status, text="no", headers={"Retry-After": "7"})
 
-        app = web.Application()
-        app.router.add_post("/services/secret-token", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            async with aiohttp.ClientSession() as session:
-                sink = SlackSink(session, f"http://127.0.0.1:{port}/services/secret-token")
-                assert "secret" not in repr(sink)
-                with pytest.raises(DeliveryError) as caught:
-                    await sink.deliver(note("c1"))
-                return caught.value
-        finally:
-            await runner.cleanup()
+        async with webhook("/services/secret-token", hook) as url, aiohttp.ClientSession() as s:
+            sink = SlackSink(s, url)
+            assert "secret" not in repr(sink)
+            with pytest.raises(DeliveryError) as caught:
+                await sink.deliver(note("c1"))
+            return caught.value
 
     error = asyncio.run(scenario())
     assert (error.outcome, error.permanent) == (outcome, permanent)
@@ -171,20 +180,9 @@ def test_webhook_mode_posts_an_update_as_a_short_message_unless_silenced() -> No
             bodies.append(await request.json())
             return web.Response(text="ok")
 
-        app = web.Application()
-        app.router.add_post("/services/hook", hook)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        try:
-            async with aiohttp.ClientSession() as session:
-                sink = SlackSink(session, f"http://127.0.0.1:{port}/services/hook",
-                                 silences=silences, silence_ui="http://am:9093")  # fmt: skip
-                return await sink.deliver(update), bodies
-        finally:
-            await runner.cleanup()
+        async with webhook("/services/hook", hook) as url, aiohttp.ClientSession() as session:
+            sink = SlackSink(session, url, silences=silences, silence_ui="http://am:9093")
+            return await sink.deliver(update), bodies
 
     outcome, (body,) = asyncio.run(scenario(None))
     assert outcome is None
