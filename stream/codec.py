@@ -143,7 +143,7 @@ class Partial:
     watermark_ms: int
     """The event time its worker had passed on everything up to (``"wm"`` on the wire)."""
     caught_up: bool
-    cells: list[list[Any]]  # [channel, campaign, minute, *measures]
+    cells: list[list[Any]]  # [channel, campaign, minute, *measures, *counted] (cells_list)
     source_ts: list[list[int]]  # [ts rounded to 100 ms, count]
 
     def encode(self) -> bytes:
@@ -163,11 +163,19 @@ class Partial:
         return Partial(data["p"], data["wm"], data["cu"], data["c"], data["s"])
 
 
-def cells_list(cells: Mapping[tuple[str, str, int], Sequence[int]]) -> list[list[Any]]:
-    return [
-        [channel, campaign, minute, *values]
-        for (channel, campaign, minute), values in cells.items()
-    ]
+def cells_list(
+    cells: Mapping[tuple[str, str, int], Sequence[int]],
+    counted: Mapping[tuple[str, str, int], Sequence[int]] | None = None,
+) -> list[list[Any]]:
+    """Partials' cell rows: ``[channel, campaign, minute, *values]``, where ``values`` go to
+    the windows and the counters; a cell whose counters take more or less than its windows
+    (``BatchOutput.counted``) carries that after its values, in the same row, so one
+    message moves both and no counter goes down between two messages."""
+    rows = [[*cell, *values, *(counted or {}).get(cell, ())] for cell, values in cells.items()]
+    if counted:
+        zero = [0] * len(next(iter(counted.values())))
+        rows += [[*cell, *zero, *extra] for cell, extra in counted.items() if cell not in cells]
+    return rows
 
 
 def encode_json(value: Any) -> bytes:

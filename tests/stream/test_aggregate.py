@@ -469,7 +469,36 @@ def test_attribution_does_not_depend_on_arrival_order(
     shuffled = list(events)
     order.shuffle(shuffled)
     bounds = [0, *sorted(c for c in cuts if c <= len(shuffled)), len(shuffled)]
-    assert sums([shuffled[a:b] for a, b in itertools.pairwise(bounds)]) == in_order
+    batches = [shuffled[a:b] for a, b in itertools.pairwise(bounds)]
+    assert sums(batches) == in_order
+    counters_never_go_down_and_end_as_the_windows(batches, now)
+
+
+def counters_never_go_down_and_end_as_the_windows(batches: list[Any], now: int) -> None:
+    """Through partials, as the worker sends them: no (channel, campaign) counter ever
+    goes down (a lead or order waiting for its click is in the windows as unattributed,
+    in the counters only where it ends), and once no click can come the counters hold
+    what the windows hold."""
+    state, store = DedupState(), SegmentStore()
+    before: dict[tuple[str, str], list[int]] = {}
+    flush = routed("impression", "late-enough", now + 3 * 60 * MIN, campaign="c9")
+    later = now + 3 * 60 * MIN  # the clock moves before a message: the flush, then one more
+    for batch, at in [*((b, now) for b in batches), ([flush], later), ([], later)]:
+        out = state.apply(batch, at)
+        store.apply_cells(
+            (c[0], c[1], c[2], c[3:]) for c in codec.cells_list(out.cells, out.counted)
+        )
+        for pair, total in store.totals.items():
+            old = before.get(pair, [0] * N)
+            assert all(a >= b for a, b in zip(total, old, strict=True)), pair
+            before[pair] = list(total)
+    assert state.pending.size == 0
+    span = (T0 // MIN - 1, (now + 3 * 60 * MIN) // MIN + 1)
+    windows = {pair: list(store.series[("campaign", *pair)].sum(*span))
+               for pair in store.totals if ("campaign", *pair) in store.series}  # fmt: skip
+    assert {p: t for p, t in store.totals.items() if any(t)} == {
+        p: w for p, w in windows.items() if any(w)
+    }
 
 
 # --- SegmentStore ------------------------------------------------------------------
@@ -873,3 +902,37 @@ def test_expiry_of_the_live_store_goes_in_slices_and_ends_as_evaluate_leaves_it(
         assert sorted(buckets.blocks) == sorted(evaluated.series[key].blocks)
         assert sorted(buckets.coarse) == sorted(evaluated.series[key].coarse)
         assert buckets.dirty == evaluated.series[key].dirty
+
+
+def test_an_order_no_click_claims_enters_the_counters_once_across_restores() -> None:
+    """A waiting order is in the windows at once but in the counters only when no click
+    can claim it any more; a worker restored before that counts it then, one restored
+    after it (the clock in the changelog says so) does not count it again."""
+    cell = ("unknown", UNATTRIBUTED, T0 // MIN)
+    order = routed("order", "o1", T0, campaign=None, channel="unknown", click="k1", revenue=9)
+    later = T0 + 3 * 60 * MIN
+    tick = routed("impression", "i1", later, campaign="c1")
+
+    def counters(out: BatchOutput) -> list[int]:
+        rows = codec.cells_list(out.cells, out.counted)
+        return [sum(r[3 + i] + (r[3 + N + i] if len(r) > 3 + N else 0) for r in rows
+                    if tuple(r[:3]) == cell) for i in range(N)]  # fmt: skip
+
+    live = DedupState()
+    first = live.apply([order], T0 + MIN)
+    assert first.cells[cell][3] == 1 and counters(first)[3] == 0, "windows now, counters later"
+    before = live.drain_changes()
+    live.apply([tick], later)
+    expired = live.apply([], later)  # the clock passes the order's wait
+    assert counters(expired)[3:6] == [1, 0, 9] and cell not in expired.cells
+    after = live.drain_changes()
+
+    early = DedupState()
+    early.load_changes(before)
+    early.apply([tick], later)
+    assert counters(early.apply([], later))[3:6] == [1, 0, 9], "restored before: counted then"
+    late = DedupState()
+    for change in (before, after):
+        late.load_changes(change)
+    assert late.pending.size == 0
+    assert not late.apply([], later + MIN).counted, "restored after: not counted again"
