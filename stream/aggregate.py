@@ -270,6 +270,11 @@ class DedupState:
         self.seen = _ExpiringKeys()
         self.clicks = _ExpiringMap()
         self.pending = _Pending(self.horizons.max_pending)
+        self.dead = _ExpiringKeys()
+        """Clicks dead-lettered as too late, by key hash, for the click horizon after the
+        clock that judged them: no click with their id can be counted any more, so the
+        leads and orders naming them need not wait (they are unattributed for good, and
+        the counters take them at once)."""
         self.max_ts = 0
         self.clock_ms = 0
         self._expired_at = 0
@@ -318,6 +323,8 @@ class DedupState:
             if expires < clock_minute:
                 out.late[kind] += 1
                 out.too_late.append(TooLate(ev, self.clock_ms))
+                if kind == "click" and ev[R_CLICK] is not None:
+                    self._dead_click(key_hash("click", str(ev[R_CLICK])), clock_minute, out)
                 continue
             expires = minutes.setdefault(expires, expires)
             seen[key] = expires
@@ -383,6 +390,8 @@ class DedupState:
         expires = minute + min(self._dedup["click"], self.horizons.attribution_minutes)
         if expires < clock_minute:
             return  # a click stamped before it would be too late
+        if click in self.dead.entries:
+            return  # its click came too late to count: unattributed for good
         if self.pending.size >= self.pending.limit:
             out.attribution_overflow[kind] += 1
             return
@@ -410,6 +419,17 @@ class DedupState:
             _add(out.counted, source, values, 1)  # the counters: only the target's +1
             out.reattributed[kind] += 1
 
+    def _dead_click(self, click: int, clock_minute: int, out: BatchOutput) -> None:
+        """A click too late to count: what waits for it ends its wait now, unattributed
+        (the counters take it), and what names it later does not wait. Without this, an
+        order whose click is dead-lettered would be missing from the counters for up to
+        the click horizon (an hour of event time) while the windows show it."""
+        for _, kind, channel, minute, new, revenue in self.pending.pop(click):
+            _add(out.counted, (channel, UNATTRIBUTED, minute),
+                 _conversion_values(kind, new, revenue), 1)  # fmt: skip
+        if click not in self.dead.entries and len(self.dead.entries) < self.horizons.max_pending:
+            self.dead.put(click, clock_minute + self._dedup["click"])
+
     def _expire(self, out: BatchOutput | None = None) -> None:
         """Forget what the clock has passed. Leads and orders no click can claim any more
         enter the counters as unattributed (``out``; on restore, the transaction that
@@ -419,6 +439,7 @@ class DedupState:
             self._expired_at = minute
             self.seen.expire(minute)
             self.clicks.expire(minute)
+            self.dead.expire(minute)
             for _, kind, channel, at, new, revenue in self.pending.expire(minute):
                 if out is not None:
                     _add(out.counted, (channel, UNATTRIBUTED, at),
@@ -435,9 +456,12 @@ class DedupState:
         }
         if self.pending.log:  # (click, expires, type, channel, minute, new, revenue)
             change["pending"] = self.pending.log
+        if self.dead.log:  # (click, expires): too-late clicks
+            change["dead"] = self.dead.log
         self.seen.log = []
         self.clicks.log = []
         self.pending.log = []
+        self.dead.log = []
         return change
 
     def load_changes(self, change: dict[str, object]) -> None:
@@ -451,8 +475,13 @@ class DedupState:
             if expires >= forgotten:
                 self.seen.put(_legacy_seen(key), expires, record=False)
         for click, *item in change.get("pending", ()):  # type: ignore[attr-defined]
-            if item[0] >= forgotten and click not in self.clicks.entries:
-                self.pending.put(click, tuple(item), record=False)
+            if item[0] < forgotten or click in self.clicks.entries or click in self.dead.entries:
+                continue  # expired, claimed or ended live
+            self.pending.put(click, tuple(item), record=False)
+        for click, expires in change.get("dead", ()):  # type: ignore[attr-defined]
+            self.pending.pop(click)  # ended its wait, live
+            if expires >= forgotten:
+                self.dead.put(click, expires, record=False)
         for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
             click = key_hash("click", key) if isinstance(key, str) else key
             self.pending.pop(click)  # claimed by it, live

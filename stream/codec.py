@@ -71,9 +71,9 @@ def chunks(items: list[Any], size: int = ROWS_PER_MESSAGE) -> Iterator[list[Any]
 def split_changes(
     change: dict[str, Any], size: int = 2 * ROWS_PER_MESSAGE
 ) -> Iterator[dict[str, Any]]:
-    """The dedup-changelog entry of one batch as entries of at most ``size`` keys, clicks
-    or pending leads/orders (each restores in any order of the parts)."""
-    names = [name for name in ("seen", "pending", "clicks") if name in change]
+    """The dedup-changelog entry of one batch as entries of at most ``size`` keys, clicks,
+    pending leads/orders or too-late clicks (each restores in any order of the parts)."""
+    names = [name for name in ("seen", "pending", "clicks", "dead") if name in change]
     yielded = False
     for name in names:
         for part in chunks(change[name], size):

@@ -440,10 +440,13 @@ ids_st = st.integers(0, 7)
     copies=st.lists(st.integers(0, 40), max_size=5),
     cuts=st.lists(st.integers(0, 40), max_size=5),
     order=st.randoms(use_true_random=False),
+    dead=st.lists(ids_st, max_size=3, unique=True),
+    restore=st.integers(0, 12),
 )  # fmt: skip
 def test_attribution_does_not_depend_on_arrival_order(
-    clicks: list[Any], conversions: list[Any], copies: list[int], cuts: list[int], order: Any
-) -> None:
+    clicks: list[Any], conversions: list[Any], copies: list[int], cuts: list[int], order: Any,
+    dead: list[int], restore: int,
+) -> None:  # fmt: skip
     """Clicks and the leads/orders naming them (some naming no counted click, some sent
     twice) within the horizons: any order and any split into messages gives the same
     per-(channel, campaign, minute) sums as applying them one by one in event-time order."""
@@ -471,20 +474,36 @@ def test_attribution_does_not_depend_on_arrival_order(
     bounds = [0, *sorted(c for c in cuts if c <= len(shuffled)), len(shuffled)]
     batches = [shuffled[a:b] for a, b in itertools.pairwise(bounds)]
     assert sums(batches) == in_order
-    counters_never_go_down_and_end_as_the_windows(batches, now)
+    counters_never_go_down_and_end_as_the_windows(batches, now, dead=dead, restore=restore)
 
 
-def counters_never_go_down_and_end_as_the_windows(batches: list[Any], now: int) -> None:
+def counters_never_go_down_and_end_as_the_windows(
+    batches: list[Any], now: int, *, dead: list[int], restore: int
+) -> None:
     """Through partials, as the worker sends them: no (channel, campaign) counter ever
     goes down (a lead or order waiting for its click is in the windows as unattributed,
-    in the counters only where it ends), and once no click can come the counters hold
-    what the windows hold."""
+    in the counters only where it ends), a click dead-lettered as too late ends the wait
+    of what names it at once, and once no click can come the counters hold what the
+    windows hold. Before message ``restore`` the dedup state is rebuilt from its
+    changelog (as a restarted worker does; the scope store keeps what its snapshot
+    covers): nothing is counted twice or lost."""
     state, store = DedupState(), SegmentStore()
+    log: list[dict[str, object]] = []
     before: dict[tuple[str, str], list[int]] = {}
+    tick = routed("impression", "tick", now, campaign="c9")  # the clock reaches ``now``
+    too_late = [routed("click", f"late{cid}", now - 3 * 60 * MIN, campaign="c8", click=f"k{cid}")
+                for cid in dead]  # fmt: skip
     flush = routed("impression", "late-enough", now + 3 * 60 * MIN, campaign="c9")
     later = now + 3 * 60 * MIN  # the clock moves before a message: the flush, then one more
-    for batch, at in [*((b, now) for b in batches), ([flush], later), ([], later)]:
+    plan = [*((b, now) for b in batches), ([tick], now), (too_late, now), ([flush], later),
+            ([], later)]  # fmt: skip
+    for index, (batch, at) in enumerate(plan):
+        if index == restore:
+            state = DedupState()
+            for change in log:
+                state.load_changes(change)
         out = state.apply(batch, at)
+        log += codec.split_changes(state.drain_changes(), size=3)
         store.apply_cells(
             (c[0], c[1], c[2], c[3:]) for c in codec.cells_list(out.cells, out.counted)
         )
@@ -492,6 +511,9 @@ def counters_never_go_down_and_end_as_the_windows(batches: list[Any], now: int) 
             old = before.get(pair, [0] * N)
             assert all(a >= b for a, b in zip(total, old, strict=True)), pair
             before[pair] = list(total)
+        if batch is too_late:
+            assert out.late["click"] == len(dead)
+            assert not {key_hash("click", f"k{cid}") for cid in dead} & state.pending.entries.keys()
     assert state.pending.size == 0
     span = (T0 // MIN - 1, (now + 3 * 60 * MIN) // MIN + 1)
     windows = {pair: list(store.series[("campaign", *pair)].sum(*span))
@@ -936,3 +958,35 @@ def test_an_order_no_click_claims_enters_the_counters_once_across_restores() -> 
         late.load_changes(change)
     assert late.pending.size == 0
     assert not late.apply([], later + MIN).counted, "restored after: not counted again"
+
+
+def test_a_too_late_click_ends_the_wait_of_what_names_it() -> None:
+    """An order waiting for a click that is then dead-lettered as too late enters the
+    counters at once (no click with that id can count any more), and one naming it later
+    does not wait at all; a worker restored from the changelog knows the same."""
+    cell = ("unknown", UNATTRIBUTED, T0 // MIN)
+    now = T0 + 5 * MIN
+    order = routed("order", "o1", T0, campaign=None, channel="unknown", click="k1", revenue=9)
+    again = routed("order", "o2", T0, campaign=None, channel="unknown", click="k1", revenue=4)
+    click = routed("click", "c1", T0 - 90 * MIN, campaign="c1", click="k1")
+    tick = routed("impression", "i1", now, campaign="c1")
+
+    live = DedupState()
+    first = live.apply([order, tick], now)
+    assert first.counted[cell][3] == -1, "in the windows, not yet in the counters"
+    changes = [live.drain_changes()]
+    settled = live.apply([click], now)
+    assert settled.late["click"] == 1 and settled.counted[cell][3:6] == [1, 0, 9]
+    assert not settled.cells, "the windows had it as unattributed already"
+    assert live.pending.size == 0
+    changes.append(live.drain_changes())
+    assert not live.apply([again], now).counted, "names a dead click: counted at once"
+
+    for parts in (changes, changes[::-1]):  # parts of a restore in either order
+        restored = DedupState()
+        for change in parts:
+            restored.load_changes(change)
+        assert restored.pending.size == 0, "its wait ended live"
+        out = restored.apply([again], now)
+        assert out.cells[cell][3] == 1 and not out.counted
+        assert not restored.apply([], T0 + 3 * 60 * MIN).counted, "never counted twice"
