@@ -178,31 +178,12 @@ def pipeline_counter(workers: list[WorkerProcess], name: str) -> float:
     return sum(v for s in scrape_all(workers) for (n, _), v in s.items() if n == name)
 
 
-def check_exact(
-    workers: list[WorkerProcess], data: Dataset, *, counters: bool = True, waiting: bool = False
-) -> None:
-    """Every counter, window sum and KPI equals the recomputation from the raw events.
-    ``waiting``: leads and orders whose click never came may still wait for it (an hour
-    of event time): they are in the windows already, and the ``unattributed`` counters
-    take them only when the wait is over, so those counters may be short of them."""
+def check_exact(workers: list[WorkerProcess], data: Dataset, *, counters: bool = True) -> None:
     expected_totals = {k: [value(x, i) for i, x in enumerate(v)] for k, v in data.totals().items()}
-
-    def matches(got: dict[tuple[str, str], list[float]]) -> bool:
-        if got.keys() != expected_totals.keys():
-            return False
-        for key, want in expected_totals.items():
-            short = [w - g for g, w in zip(got[key], want, strict=True)]
-            ok = short == [0.0] * len(short) or (
-                waiting and key[1] == "unattributed"
-                and all(d >= 0 for d in short) and not any(short[:2]) and not short[6]
-            )  # fmt: skip
-            if not ok:
-                return False
-        return True
 
     def settled() -> dict[Any, float] | None:
         samples = owner_samples(workers)
-        return samples if samples and matches(measure_totals(samples)) else None
+        return samples if samples and measure_totals(samples) == expected_totals else None
 
     try:
         samples = wait_for(settled, timeout=90, what="exact measure totals")
@@ -413,7 +394,7 @@ def test_orders_before_their_clicks_exact_across_a_kill_9(
     for phase in (data.phases[0], data.phases[2]):  # too-late events once the clicks are in
         consumed += len(phase)
         _produce_phase(bootstrap, phase, [worker], consumed)
-    check_exact([worker], data, counters=False, waiting=True)
+    check_exact([worker], data, counters=False)
     moved = pipeline_counter([worker], "kpimon_events_reattributed_total")
     assert moved == data.by_click, "each moved once, by the restored worker"
 
