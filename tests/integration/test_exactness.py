@@ -417,3 +417,44 @@ def test_broker_restart_exact(
         consumed += len(phase)
         _produce_phase(bootstrap, phase, [worker], consumed)
     check_exact([worker], data)
+
+
+def test_orders_whose_click_is_too_late_counted_at_once(
+    start_worker: Callable[..., WorkerProcess], exact_env: dict[str, str], kafka_bootstrap: str
+) -> None:
+    """An order waits for its click (the counters take it only where it ends); when that
+    click is dead-lettered as too late, its wait ends at once, and an order naming a click
+    already dead-lettered does not wait: every counter is exact now, not an hour of event
+    time later. (The simulated datasets above hold such an order in about one run in ten.)"""
+    now = int(time.time() * 1000)
+    minute = now // 60_000 - 1
+    clicks, orders, leads = (exact_env[f"KPIMON_TOPIC_{t}"] for t in ("CLICKS", "ORDERS", "LEADS"))
+
+    def message(topic: str, **event: Any) -> Message:
+        return topic, None, json.dumps(event).encode()
+
+    def order(key: str, click: str, revenue: float) -> Message:
+        return message(orders, event_id=key, order_id=key, ts=minute * 60_000 + 5_000,
+                       click_id=click, revenue=revenue, customer_id=f"u-{key}")  # fmt: skip
+
+    def too_late_click(click: str) -> Message:
+        return message(clicks, event_id=f"c-{click}", ts=now - 75 * 60_000, campaign_id="c1",
+                       channel="search", click_id=click)  # fmt: skip
+
+    # A lead of each click's routed partition (keyed by click id) moves its clock to now.
+    steps = [[message(leads, event_id=f"l-{k}", ts=now, campaign_id="c1", channel="search",
+                      click_id=k, user_id="u1") for k in ("kx", "ky")],
+             [order("o-x", "kx", 12.5)],  # waits for kx
+             [too_late_click("kx"), too_late_click("ky")],
+             [order("o-y", "ky", 7.25)]]  # fmt: skip
+    data = Dataset(valid=sum(map(len, steps)), late=2)
+    data.cells[("search", "c1", now // 60_000)] = [0, 0, 2, 0, 0, 0, 0]
+    data.cells[("unknown", "unattributed", minute)] = [0, 0, 0, 2, 0, 19_750_000, 0]
+    worker = start_worker("w1")
+    worker.wait_ready()
+    consumed = 0
+    for step in steps:  # each in before the next: the arrival order is the test
+        consumed += len(step)
+        _produce_phase(kafka_bootstrap, step, [worker], consumed)
+    check_exact([worker], data)
+    assert pipeline_counter([worker], "kpimon_events_late_total") == 2
