@@ -186,8 +186,9 @@ class _Pending:
 
     One is kept until its click could no longer be counted (its minute plus the click
     horizon, at most the attribution window): a click stamped before its order is then
-    too late; or until its click comes too late (``DedupState.dead``). ``limit`` bounds the memory; logs additions (a click claiming them is in
-    the clicks log, which removes them on restore).
+    too late; or until its click comes too late (``DedupState.dead``). ``limit`` bounds
+    the memory; logs additions (a click claiming them is in the clicks log, which removes
+    them on restore).
     """
 
     __slots__ = ("by_minute", "entries", "limit", "log", "size")
