@@ -88,6 +88,11 @@ class BatchOutput:
     reattributed: Counter[str] = field(default_factory=Counter)
     """Leads and orders moved from ``unattributed`` to their click's campaign when the
     click came after them (a backlog read ahead of the clicks, a late click)."""
+    counted: dict[Cell, list[int]] = field(default_factory=dict)
+    """What the counters (``kpimon_measure_total``) take beside ``cells``, which the
+    windows take: a lead or order waiting for its click is in the windows as
+    ``unattributed`` at once, but enters the counters only where it ends (its click's
+    campaign, or ``unattributed`` once no click can come), so no counter goes down."""
     attribution_overflow: Counter[str] = field(default_factory=Counter)
     """Leads and orders left unattributed, whatever click comes, because the partition's
     pending bound (``Horizons.max_pending``) was full."""
@@ -181,8 +186,9 @@ class _Pending:
 
     One is kept until its click could no longer be counted (its minute plus the click
     horizon, at most the attribution window): a click stamped before its order is then
-    too late. ``limit`` bounds the memory; logs additions (a click claiming them is in
-    the clicks log, which removes them on restore).
+    too late; or until its click comes too late (``DedupState.dead``). ``limit`` bounds
+    the memory; logs additions (a click claiming them is in the clicks log, which removes
+    them on restore).
     """
 
     __slots__ = ("by_minute", "entries", "limit", "log", "size")
@@ -206,18 +212,32 @@ class _Pending:
         self.size -= len(items)
         return items
 
-    def expire(self, now_minute: int) -> None:
+    def expire(self, now_minute: int) -> list[_Conversion]:
+        """Drop the entries no click can claim any more; they stay unattributed."""
+        dropped: list[_Conversion] = []
         for minute in [m for m in self.by_minute if m < now_minute]:
             for click in self.by_minute.pop(minute):
                 items = self.entries.get(click)
                 if items is None:
                     continue
                 keep = [item for item in items if item[0] >= now_minute]
+                dropped += [item for item in items if item[0] < now_minute]
                 self.size -= len(items) - len(keep)
                 if keep:
                     self.entries[click] = keep
                 else:
                     del self.entries[click]
+        return dropped
+
+
+def _add(cells: dict[Cell, list[int]], cell: Cell, values: Sequence[int], sign: int) -> None:
+    row = cells.get(cell)
+    if row is None:
+        row = cells[cell] = [0] * N_MEASURES
+    for i, v in enumerate(values):
+        row[i] += sign * v
+    if not any(row):  # added and taken back within this batch
+        del cells[cell]
 
 
 def _conversion_values(kind: str, new: int, revenue: int) -> list[int]:
@@ -251,6 +271,11 @@ class DedupState:
         self.seen = _ExpiringKeys()
         self.clicks = _ExpiringMap()
         self.pending = _Pending(self.horizons.max_pending)
+        self.dead = _ExpiringKeys()
+        """Clicks dead-lettered as too late, by key hash, for the click horizon after the
+        clock that judged them: no click with their id can be counted any more, so the
+        leads and orders naming them need not wait (they are unattributed for good, and
+        the counters take them at once)."""
         self.max_ts = 0
         self.clock_ms = 0
         self._expired_at = 0
@@ -275,7 +300,7 @@ class DedupState:
         out = out if out is not None else BatchOutput()
         reached = now_ms if reached_ms is None else reached_ms
         self.clock_ms = max(self.clock_ms, min(self.max_ts, reached, now_ms))
-        self._expire()
+        self._expire(out)
         clock_minute = self.clock_ms // 60_000
         shown_before = evaluation_minute(self.clock_ms, self.horizons.settle_ms)
         cells, attribution, dedup = out.cells, self.horizons.attribution_minutes, self._dedup
@@ -299,6 +324,8 @@ class DedupState:
             if expires < clock_minute:
                 out.late[kind] += 1
                 out.too_late.append(TooLate(ev, self.clock_ms))
+                if kind == "click" and ev[R_CLICK] is not None:
+                    self._dead_click(key_hash("click", str(ev[R_CLICK])), clock_minute, out)
                 continue
             expires = minutes.setdefault(expires, expires)
             seen[key] = expires
@@ -364,12 +391,17 @@ class DedupState:
         expires = minute + min(self._dedup["click"], self.horizons.attribution_minutes)
         if expires < clock_minute:
             return  # a click stamped before it would be too late
+        if click in self.dead.entries:
+            return  # its click came too late to count: unattributed for good
         if self.pending.size >= self.pending.limit:
             out.attribution_overflow[kind] += 1
             return
         new = int(bool(ev[R_NEW])) if kind == "order" else 0
         revenue: int = ev[R_REVENUE] if kind == "order" else 0  # type: ignore[assignment]
         self.pending.put(click, (expires, kind, channel, minute, new, revenue))
+        # In the windows as unattributed now; in the counters only where it ends.
+        _add(out.counted, (channel, UNATTRIBUTED, minute), _conversion_values(kind, new, revenue),
+             -1)  # fmt: skip
 
     def _claim(self, click: int, window_end: int, campaign: str | None, channel: str,
                out: BatchOutput) -> None:  # fmt: skip
@@ -377,28 +409,42 @@ class DedupState:
         to (the click's channel if theirs was ``unknown``, the click's campaign)."""
         cells = out.cells
         for _, kind, own_channel, minute, new, revenue in self.pending.pop(click):
-            if minute > window_end:
-                continue  # beyond the attribution window: stays unattributed
             values = _conversion_values(kind, new, revenue)
             source = (own_channel, UNATTRIBUTED, minute)
+            if minute > window_end:  # beyond the attribution window: stays unattributed
+                _add(out.counted, source, values, 1)
+                continue
             target = (channel if own_channel == "unknown" else own_channel, str(campaign), minute)
-            for cell, sign in ((source, -1), (target, 1)):
-                row = cells.get(cell)
-                if row is None:
-                    row = cells[cell] = [0] * N_MEASURES
-                for i, v in enumerate(values):
-                    row[i] += sign * v
-                if not any(row):  # counted and moved within this batch
-                    del cells[cell]
+            _add(cells, source, values, -1)
+            _add(cells, target, values, 1)
+            _add(out.counted, source, values, 1)  # the counters: only the target's +1
             out.reattributed[kind] += 1
 
-    def _expire(self) -> None:
+    def _dead_click(self, click: int, clock_minute: int, out: BatchOutput) -> None:
+        """A click too late to count: what waits for it ends its wait now, unattributed
+        (the counters take it), and what names it later does not wait. Without this, an
+        order whose click is dead-lettered would be missing from the counters for up to
+        the click horizon (an hour of event time) while the windows show it."""
+        for _, kind, channel, minute, new, revenue in self.pending.pop(click):
+            _add(out.counted, (channel, UNATTRIBUTED, minute),
+                 _conversion_values(kind, new, revenue), 1)  # fmt: skip
+        if click not in self.dead.entries and len(self.dead.entries) < self.horizons.max_pending:
+            self.dead.put(click, clock_minute + self._dedup["click"])
+
+    def _expire(self, out: BatchOutput | None = None) -> None:
+        """Forget what the clock has passed. Leads and orders no click can claim any more
+        enter the counters as unattributed (``out``; on restore, the transaction that
+        expired them live had counted them, and its clock says so)."""
         minute = self.clock_ms // 60_000
         if minute > self._expired_at:
             self._expired_at = minute
             self.seen.expire(minute)
             self.clicks.expire(minute)
-            self.pending.expire(minute)
+            self.dead.expire(minute)
+            for _, kind, channel, at, new, revenue in self.pending.expire(minute):
+                if out is not None:
+                    _add(out.counted, (channel, UNATTRIBUTED, at),
+                         _conversion_values(kind, new, revenue), 1)  # fmt: skip
 
     # -- changelog --------------------------------------------------------------
     def drain_changes(self) -> dict[str, object]:
@@ -411,9 +457,12 @@ class DedupState:
         }
         if self.pending.log:  # (click, expires, type, channel, minute, new, revenue)
             change["pending"] = self.pending.log
+        if self.dead.log:  # (click, expires): too-late clicks
+            change["dead"] = self.dead.log
         self.seen.log = []
         self.clicks.log = []
         self.pending.log = []
+        self.dead.log = []
         return change
 
     def load_changes(self, change: dict[str, object]) -> None:
@@ -427,8 +476,13 @@ class DedupState:
             if expires >= forgotten:
                 self.seen.put(_legacy_seen(key), expires, record=False)
         for click, *item in change.get("pending", ()):  # type: ignore[attr-defined]
-            if item[0] >= forgotten and click not in self.clicks.entries:
-                self.pending.put(click, tuple(item), record=False)
+            if item[0] < forgotten or click in self.clicks.entries or click in self.dead.entries:
+                continue  # expired, claimed or ended live
+            self.pending.put(click, tuple(item), record=False)
+        for click, expires in change.get("dead", ()):  # type: ignore[attr-defined]
+            self.pending.pop(click)  # ended its wait, live
+            if expires >= forgotten:
+                self.dead.put(click, expires, record=False)
         for key, expires, value in change["clicks"]:  # type: ignore[attr-defined]
             click = key_hash("click", key) if isinstance(key, str) else key
             self.pending.pop(click)  # claimed by it, live
@@ -529,12 +583,18 @@ class SegmentStore:
         self._expiry_queue: list[SeriesKey] = []
 
     def apply_cells(self, cells: Iterable[tuple[str, str, int, Sequence[int]]]) -> None:
-        """Add cell deltas; ids beyond the cardinality guards fold into ``__other__``."""
+        """Add cell deltas; ids beyond the cardinality guards fold into ``__other__``.
+
+        ``values`` may carry a second set of measures after the first: what the counters
+        take beside them (``BatchOutput.counted``); a row of zeros and that set touches
+        the counters only."""
         shown_end = self.shown_end
         channels, campaigns = self.channel_guard, self.campaign_guard
         self._guards_dirty = True
-        for channel, campaign, minute, values in cells:
-            if minute < shown_end:
+        for channel, campaign, minute, row in cells:
+            values, counted = row[:N_MEASURES], row[N_MEASURES:]
+            windows = not counted or any(values)
+            if windows and minute < shown_end:
                 self.restated += 1
             if minute > self._newest_minute:
                 self._newest_minute = minute
@@ -544,15 +604,18 @@ class SegmentStore:
                 channel = OTHER
             if not campaigns.admit((channel, campaign), weight):
                 campaign = OTHER
-            for key in series_of(channel, campaign):
-                buckets = self.series.get(key)
-                if buckets is None:
-                    buckets = self.series[key] = SeriesBuckets(self.retention)
-                buckets.add(minute, values)
+            if windows:
+                for key in series_of(channel, campaign):
+                    buckets = self.series.get(key)
+                    if buckets is None:
+                        buckets = self.series[key] = SeriesBuckets(self.retention)
+                    buckets.add(minute, values)
             total = self.totals.get((channel, campaign))
             if total is None:
                 total = self.totals[(channel, campaign)] = [0] * N_MEASURES
             for i, v in enumerate(values):
+                total[i] += v
+            for i, v in enumerate(counted):
                 total[i] += v
             self.dirty_totals.add((channel, campaign))
 

@@ -71,9 +71,9 @@ def chunks(items: list[Any], size: int = ROWS_PER_MESSAGE) -> Iterator[list[Any]
 def split_changes(
     change: dict[str, Any], size: int = 2 * ROWS_PER_MESSAGE
 ) -> Iterator[dict[str, Any]]:
-    """The dedup-changelog entry of one batch as entries of at most ``size`` keys, clicks
-    or pending leads/orders (each restores in any order of the parts)."""
-    names = [name for name in ("seen", "pending", "clicks") if name in change]
+    """The dedup-changelog entry of one batch as entries of at most ``size`` keys, clicks,
+    pending leads/orders or too-late clicks (each restores in any order of the parts)."""
+    names = [name for name in ("seen", "pending", "clicks", "dead") if name in change]
     yielded = False
     for name in names:
         for part in chunks(change[name], size):
@@ -143,7 +143,7 @@ class Partial:
     watermark_ms: int
     """The event time its worker had passed on everything up to (``"wm"`` on the wire)."""
     caught_up: bool
-    cells: list[list[Any]]  # [channel, campaign, minute, *measures]
+    cells: list[list[Any]]  # [channel, campaign, minute, *measures, *counted] (cells_list)
     source_ts: list[list[int]]  # [ts rounded to 100 ms, count]
 
     def encode(self) -> bytes:
@@ -163,11 +163,19 @@ class Partial:
         return Partial(data["p"], data["wm"], data["cu"], data["c"], data["s"])
 
 
-def cells_list(cells: Mapping[tuple[str, str, int], Sequence[int]]) -> list[list[Any]]:
-    return [
-        [channel, campaign, minute, *values]
-        for (channel, campaign, minute), values in cells.items()
-    ]
+def cells_list(
+    cells: Mapping[tuple[str, str, int], Sequence[int]],
+    counted: Mapping[tuple[str, str, int], Sequence[int]] | None = None,
+) -> list[list[Any]]:
+    """Partials' cell rows: ``[channel, campaign, minute, *values]``, where ``values`` go to
+    the windows and the counters; a cell whose counters take more or less than its windows
+    (``BatchOutput.counted``) carries that after its values, in the same row, so one
+    message moves both and no counter goes down between two messages."""
+    rows = [[*cell, *values, *(counted or {}).get(cell, ())] for cell, values in cells.items()]
+    if counted:
+        zero = [0] * len(next(iter(counted.values())))
+        rows += [[*cell, *zero, *extra] for cell, extra in counted.items() if cell not in cells]
+    return rows
 
 
 def encode_json(value: Any) -> bytes:

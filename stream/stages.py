@@ -229,7 +229,7 @@ class DedupStage:
     def flush(self, watermark: int, now_ms: int) -> tuple[list[Message], BatchOutput | None]:
         """The step's partials (cells and progress) and dedup changelog entries."""
         out, self._output = self._output, None
-        cells = codec.cells_list(out.cells) if out else []
+        cells = codec.cells_list(out.cells, out.counted) if out else []
         source_ts = [[ts, n] for ts, n in out.source_hist.items()] if out else []
         messages = []
         for i, chunk in enumerate(codec.chunks(cells) if cells else [[]]):

@@ -337,14 +337,31 @@ def test_kill_9_halfway_and_restart_exact(
 
 
 def wait_for_clicks(
-    workers: list[WorkerProcess], data: Dataset, measures: tuple[int, ...] = (0, 1)
+    workers: list[WorkerProcess],
+    data: Dataset,
+    measures: tuple[int, ...] = (0, 1),
+    *,
+    windows: bool = False,
 ) -> None:
     """Wait until the KPI state holds every click and impression of the first phase
-    (or every one of other counts, ``measures``: indexes into ``MEASURES``)."""
+    (or every one of other counts, ``measures``: indexes into ``MEASURES``), by the
+    counters, or by the global 24 h window (``windows``: where leads and orders waiting
+    for their click are, before the counters take them)."""
     expected = [sum(row[i] for row in data.totals().values()) for i in measures]
 
     def done() -> bool:
         samples = owner_samples(workers) or {}
+        if windows:
+            got = [0.0] * len(MEASURES)
+            for (name, labels), v in samples.items():
+                lab = dict(labels)
+                if (
+                    name == "kpimon_window_measure"
+                    and lab["scope"] == "global"
+                    and (lab["window"] == "24h")
+                ):
+                    got[MEASURES.index(lab["measure"])] = v
+            return [got[i] for i in measures] == expected
         rows = measure_totals(samples).values()
         return [sum(row[i] for row in rows) for i in measures] == expected
 
@@ -369,7 +386,7 @@ def test_orders_before_their_clicks_exact_across_a_kill_9(
     first = start_worker("w1")
     first.wait_ready()
     run(produce(bootstrap, data.phases[1]))
-    wait_for_clicks([first], data, measures=(2, 3, 4))  # counted, so in the changelog
+    wait_for_clicks([first], data, measures=(2, 3, 4), windows=True)  # in the changelog
     first.stop(signal.SIGKILL)
     worker = start_worker("w1")
     worker.wait_ready()
@@ -400,3 +417,44 @@ def test_broker_restart_exact(
         consumed += len(phase)
         _produce_phase(bootstrap, phase, [worker], consumed)
     check_exact([worker], data)
+
+
+def test_orders_whose_click_is_too_late_counted_at_once(
+    start_worker: Callable[..., WorkerProcess], exact_env: dict[str, str], kafka_bootstrap: str
+) -> None:
+    """An order waits for its click (the counters take it only where it ends); when that
+    click is dead-lettered as too late, its wait ends at once, and an order naming a click
+    already dead-lettered does not wait: every counter is exact now, not an hour of event
+    time later. (The simulated datasets above hold such an order in about one run in ten.)"""
+    now = int(time.time() * 1000)
+    minute = now // 60_000 - 1
+    clicks, orders, leads = (exact_env[f"KPIMON_TOPIC_{t}"] for t in ("CLICKS", "ORDERS", "LEADS"))
+
+    def message(topic: str, **event: Any) -> Message:
+        return topic, None, json.dumps(event).encode()
+
+    def order(key: str, click: str, revenue: float) -> Message:
+        return message(orders, event_id=key, order_id=key, ts=minute * 60_000 + 5_000,
+                       click_id=click, revenue=revenue, customer_id=f"u-{key}")  # fmt: skip
+
+    def too_late_click(click: str) -> Message:
+        return message(clicks, event_id=f"c-{click}", ts=now - 75 * 60_000, campaign_id="c1",
+                       channel="search", click_id=click)  # fmt: skip
+
+    # A lead of each click's routed partition (keyed by click id) moves its clock to now.
+    steps = [[message(leads, event_id=f"l-{k}", ts=now, campaign_id="c1", channel="search",
+                      click_id=k, user_id="u1") for k in ("kx", "ky")],
+             [order("o-x", "kx", 12.5)],  # waits for kx
+             [too_late_click("kx"), too_late_click("ky")],
+             [order("o-y", "ky", 7.25)]]  # fmt: skip
+    data = Dataset(valid=sum(map(len, steps)), late=2)
+    data.cells[("search", "c1", now // 60_000)] = [0, 0, 2, 0, 0, 0, 0]
+    data.cells[("unknown", "unattributed", minute)] = [0, 0, 0, 2, 0, 19_750_000, 0]
+    worker = start_worker("w1")
+    worker.wait_ready()
+    consumed = 0
+    for step in steps:  # each in before the next: the arrival order is the test
+        consumed += len(step)
+        _produce_phase(kafka_bootstrap, step, [worker], consumed)
+    check_exact([worker], data)
+    assert pipeline_counter([worker], "kpimon_events_late_total") == 2

@@ -440,10 +440,13 @@ ids_st = st.integers(0, 7)
     copies=st.lists(st.integers(0, 40), max_size=5),
     cuts=st.lists(st.integers(0, 40), max_size=5),
     order=st.randoms(use_true_random=False),
+    dead=st.lists(ids_st, max_size=3, unique=True),
+    restore=st.integers(0, 12),
 )  # fmt: skip
 def test_attribution_does_not_depend_on_arrival_order(
-    clicks: list[Any], conversions: list[Any], copies: list[int], cuts: list[int], order: Any
-) -> None:
+    clicks: list[Any], conversions: list[Any], copies: list[int], cuts: list[int], order: Any,
+    dead: list[int], restore: int,
+) -> None:  # fmt: skip
     """Clicks and the leads/orders naming them (some naming no counted click, some sent
     twice) within the horizons: any order and any split into messages gives the same
     per-(channel, campaign, minute) sums as applying them one by one in event-time order."""
@@ -469,7 +472,55 @@ def test_attribution_does_not_depend_on_arrival_order(
     shuffled = list(events)
     order.shuffle(shuffled)
     bounds = [0, *sorted(c for c in cuts if c <= len(shuffled)), len(shuffled)]
-    assert sums([shuffled[a:b] for a, b in itertools.pairwise(bounds)]) == in_order
+    batches = [shuffled[a:b] for a, b in itertools.pairwise(bounds)]
+    assert sums(batches) == in_order
+    counters_never_go_down_and_end_as_the_windows(batches, now, dead=dead, restore=restore)
+
+
+def counters_never_go_down_and_end_as_the_windows(
+    batches: list[Any], now: int, *, dead: list[int], restore: int
+) -> None:
+    """Through partials, as the worker sends them: no (channel, campaign) counter ever
+    goes down (a lead or order waiting for its click is in the windows as unattributed,
+    in the counters only where it ends), a click dead-lettered as too late ends the wait
+    of what names it at once, and once no click can come the counters hold what the
+    windows hold. Before message ``restore`` the dedup state is rebuilt from its
+    changelog (as a restarted worker does; the scope store keeps what its snapshot
+    covers): nothing is counted twice or lost."""
+    state, store = DedupState(), SegmentStore()
+    log: list[dict[str, object]] = []
+    before: dict[tuple[str, str], list[int]] = {}
+    tick = routed("impression", "tick", now, campaign="c9")  # the clock reaches ``now``
+    too_late = [routed("click", f"late{cid}", now - 3 * 60 * MIN, campaign="c8", click=f"k{cid}")
+                for cid in dead]  # fmt: skip
+    flush = routed("impression", "late-enough", now + 3 * 60 * MIN, campaign="c9")
+    later = now + 3 * 60 * MIN  # the clock moves before a message: the flush, then one more
+    plan = [*((b, now) for b in batches), ([tick], now), (too_late, now), ([flush], later),
+            ([], later)]  # fmt: skip
+    for index, (batch, at) in enumerate(plan):
+        if index == restore:
+            state = DedupState()
+            for change in log:
+                state.load_changes(change)
+        out = state.apply(batch, at)
+        log += codec.split_changes(state.drain_changes(), size=3)
+        store.apply_cells(
+            (c[0], c[1], c[2], c[3:]) for c in codec.cells_list(out.cells, out.counted)
+        )
+        for pair, total in store.totals.items():
+            old = before.get(pair, [0] * N)
+            assert all(a >= b for a, b in zip(total, old, strict=True)), pair
+            before[pair] = list(total)
+        if batch is too_late:
+            assert out.late["click"] == len(dead)
+            assert not {key_hash("click", f"k{cid}") for cid in dead} & state.pending.entries.keys()
+    assert state.pending.size == 0
+    span = (T0 // MIN - 1, (now + 3 * 60 * MIN) // MIN + 1)
+    windows = {pair: list(store.series[("campaign", *pair)].sum(*span))
+               for pair in store.totals if ("campaign", *pair) in store.series}  # fmt: skip
+    assert {p: t for p, t in store.totals.items() if any(t)} == {
+        p: w for p, w in windows.items() if any(w)
+    }
 
 
 # --- SegmentStore ------------------------------------------------------------------
@@ -873,3 +924,69 @@ def test_expiry_of_the_live_store_goes_in_slices_and_ends_as_evaluate_leaves_it(
         assert sorted(buckets.blocks) == sorted(evaluated.series[key].blocks)
         assert sorted(buckets.coarse) == sorted(evaluated.series[key].coarse)
         assert buckets.dirty == evaluated.series[key].dirty
+
+
+def test_an_order_no_click_claims_enters_the_counters_once_across_restores() -> None:
+    """A waiting order is in the windows at once but in the counters only when no click
+    can claim it any more; a worker restored before that counts it then, one restored
+    after it (the clock in the changelog says so) does not count it again."""
+    cell = ("unknown", UNATTRIBUTED, T0 // MIN)
+    order = routed("order", "o1", T0, campaign=None, channel="unknown", click="k1", revenue=9)
+    later = T0 + 3 * 60 * MIN
+    tick = routed("impression", "i1", later, campaign="c1")
+
+    def counters(out: BatchOutput) -> list[int]:
+        rows = codec.cells_list(out.cells, out.counted)
+        return [sum(r[3 + i] + (r[3 + N + i] if len(r) > 3 + N else 0) for r in rows
+                    if tuple(r[:3]) == cell) for i in range(N)]  # fmt: skip
+
+    live = DedupState()
+    first = live.apply([order], T0 + MIN)
+    assert first.cells[cell][3] == 1 and counters(first)[3] == 0, "windows now, counters later"
+    before = live.drain_changes()
+    live.apply([tick], later)
+    expired = live.apply([], later)  # the clock passes the order's wait
+    assert counters(expired)[3:6] == [1, 0, 9] and cell not in expired.cells
+    after = live.drain_changes()
+
+    early = DedupState()
+    early.load_changes(before)
+    early.apply([tick], later)
+    assert counters(early.apply([], later))[3:6] == [1, 0, 9], "restored before: counted then"
+    late = DedupState()
+    for change in (before, after):
+        late.load_changes(change)
+    assert late.pending.size == 0
+    assert not late.apply([], later + MIN).counted, "restored after: not counted again"
+
+
+def test_a_too_late_click_ends_the_wait_of_what_names_it() -> None:
+    """An order waiting for a click that is then dead-lettered as too late enters the
+    counters at once (no click with that id can count any more), and one naming it later
+    does not wait at all; a worker restored from the changelog knows the same."""
+    cell = ("unknown", UNATTRIBUTED, T0 // MIN)
+    now = T0 + 5 * MIN
+    order = routed("order", "o1", T0, campaign=None, channel="unknown", click="k1", revenue=9)
+    again = routed("order", "o2", T0, campaign=None, channel="unknown", click="k1", revenue=4)
+    click = routed("click", "c1", T0 - 90 * MIN, campaign="c1", click="k1")
+    tick = routed("impression", "i1", now, campaign="c1")
+
+    live = DedupState()
+    first = live.apply([order, tick], now)
+    assert first.counted[cell][3] == -1, "in the windows, not yet in the counters"
+    changes = [live.drain_changes()]
+    settled = live.apply([click], now)
+    assert settled.late["click"] == 1 and settled.counted[cell][3:6] == [1, 0, 9]
+    assert not settled.cells, "the windows had it as unattributed already"
+    assert live.pending.size == 0
+    changes.append(live.drain_changes())
+    assert not live.apply([again], now).counted, "names a dead click: counted at once"
+
+    for parts in (changes, changes[::-1]):  # parts of a restore in either order
+        restored = DedupState()
+        for change in parts:
+            restored.load_changes(change)
+        assert restored.pending.size == 0, "its wait ended live"
+        out = restored.apply([again], now)
+        assert out.cells[cell][3] == 1 and not out.counted
+        assert not restored.apply([], T0 + 3 * 60 * MIN).counted, "never counted twice"
