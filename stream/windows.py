@@ -95,16 +95,26 @@ are then through the pipeline's hops."""
 
 
 def next_evaluation_in(now_s: float, interval_s: float, settle_s: float) -> float:
-    """Seconds to the next evaluation: the interval, or sooner when a minute settles
-    first. A settled minute is then judged about a second after it settles rather than
-    up to an interval later (by ``bench/demo_alert``'s model, about 4 points more of the
-    demo's CTR drops alerted within 3 minutes). With an interval that divides a minute
-    the ticks stay on that phase, so this adds no tick."""
+    """Seconds to the next evaluation: the last settling of a minute within the interval,
+    else the interval.
+
+    A settled minute is then judged about a second after it settles rather than up to
+    an interval later (by ``bench/demo_alert``'s model, about 4 points more of the demo's
+    CTR drops alerted within 3 minutes). With an interval that divides a minute the ticks
+    stay on that phase, so this adds no tick. With an interval over a minute several
+    minutes settle within it: the last one is taken, so the ticks come about once an
+    interval (each on a settling), not once a minute.
+    """
     phase = settle_s + SETTLED_MARGIN_S
     next_settled = (math.floor((now_s - phase) / 60) + 1) * 60 + phase
     if next_settled - now_s < 1e-3:  # on the settling itself (rounding): the next one
         next_settled += 60
-    return min(interval_s, next_settled - now_s)
+    if next_settled - now_s > interval_s:
+        return interval_s
+    # (1 ms of slack: an interval of whole minutes lands on a settling despite rounding)
+    spare = now_s + interval_s - next_settled + 1e-3
+    last = next_settled + 60 * max(0, math.floor(spare / 60))
+    return last - now_s
 
 
 def window_range(end_minute: int, minutes: int) -> tuple[int, int]:

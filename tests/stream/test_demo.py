@@ -18,7 +18,14 @@ import pytest
 
 from alerts.pacing import FLAT, Shape, local_day, pace
 from alerts.targets import load_targets
-from stream.cli import DEMO_HISTORY_MINUTES, DEMO_TARGETS, demo_day, demo_incidents
+from stream.cli import (
+    DEMO_HISTORY_MINUTES,
+    DEMO_SETTLE_SECONDS,
+    DEMO_TARGETS,
+    demo_day,
+    demo_incidents,
+    demo_onset,
+)
 from stream.simulate import Incident, SimConfig, Simulator
 
 MIDNIGHT = 1_796_169_600  # a UTC midnight: the simulated day starts with the run
@@ -113,3 +120,45 @@ def test_demo_incidents_start_at_their_wall_clock_instants() -> None:
     before = list(sim.events(start, 600))  # the history and the live minutes up to the onset
     after = list(sim.events(onset, 1200))
     assert 0.25 < _c0_ctr(after) / _c0_ctr(before) < 0.6  # a 60% drop: 0.4 expected
+
+
+@pytest.mark.parametrize("after_s", [0.0, 60.0, 90.0])
+@pytest.mark.parametrize("offset_s", [0.0, 0.4, 17.0, 59.9])
+def test_the_demo_onset_is_the_first_whole_minute_after_the_wait(
+    after_s: float, offset_s: float
+) -> None:
+    banner = MIDNIGHT + 3600 + offset_s
+    onset = demo_onset(banner, after_s)
+    assert onset % 60 == 0
+    assert banner + after_s <= onset < banner + after_s + 60
+
+
+def _ms(ts: object) -> int:
+    return ts if isinstance(ts, int) else int(datetime.fromisoformat(str(ts)).timestamp() * 1000)
+
+
+def test_the_demo_settle_judges_minutes_as_the_default_settle_would() -> None:
+    """The demo's traffic as its producer sends it (each second's events at that second's
+    start): a minute judged DEMO_SETTLE_SECONDS after its end holds all but a sliver of
+    what it holds at the default 60 s, so the shorter settle shows no partial minutes."""
+    config = SimConfig(seed=7, rate=RATE, diurnal=False)
+    sim, start = Simulator(config), MIDNIGHT + 7
+    seconds, default_settle = 20 * 60, 60_000
+    counted = {DEMO_SETTLE_SECONDS * 1000: 0, default_settle: 0}
+    judged = 0  # events of minutes whose default-settle judgement falls within the run
+    for tick in range(seconds):
+        sent_ms = (start + tick) * 1000
+        for _, body in sim.events(start + tick, 1):
+            ts = _ms(body["ts"])
+            minute_end = (ts // 60_000 + 1) * 60_000
+            first_ms, last_ms = start * 1000, (start + seconds) * 1000
+            if minute_end - 60_000 < first_ms or minute_end + default_settle > last_ms:
+                continue  # a minute not wholly produced and judged within the run
+            judged += 1
+            for settle in counted:
+                counted[settle] += sent_ms <= minute_end + settle
+    assert judged > 20_000
+    short, default = counted[DEMO_SETTLE_SECONDS * 1000], counted[default_settle]
+    assert short <= default
+    assert (default - short) / judged < 0.002
+    assert default / judged > 0.98  # and the default settle itself misses little

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -232,3 +233,33 @@ def test_ticks_keep_the_settling_phase(start: float, interval: float, settle: fl
     assert len(settled) >= int((ticks[-1] - ticks[0]) / 60) - 1
     per_minute = 60 / interval
     assert len(ticks) <= (ticks[-1] - start) / 60 * per_minute + per_minute + 2
+
+
+def test_an_interval_over_a_minute_evaluates_at_the_last_settling_within_it() -> None:
+    # 10:00:30, every 5 minutes, 60 s settle: minutes settle (+1 s) at 10:01:01, 10:02:01,
+    # ... 10:05:01; the last within 10:05:30 is taken, not the first (once a minute)
+    assert next_evaluation_in(36_030.0, 300.0, 60.0) == pytest.approx(271.0)
+    # on a settling, the next tick is the settling 5 minutes on
+    assert next_evaluation_in(36_061.0, 300.0, 60.0) == pytest.approx(300.0)
+    # 90 s: one settling within it from a settling, so every minute (whole minutes only)
+    assert next_evaluation_in(36_061.0, 90.0, 60.0) == pytest.approx(60.0)
+
+
+@given(st.floats(0, 1e9), st.floats(60.0, 3600.0), st.floats(0, 3600))
+def test_intervals_over_a_minute_tick_once_an_interval(
+    start: float, interval: float, settle: float
+) -> None:
+    """Over a minute: never longer than the interval, every tick after the first on a
+    settling, and the ticks a whole number of minutes apart, as many as fit the interval."""
+    now, ticks = start, []
+    for _ in range(50):
+        wait = next_evaluation_in(now, interval, settle)
+        assert 0 < wait <= interval + 1e-3
+        now += wait
+        ticks.append(now)
+    phase = settle + SETTLED_MARGIN_S
+    for t in ticks:  # within a millisecond of a settling (floats at 1e9 s: microseconds)
+        assert abs((t - phase) / 60 - round((t - phase) / 60)) * 60 < 1e-3
+    spacing = 60 * math.floor(interval / 60 + 1e-9)
+    for a, b in itertools.pairwise(ticks[1:]):
+        assert b - a == pytest.approx(spacing, abs=1e-3)
