@@ -36,6 +36,7 @@ from alerts.baselines import (
     FREEZE_MINUTES,
     Expected,
     Floats,
+    Recent,
     block_starts,
     block_sums,
     blocks,
@@ -127,6 +128,8 @@ class AlertEngine:
         self.baselines: dict[BaselineKey, float] = {}
         self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
         self._history: dict[tuple[SeriesKey, int, int, int], Floats] = {}
+        self._recent = Recent()
+        """Baselines by their sums, across ticks (a cache, not state: clones share it)."""
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
@@ -151,6 +154,7 @@ class AlertEngine:
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
         self._expected, self._history = {}, {}
+        self._recent.next_tick()
         for rule in self.trend:
             h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
                           self.budget)  # fmt: skip
@@ -268,7 +272,7 @@ class AlertEngine:
         (rules on the same segment share it)."""
         memo = (key, minute, until, span)
         if memo not in self._expected:
-            self._expected[memo] = expected(segments, key, minute, until, span)
+            self._expected[memo] = expected(segments, key, minute, until, span, self._recent)
         return self._expected[memo]
 
     def _blocks(
