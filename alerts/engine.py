@@ -210,39 +210,45 @@ class AlertEngine:
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
-        now_at: dict[AlertKey, Judged] = {}
+        now_at: dict[AlertKey, Expected] = {}
         detectors = self.detectors[rule.name]
         newest = end - 1
         for gone in detectors.by_segment.keys() - set(keys):
             del detectors.by_segment[gone]  # expired or folded: its evidence goes with it
+        known, span, window = KPI[rule.kpi], self.plans[rule.name].span, rule.window_minutes
         for key in keys:
             cusum = detectors.get(key)
-            if not replaying:
+            if not replaying and (cusum.last is None or cusum.last < newest):
                 self._add_minutes(rule, h, segments, key, cusum, newest)
-            judged = self._judged(rule, segments, key, cusum, end)
-            if judged is None:
+            # The baseline of the newest minute: exported, and what an alert compares with.
+            until = self._baseline_end(segments, key, cusum, newest)
+            base = self._base(segments, key, newest, until, span)
+            if base is None:
                 continue
-            value = kpi_value(KPI[rule.kpi], judged.base.rate * rule.window_minutes)
+            value = kpi_value(known, base.rate * window)
             if value is not None:
                 baselines[(rule.kpi, *key, rule.window)] = value
             if replaying or cusum.last != newest:
                 continue  # held, or judged nothing yet
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)
-            now_at[alert_key] = judged
+            now_at[alert_key] = base
+            if not any(cusum.stats):
+                continue  # at rest: no alarm, not still bad (thresholds are > 0)
             alarm = self._alarm(rule, cusum)
             if alarm is not None:
+                since = cusum.since if cusum.since is not None else end - window
+                judged = Judged(base, since, end)
                 bad[alert_key] = self._details(rule, key, cusum, alarm, judged, segments)
             elif cusum.still_bad():
                 still_bad.add(alert_key)
         notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
         for note in notes:
             if note.kind == "resolved":  # say where the KPI is now, not where it was worst
-                j = now_at[note.alert.key]
-                start = j.end - rule.window_minutes
-                value, base, change = self._compare(rule, segments, note.alert.key[1:], start,
-                                                    j.end, j.base)  # fmt: skip
-                note.alert.details.update(value=value, baseline=base, change=change)
+                where, base = note.alert.key[1:], now_at[note.alert.key]
+                value, baseline, change = self._compare(rule, segments, where, end - window,
+                                                        end, base)  # fmt: skip
+                note.alert.details.update(value=value, baseline=baseline, change=change)
         return notes
 
     def _alarm(self, rule: Rule, cusum: Cusum) -> int | None:
@@ -292,8 +298,11 @@ class AlertEngine:
         FREEZE_HISTORY minutes is not frozen: a fresh deployment's first minutes are too
         few to hold a level (and an excursion from them may be its own short baseline's
         error), so it goes on learning."""
-        since, first = cusum.since, segments.first_minute(key)
-        if since is None or first is None or since - first < FREEZE_HISTORY:
+        since = cusum.since
+        if since is None:
+            return minute
+        first = segments.first_minute(key)
+        if first is None or since - first < FREEZE_HISTORY:
             return minute
         return max(min(since, minute), minute - FREEZE_MINUTES)
 
@@ -334,18 +343,6 @@ class AlertEngine:
                 continue
             ratios = judge(ev, rs, h)
             cusum.add(minute, ev, ratios, [h] * len(rs))
-
-    def _judged(
-        self, rule: Rule, segments: SegmentView, key: SeriesKey, cusum: Cusum, end: int
-    ) -> Judged | None:
-        p = self.plans[rule.name]
-        newest = end - 1
-        until = self._baseline_end(segments, key, cusum, newest)
-        base = self._base(segments, key, newest, until, p.span)
-        if base is None:
-            return None
-        since = cusum.since if cusum.since is not None else end - rule.window_minutes
-        return Judged(base, since, end)
 
     def _compare(
         self, rule: Rule, segments: SegmentView, key: SeriesKey, start: int, end: int,
