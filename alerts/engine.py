@@ -130,6 +130,12 @@ class AlertEngine:
         self._history: dict[tuple[SeriesKey, int, int, int], Floats] = {}
         self._recent = Recent()
         """Baselines by their sums, across ticks (a cache, not state: clones share it)."""
+        self._shared: set[tuple[str, SeriesKey]] | None = None
+        """After a clone, the detectors this engine has made its own (the others it shares
+        with its clones, copied before their first change); None: all are its own."""
+        self._stored: dict[str, dict[str, object]] = {}
+        """``Detectors.to_dict`` of the rules whose detectors did not change since: a tick
+        within the minute changes none, and ~7,000 detectors need not be listed again."""
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
@@ -213,13 +219,25 @@ class AlertEngine:
         now_at: dict[AlertKey, Expected] = {}
         detectors = self.detectors[rule.name]
         newest = end - 1
-        for gone in detectors.by_segment.keys() - set(keys):
-            del detectors.by_segment[gone]  # expired or folded: its evidence goes with it
+        by_segment, own = detectors.by_segment, self._shared
+        gone = by_segment.keys() - set(keys)
+        for key in gone:
+            del by_segment[key]  # expired or folded: its evidence goes with it
+        changed = bool(gone)
         known, span, window = KPI[rule.kpi], self.plans[rule.name].span, rule.window_minutes
         for key in keys:
-            cusum = detectors.get(key)
+            cusum = by_segment.get(key)
+            if cusum is None:
+                cusum = detectors.get(key)
+                changed = True
+                if own is not None:
+                    own.add((rule.name, key))
             if not replaying and (cusum.last is None or cusum.last < newest):
+                if own is not None and (rule.name, key) not in own:
+                    cusum = by_segment[key] = cusum.copy()  # shared with a clone
+                    own.add((rule.name, key))
                 self._add_minutes(rule, h, segments, key, cusum, newest)
+                changed = True
             # The baseline of the newest minute: exported, and what an alert compares with.
             until = self._baseline_end(segments, key, cusum, newest)
             base = self._base(segments, key, newest, until, span)
@@ -242,6 +260,8 @@ class AlertEngine:
                 bad[alert_key] = self._details(rule, key, cusum, alarm, judged, segments)
             elif cusum.still_bad():
                 still_bad.add(alert_key)
+        if changed:
+            self._stored.pop(rule.name, None)
         notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
         for note in notes:
             if note.kind == "resolved":  # say where the KPI is now, not where it was worst
@@ -596,7 +616,12 @@ class AlertEngine:
         """
         twin = copy.copy(self)
         twin.states = {name: state.clone() for name, state in self.states.items()}
-        twin.detectors = {name: d.clone() for name, d in self.detectors.items()}
+        # The detectors are shared, and copied by whichever engine changes one first (a
+        # tick within the minute changes none; one that adds a minute, each once).
+        twin.detectors = {name: Detectors(d.multipliers, dict(d.by_segment))
+                          for name, d in self.detectors.items()}  # fmt: skip
+        self._shared, twin._shared = set(), set()
+        twin._stored = dict(self._stored)
         twin.baselines = dict(self.baselines)
         twin.incidents = self.incidents.clone()
         return twin
@@ -606,9 +631,17 @@ class AlertEngine:
         return {
             "version": STATE_VERSION,
             "alerts": {name: state.to_dict() for name, state in self.states.items()},
-            "detectors": {name: d.to_dict() for name, d in self.detectors.items()},
+            "detectors": {name: self._detector_state(name) for name in self.detectors},
             "incidents": self.incidents.to_dict(),
         }
+
+    def _detector_state(self, rule: str) -> dict[str, object]:
+        """``to_dict`` of one rule's detectors, listed again only once they changed (the
+        dict is shared with later calls: do not change it)."""
+        stored = self._stored.get(rule)
+        if stored is None:
+            stored = self._stored[rule] = self.detectors[rule].to_dict()
+        return stored
 
     def load(self, data: Mapping[str, Any]) -> None:
         """Restore ``to_dict`` output (ValueError on malformed state, and nothing changes).
@@ -651,6 +684,7 @@ class AlertEngine:
             if seen:
                 incidents.step(max(s.fired_at for s in seen), seen)
         self.states, self.detectors, self.incidents = states, restored, incidents
+        self._shared, self._stored = None, {}  # restored: its own, and not listed yet
 
 
 def _place(record: Mapping[str, Any]) -> str:

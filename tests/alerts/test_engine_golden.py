@@ -32,6 +32,7 @@ from alerts.rules import DEFAULT_RULES, load_rules
 from alerts.stage import AlertStage
 from stream.aggregate import SegmentStore
 from stream.codec import encode_json
+from stream.segments import SegmentView
 from stream.settings import Settings
 from stream.stages import Topology
 
@@ -135,3 +136,27 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def test_a_clone_shares_detectors_until_one_engine_changes_them() -> None:
+    """Clones share the detectors copy-on-write: stepping one (a tick, later discarded or
+    put in place) leaves the other's state as it was, and the other, stepped alike, ends
+    in the same state."""
+    rng = np.random.default_rng(7)
+    store = SegmentStore(max_campaigns=500, max_channels=50)
+    for minute in range(START_MIN - 240, START_MIN + 3):
+        store.apply_cells(cells(rng, minute, minute >= START_MIN))
+    engine = AlertStage(load_rules(DEFAULT_RULES), Settings(), Topology.of(Settings()),
+                        ["log"]).engine  # fmt: skip
+    view = SegmentView(store.series)
+    engine.evaluate(view, START_MIN + 1, (START_MIN + 1) * 60.0)
+    before = orjson.dumps(engine.to_dict())
+    twin = engine.clone()
+    stepped = twin.evaluate(view, START_MIN + 2, (START_MIN + 2) * 60.0)
+    assert orjson.dumps(engine.to_dict()) == before, "the clone's tick changed the original"
+    assert orjson.dumps(twin.to_dict()) != before
+    assert engine.evaluate(view, START_MIN + 2, (START_MIN + 2) * 60.0) == stepped
+    assert orjson.dumps(engine.to_dict()) == orjson.dumps(twin.to_dict())
+    again = twin.clone()  # a tick within the minute changes no detector
+    assert again.evaluate(view, START_MIN + 2, (START_MIN + 2) * 60.0 + 20) == []
+    assert orjson.dumps(again.to_dict()["detectors"]) == orjson.dumps(twin.to_dict()["detectors"])
