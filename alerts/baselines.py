@@ -212,13 +212,25 @@ def block_sums(segments: SegmentView, key: SeriesKey, start: int, block: int) ->
     return sums
 
 
-def blocks(segments: SegmentView, key: SeriesKey, until: int, span: int, block: int) -> Floats:
+def blocks(
+    segments: SegmentView, key: SeriesKey, until: int, span: int, block: int,
+    memo: dict[tuple[SeriesKey, int, int], Floats] | None = None,
+) -> Floats:  # fmt: skip
     """:func:`block_sums` of ``key``'s whole clock-aligned blocks of ``block`` minutes
     within the ``span`` minutes of history before ``until`` (one row per block, oldest
     first): what a reporting block is judged against (``alerts.detectors.unit``). Empty
-    before the segment's first whole block."""
+    before the segment's first whole block. ``memo``: block sums by (key, start, block),
+    for one view (the histories of successive blocks overlap but for one block)."""
     starts = block_starts(segments.first_minute(key), until, span, block)
-    rows = [block_sums(segments, key, b, block) for b in starts]
+    if memo is None:
+        rows = [block_sums(segments, key, b, block) for b in starts]
+    else:
+        rows = []
+        for b in starts:
+            sums = memo.get((key, b, block))
+            if sums is None:
+                sums = memo[(key, b, block)] = block_sums(segments, key, b, block)
+            rows.append(sums)
     return np.array(rows, dtype=np.float64).reshape(len(rows), N_MEASURES)
 
 

@@ -128,6 +128,7 @@ class AlertEngine:
         self.baselines: dict[BaselineKey, float] = {}
         self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
         self._history: dict[tuple[SeriesKey, int, int, int], Floats] = {}
+        self._block_sums: dict[tuple[SeriesKey, int, int], Floats] = {}
         self._recent = Recent()
         """Baselines by their sums, across ticks (a cache, not state: clones share it)."""
         self._shared: set[tuple[str, SeriesKey]] | None = None
@@ -159,7 +160,7 @@ class AlertEngine:
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.trend)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
-        self._expected, self._history = {}, {}
+        self._expected, self._history, self._block_sums = {}, {}, {}
         self._recent.next_tick()
         for rule in self.trend:
             h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
@@ -169,7 +170,7 @@ class AlertEngine:
             )
             resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
         self.baselines = baselines
-        self._expected, self._history = {}, {}
+        self._expected, self._history, self._block_sums = {}, {}, {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
         resolved.update(self._evaluate_goals(segments, end_minute, now_s, goals))
@@ -307,7 +308,7 @@ class AlertEngine:
         """Past reporting blocks of ``key`` before ``until``, once a tick (memo)."""
         memo = (key, until, span, block)
         if memo not in self._history:
-            self._history[memo] = blocks(segments, key, until, span, block)
+            self._history[memo] = blocks(segments, key, until, span, block, self._block_sums)
         return self._history[memo]
 
     @staticmethod
