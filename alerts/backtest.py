@@ -11,6 +11,7 @@ out as the same JSON objects the worker writes to ``kpimon.alerts``.
 from __future__ import annotations
 
 import copy
+import gc
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,6 +53,8 @@ class Replay:
     branch a replay to play "what if" continuations of the same history, e.g. the same
     traffic with and without an incident. ``targets`` (goals and budgets, days in the
     settings' time zone) is what the rules against goals and budgets judge by.
+    ``freeze``: freeze the collector's view of what is alive after each evaluation
+    (``stream.gcpolicy``): for a process that replays and exits, whose state only grows.
     """
 
     def __init__(
@@ -62,8 +65,10 @@ class Replay:
         eval_every_s: float = 60.0,
         stats: BacktestStats | None = None,
         targets: Targets | None = None,
+        freeze: bool = False,
     ) -> None:
         self.goals = Goals.of(targets, settings.tz) if targets is not None else None
+        self.freeze = freeze
         self.stats = stats if stats is not None else BacktestStats()
         replay_settings = settings.model_copy(
             update={"shared_topics": [TOPIC], "max_future_skew_seconds": NO_FUTURE_S}
@@ -149,7 +154,10 @@ class Replay:
         self._run(now_ms)
         store = self.store
         self.stats.evaluations += 1
-        for record in decide(store, self.engine, store.evaluate(now_ms), self.goals):
+        records = decide(store, self.engine, store.evaluate(now_ms), self.goals)
+        if self.freeze:
+            gc.freeze()
+        for record in records:
             self.stats.alerts += 1
             yield record
 
@@ -211,8 +219,10 @@ def run_backtest(
     eval_every_s: float = 60.0,
     stats: BacktestStats | None = None,
     targets: Targets | None = None,
+    freeze: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """Yield alert records in event-time order."""
-    replay = Replay(rules, settings, eval_every_s=eval_every_s, stats=stats, targets=targets)
+    """Yield alert records in event-time order (``freeze``: see :class:`Replay`)."""
+    replay = Replay(rules, settings, eval_every_s=eval_every_s, stats=stats, targets=targets,
+                    freeze=freeze)  # fmt: skip
     yield from replay.feed(lines)
     yield from replay.finish()

@@ -61,6 +61,7 @@ FREEZE_HISTORY = 60
 """Minutes of history a baseline needs before an excursion may freeze it."""
 
 Floats = npt.NDArray[np.float64]
+Totals = npt.NDArray[np.int64]
 
 
 @dataclass(frozen=True)
@@ -91,13 +92,44 @@ def _information(*sums: Floats) -> Floats:
     return np.where(known, 1.0 / variance, 0.0)
 
 
+class Recent:
+    """Baselines by the sums they were computed from, in this tick and the one before
+    (:func:`expected`'s ``memo``): what a tick does not ask for again is forgotten."""
+
+    __slots__ = ("before", "now")
+
+    def __init__(self) -> None:
+        self.now: dict[tuple[object, ...], Expected] = {}
+        self.before: dict[tuple[object, ...], Expected] = {}
+
+    def next_tick(self) -> None:
+        self.before, self.now = self.now, {}
+
+    def get(self, inputs: tuple[object, ...]) -> Expected | None:
+        found = self.now.get(inputs)
+        if found is None:
+            found = self.before.get(inputs)
+            if found is not None:
+                self.now[inputs] = found
+        return found
+
+    def put(self, inputs: tuple[object, ...], value: Expected) -> Expected:
+        self.now[inputs] = value
+        return value
+
+
 def expected(
-    segments: SegmentView, key: SeriesKey, minute: int, end: int, span: int
-) -> Expected | None:
+    segments: SegmentView, key: SeriesKey, minute: int, end: int, span: int,
+    memo: Recent | None = None,
+) -> Expected | None:  # fmt: skip
     """The baseline of ``key`` at ``minute`` from its history before minute ``end``.
 
     ``span``: the trailing span (LEVEL_MINUTES or RATIO_MINUTES). None until the
-    segment has MIN_HISTORY minutes of history before ``end``.
+    segment has MIN_HISTORY minutes of history before ``end``. ``memo``: baselines by the
+    sums they are computed from, kept by the caller across ticks: a detector in an
+    excursion judges every minute against the same span (its baseline stops where the
+    excursion began), so its sums, and its baseline, are those of the tick before unless
+    late events restated them.
     """
     first = segments.first_minute(key)
     if first is None:
@@ -105,19 +137,41 @@ def expected(
     start = max(first, end - span)
     if end - start < MIN_HISTORY:
         return None
-    trailing = segments.sum(key, start, end).astype(np.float64)
-    level = trailing / (end - start)
-    shapes: list[Floats] = []
-    variances: list[Floats] = []
-    names = []
+    trailing = segments.sum(key, start, end)
+    days: list[tuple[str, Totals, Totals]] = []
     for lag, name in ((DAY, "yesterday"), (WEEK, "last week")):
         align = _align if lag > DAY else int
         then = align(end - span - lag)
         around = align(minute - lag - SHAPE_MINUTES // 2)
         if end - start < span or first > min(then, around):
             continue  # the history does not hold that day's span yet
-        before = segments.sum(key, then, then + span).astype(np.float64) / span
-        at = segments.sum(key, around, around + SHAPE_MINUTES).astype(np.float64)
+        before = segments.sum(key, then, then + span)
+        at = segments.sum(key, around, around + SHAPE_MINUTES)
+        days.append((name, before, at))
+    if memo is None:
+        return _expected(trailing, end - start, span, days)
+    inputs = (end - start, span, trailing.tobytes(),
+              *((n, b.tobytes(), a.tobytes()) for n, b, a in days))  # fmt: skip
+    found = memo.get(inputs)
+    if found is None:
+        found = memo.put(inputs, _expected(trailing, end - start, span, days))
+    return found
+
+
+def _expected(
+    totals: Totals, minutes: int, span: int, days: list[tuple[str, Totals, Totals]]
+) -> Expected:
+    """:func:`expected` from its sums: the trailing ``minutes``' ``totals``, and per day
+    whose shape the history holds, its name, its sums over the trailing span and around
+    the minute."""
+    trailing = totals.astype(np.float64)
+    level = trailing / minutes
+    shapes: list[Floats] = []
+    variances: list[Floats] = []
+    names = []
+    for name, before_sums, at_sums in days:
+        before = before_sums.astype(np.float64) / span
+        at = at_sums.astype(np.float64)
         at /= SHAPE_MINUTES
         known = (before > 0) & (at > 0)
         if not known.any():
@@ -129,7 +183,7 @@ def expected(
             variances.append(np.where(known, 1.0 / np.maximum(info, 1e-300), 0.0))
         names.append(name)
     counts = _information(trailing)
-    kind = f"previous {end - start} min"
+    kind = f"previous {minutes} min"
     if shapes:
         shape = np.mean(shapes, axis=0)
         level = level * shape
@@ -138,7 +192,7 @@ def expected(
             total = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), np.inf) + extra
         counts = np.where(np.isfinite(total), 1.0 / total, 0.0)
         kind += f" shaped like {' and '.join(names)}"
-    return Expected(level, counts, end - start, kind)
+    return Expected(level, counts, minutes, kind)
 
 
 def block_sums(segments: SegmentView, key: SeriesKey, start: int, block: int) -> Floats:
@@ -158,13 +212,25 @@ def block_sums(segments: SegmentView, key: SeriesKey, start: int, block: int) ->
     return sums
 
 
-def blocks(segments: SegmentView, key: SeriesKey, until: int, span: int, block: int) -> Floats:
+def blocks(
+    segments: SegmentView, key: SeriesKey, until: int, span: int, block: int,
+    memo: dict[tuple[SeriesKey, int, int], Floats] | None = None,
+) -> Floats:  # fmt: skip
     """:func:`block_sums` of ``key``'s whole clock-aligned blocks of ``block`` minutes
     within the ``span`` minutes of history before ``until`` (one row per block, oldest
     first): what a reporting block is judged against (``alerts.detectors.unit``). Empty
-    before the segment's first whole block."""
+    before the segment's first whole block. ``memo``: block sums by (key, start, block),
+    for one view (the histories of successive blocks overlap but for one block)."""
     starts = block_starts(segments.first_minute(key), until, span, block)
-    rows = [block_sums(segments, key, b, block) for b in starts]
+    if memo is None:
+        rows = [block_sums(segments, key, b, block) for b in starts]
+    else:
+        rows = []
+        for b in starts:
+            sums = memo.get((key, b, block))
+            if sums is None:
+                sums = memo[(key, b, block)] = block_sums(segments, key, b, block)
+            rows.append(sums)
     return np.array(rows, dtype=np.float64).reshape(len(rows), N_MEASURES)
 
 

@@ -75,6 +75,7 @@ def cmd_backtest(args: argparse.Namespace) -> int:
 
     from alerts.backtest import BacktestStats, run_backtest
     from alerts.targets import TargetsError, load_targets
+    from stream import gcpolicy
     from stream.settings import ConfigError, load_settings
 
     try:
@@ -85,11 +86,12 @@ def cmd_backtest(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     stats = BacktestStats()
+    gcpolicy.tune()  # the worker's collector, and the replay's state frozen as it grows
     started = time.perf_counter()
     try:
         with open(args.events, "rb") as lines:
             for record in run_backtest(rules, lines, settings, eval_every_s=args.eval_every,
-                                       stats=stats, targets=targets):  # fmt: skip
+                                       stats=stats, targets=targets, freeze=True):  # fmt: skip
                 sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
     except OSError as exc:
         print(f"kpimon backtest: {exc}", file=sys.stderr)

@@ -36,6 +36,7 @@ from alerts.baselines import (
     FREEZE_MINUTES,
     Expected,
     Floats,
+    Recent,
     block_starts,
     block_sums,
     blocks,
@@ -127,6 +128,15 @@ class AlertEngine:
         self.baselines: dict[BaselineKey, float] = {}
         self._expected: dict[tuple[SeriesKey, int, int, int], Expected | None] = {}
         self._history: dict[tuple[SeriesKey, int, int, int], Floats] = {}
+        self._block_sums: dict[tuple[SeriesKey, int, int], Floats] = {}
+        self._recent = Recent()
+        """Baselines by their sums, across ticks (a cache, not state: clones share it)."""
+        self._shared: set[tuple[str, SeriesKey]] | None = None
+        """After a clone, the detectors this engine has made its own (the others it shares
+        with its clones, copied before their first change); None: all are its own."""
+        self._stored: dict[str, dict[str, object]] = {}
+        """``Detectors.to_dict`` of the rules whose detectors did not change since: a tick
+        within the minute changes none, and ~7,000 detectors need not be listed again."""
         self.incidents = Incidents({r.name: r.repeat_interval_seconds for r in self.rules})
 
     def evaluate(
@@ -150,7 +160,8 @@ class AlertEngine:
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.trend)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
-        self._expected, self._history = {}, {}
+        self._expected, self._history, self._block_sums = {}, {}, {}
+        self._recent.next_tick()
         for rule in self.trend:
             h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
                           self.budget)  # fmt: skip
@@ -159,7 +170,7 @@ class AlertEngine:
             )
             resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
         self.baselines = baselines
-        self._expected, self._history = {}, {}
+        self._expected, self._history, self._block_sums = {}, {}, {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
         resolved.update(self._evaluate_goals(segments, end_minute, now_s, goals))
@@ -206,39 +217,59 @@ class AlertEngine:
         bad: dict[AlertKey, dict[str, object]] = {}
         still_bad: set[AlertKey] = set()
         evaluated: set[AlertKey] = set()
-        now_at: dict[AlertKey, Judged] = {}
+        now_at: dict[AlertKey, Expected] = {}
         detectors = self.detectors[rule.name]
         newest = end - 1
-        for gone in detectors.by_segment.keys() - set(keys):
-            del detectors.by_segment[gone]  # expired or folded: its evidence goes with it
+        by_segment, own = detectors.by_segment, self._shared
+        gone = by_segment.keys() - set(keys)
+        for key in gone:
+            del by_segment[key]  # expired or folded: its evidence goes with it
+        changed = bool(gone)
+        known, span, window = KPI[rule.kpi], self.plans[rule.name].span, rule.window_minutes
         for key in keys:
-            cusum = detectors.get(key)
-            if not replaying:
+            cusum = by_segment.get(key)
+            if cusum is None:
+                cusum = detectors.get(key)
+                changed = True
+                if own is not None:
+                    own.add((rule.name, key))
+            if not replaying and (cusum.last is None or cusum.last < newest):
+                if own is not None and (rule.name, key) not in own:
+                    cusum = by_segment[key] = cusum.copy()  # shared with a clone
+                    own.add((rule.name, key))
                 self._add_minutes(rule, h, segments, key, cusum, newest)
-            judged = self._judged(rule, segments, key, cusum, end)
-            if judged is None:
+                changed = True
+            # The baseline of the newest minute: exported, and what an alert compares with.
+            until = self._baseline_end(segments, key, cusum, newest)
+            base = self._base(segments, key, newest, until, span)
+            if base is None:
                 continue
-            value = kpi_value(KPI[rule.kpi], judged.base.rate * rule.window_minutes)
+            value = kpi_value(known, base.rate * window)
             if value is not None:
                 baselines[(rule.kpi, *key, rule.window)] = value
             if replaying or cusum.last != newest:
                 continue  # held, or judged nothing yet
             alert_key: AlertKey = (rule.name, *key)
             evaluated.add(alert_key)
-            now_at[alert_key] = judged
+            now_at[alert_key] = base
+            if not any(cusum.stats):
+                continue  # at rest: no alarm, not still bad (thresholds are > 0)
             alarm = self._alarm(rule, cusum)
             if alarm is not None:
+                since = cusum.since if cusum.since is not None else end - window
+                judged = Judged(base, since, end)
                 bad[alert_key] = self._details(rule, key, cusum, alarm, judged, segments)
             elif cusum.still_bad():
                 still_bad.add(alert_key)
+        if changed:
+            self._stored.pop(rule.name, None)
         notes = self.states[rule.name].update(now_s, bad, still_bad, evaluated)
         for note in notes:
             if note.kind == "resolved":  # say where the KPI is now, not where it was worst
-                j = now_at[note.alert.key]
-                start = j.end - rule.window_minutes
-                value, base, change = self._compare(rule, segments, note.alert.key[1:], start,
-                                                    j.end, j.base)  # fmt: skip
-                note.alert.details.update(value=value, baseline=base, change=change)
+                where, base = note.alert.key[1:], now_at[note.alert.key]
+                value, baseline, change = self._compare(rule, segments, where, end - window,
+                                                        end, base)  # fmt: skip
+                note.alert.details.update(value=value, baseline=baseline, change=change)
         return notes
 
     def _alarm(self, rule: Rule, cusum: Cusum) -> int | None:
@@ -268,7 +299,7 @@ class AlertEngine:
         (rules on the same segment share it)."""
         memo = (key, minute, until, span)
         if memo not in self._expected:
-            self._expected[memo] = expected(segments, key, minute, until, span)
+            self._expected[memo] = expected(segments, key, minute, until, span, self._recent)
         return self._expected[memo]
 
     def _blocks(
@@ -277,7 +308,7 @@ class AlertEngine:
         """Past reporting blocks of ``key`` before ``until``, once a tick (memo)."""
         memo = (key, until, span, block)
         if memo not in self._history:
-            self._history[memo] = blocks(segments, key, until, span, block)
+            self._history[memo] = blocks(segments, key, until, span, block, self._block_sums)
         return self._history[memo]
 
     @staticmethod
@@ -288,8 +319,11 @@ class AlertEngine:
         FREEZE_HISTORY minutes is not frozen: a fresh deployment's first minutes are too
         few to hold a level (and an excursion from them may be its own short baseline's
         error), so it goes on learning."""
-        since, first = cusum.since, segments.first_minute(key)
-        if since is None or first is None or since - first < FREEZE_HISTORY:
+        since = cusum.since
+        if since is None:
+            return minute
+        first = segments.first_minute(key)
+        if first is None or since - first < FREEZE_HISTORY:
             return minute
         return max(min(since, minute), minute - FREEZE_MINUTES)
 
@@ -330,18 +364,6 @@ class AlertEngine:
                 continue
             ratios = judge(ev, rs, h)
             cusum.add(minute, ev, ratios, [h] * len(rs))
-
-    def _judged(
-        self, rule: Rule, segments: SegmentView, key: SeriesKey, cusum: Cusum, end: int
-    ) -> Judged | None:
-        p = self.plans[rule.name]
-        newest = end - 1
-        until = self._baseline_end(segments, key, cusum, newest)
-        base = self._base(segments, key, newest, until, p.span)
-        if base is None:
-            return None
-        since = cusum.since if cusum.since is not None else end - rule.window_minutes
-        return Judged(base, since, end)
 
     def _compare(
         self, rule: Rule, segments: SegmentView, key: SeriesKey, start: int, end: int,
@@ -595,7 +617,12 @@ class AlertEngine:
         """
         twin = copy.copy(self)
         twin.states = {name: state.clone() for name, state in self.states.items()}
-        twin.detectors = {name: d.clone() for name, d in self.detectors.items()}
+        # The detectors are shared, and copied by whichever engine changes one first (a
+        # tick within the minute changes none; one that adds a minute, each once).
+        twin.detectors = {name: Detectors(d.multipliers, dict(d.by_segment))
+                          for name, d in self.detectors.items()}  # fmt: skip
+        self._shared, twin._shared = set(), set()
+        twin._stored = dict(self._stored)
         twin.baselines = dict(self.baselines)
         twin.incidents = self.incidents.clone()
         return twin
@@ -605,9 +632,17 @@ class AlertEngine:
         return {
             "version": STATE_VERSION,
             "alerts": {name: state.to_dict() for name, state in self.states.items()},
-            "detectors": {name: d.to_dict() for name, d in self.detectors.items()},
+            "detectors": {name: self._detector_state(name) for name in self.detectors},
             "incidents": self.incidents.to_dict(),
         }
+
+    def _detector_state(self, rule: str) -> dict[str, object]:
+        """``to_dict`` of one rule's detectors, listed again only once they changed (the
+        dict is shared with later calls: do not change it)."""
+        stored = self._stored.get(rule)
+        if stored is None:
+            stored = self._stored[rule] = self.detectors[rule].to_dict()
+        return stored
 
     def load(self, data: Mapping[str, Any]) -> None:
         """Restore ``to_dict`` output (ValueError on malformed state, and nothing changes).
@@ -650,6 +685,7 @@ class AlertEngine:
             if seen:
                 incidents.step(max(s.fired_at for s in seen), seen)
         self.states, self.detectors, self.incidents = states, restored, incidents
+        self._shared, self._stored = None, {}  # restored: its own, and not listed yet
 
 
 def _place(record: Mapping[str, Any]) -> str:

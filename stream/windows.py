@@ -275,20 +275,29 @@ class SeriesBuckets:
         if not hours:
             return None
         counts = slice(0, MONEY_START)
-        spans: list[npt.NDArray[np.float64]] = []
-        for hour in range(hours[0], hours[0] + 6):  # steady data starts within hours
-            rows = self.block(hour)
-            if rows is None:
-                spans.append(np.zeros(60))
-            else:
-                per = 60 // int(rows.shape[0])
-                spans.append(np.repeat(rows[:, counts].sum(axis=1) / per, per))
-        minutes = np.concatenate(spans)
+        first = range(hours[0], hours[0] + 6)  # steady data starts within hours
+        fine = [self.blocks[hour] for hour in first if hour in self.blocks]
+        minutes: npt.NDArray[np.float64]
+        if len(fine) == len(first):  # the usual case, in one pass
+            minutes = np.concatenate(fine)[:, counts].sum(axis=1).astype(np.float64)
+        else:
+            spans: list[npt.NDArray[np.float64]] = []
+            for hour in first:
+                rows = self.block(hour)
+                if rows is None:
+                    spans.append(np.zeros(60))
+                else:
+                    per = 60 // int(rows.shape[0])
+                    spans.append(np.repeat(rows[:, counts].sum(axis=1) / per, per))
+            minutes = np.concatenate(spans)
         ahead = np.convolve(minutes, np.ones(steady))[steady - 1 :]
-        filled = ahead[ahead > 0]
+        filled = np.sort(ahead[ahead > 0])
         if not filled.size:
             return None
-        usual = float(np.median(filled))
+        middle = filled.size // 2  # the median, as np.median computes it
+        usual = float(
+            filled[middle] if filled.size % 2 else (filled[middle - 1] + filled[middle]) / 2
+        )
         steady_at = np.flatnonzero((minutes > 0) & (ahead * 4 >= usual))
         return hours[0] * 60 + int(steady_at[0])
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import sys
@@ -54,7 +53,7 @@ from alerts.outbox import Outbox
 from alerts.rules import RulesFile
 from alerts.stage import AlertStage, Tick, compute_tick
 from alerts.targets_export import TargetsExporter
-from stream import checkpoint, clients, codec, logs
+from stream import checkpoint, clients, codec, gcpolicy, logs
 from stream.metrics import MetricsServer, build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
@@ -741,8 +740,7 @@ def run_worker(settings: Settings, rules: RulesFile, targets: TargetsExporter | 
     # millions of objects: with the default thresholds the cyclic collector ran
     # full passes over all of it every few batches (half the CPU time). Nothing
     # here makes reference cycles worth collecting that often.
-    gc.set_threshold(200_000, 50, 1000)
-    gc.freeze()
+    gcpolicy.tune()
     stats = PipelineStats()
     pipeline = PipelineService(settings, stats, rules, targets)
     app = create_app(settings)

@@ -71,3 +71,29 @@ def test_history_start_is_the_first_hour_with_data_folded_or_not() -> None:
     buckets = series[("channel", "search", "")]
     buckets.expire(5 * 60)  # hour 1 and 2 fold into 5-minute buckets
     assert not buckets.blocks and buckets.history_start() == 60
+
+
+@settings(max_examples=150)
+@given(
+    at=st.lists(st.integers(0, 900), max_size=30),
+    expire_at=st.one_of(st.none(), st.integers(0, 1200)),
+    late=st.lists(st.integers(0, 900), max_size=4),
+    spans=st.lists(st.tuples(st.integers(-60, 1000), st.integers(-3, 600)), min_size=1,
+                   max_size=8),
+)  # fmt: skip
+def test_sums_from_running_totals_are_the_buckets_sums_with_folded_hours(
+    at: list[int], expire_at: int | None, late: list[int], spans: list[tuple[int, int]]
+) -> None:
+    """Running totals cover the recent minute blocks only: sums reaching folded hours,
+    older blocks, late writes into folded hours, or beyond the data are still exact."""
+    key = ("global", "", "")
+    buckets = _series({key: at})[key]
+    if expire_at is not None:
+        buckets.expire(expire_at)
+    for i, minute in enumerate(late):  # after the fold: into folded hours or new blocks
+        buckets.add(minute, [100 + i] * N_MEASURES)
+    view = SegmentView({key: buckets})
+    for start, length in spans:
+        assert view.sum(key, start, start + length).tolist() == (
+            buckets.sum(start, start + length).tolist()
+        )

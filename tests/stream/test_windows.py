@@ -6,6 +6,7 @@ import itertools
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from stream.windows import (
     CLICKS,
     IMPRESSIONS,
     MEASURES,
+    MONEY_START,
     REVENUE,
     SETTLED_MARGIN_S,
     SPEND,
@@ -263,3 +265,50 @@ def test_intervals_over_a_minute_tick_once_an_interval(
     spacing = 60 * math.floor(interval / 60 + 1e-9)
     for a, b in itertools.pairwise(ticks[1:]):
         assert b - a == pytest.approx(spacing, abs=1e-3)
+
+
+def _first_minute_reference(series: SeriesBuckets, steady: int = 10) -> int | None:
+    """``first_minute`` as it was first written (one hour at a time, ``np.median``)."""
+    hours = sorted([*series.blocks, *series.coarse])
+    if not hours:
+        return None
+    spans = []
+    for hour in range(hours[0], hours[0] + 6):
+        rows = series.block(hour)
+        if rows is None:
+            spans.append(np.zeros(60))
+        else:
+            per = 60 // int(rows.shape[0])
+            spans.append(np.repeat(rows[:, :MONEY_START].sum(axis=1) / per, per))
+    minutes = np.concatenate(spans)
+    ahead = np.convolve(minutes, np.ones(steady))[steady - 1 :]
+    filled = ahead[ahead > 0]
+    if not filled.size:
+        return None
+    usual = float(np.median(filled))
+    return hours[0] * 60 + int(np.flatnonzero((minutes > 0) & (ahead * 4 >= usual))[0])
+
+
+@settings(max_examples=300)
+@given(
+    cells=st.lists(st.tuples(st.integers(0, 500), st.integers(0, 7), st.integers(0, 40)),
+                   max_size=60),
+    dense_from=st.one_of(st.none(), st.integers(0, 480)),
+    fold_at=st.one_of(st.none(), st.integers(0, 900)),
+)  # fmt: skip
+def test_first_minute_is_the_reference_computation(
+    cells: list[tuple[int, int, int]], dense_from: int | None, fold_at: int | None
+) -> None:
+    """The one-pass first minute (whole minute blocks) is the hour-by-hour one exactly,
+    medians of even counts (halves) included; folded hours go the hour-by-hour way."""
+    series = SeriesBuckets(Retention(fine_hours=2, total_hours=48))
+    if dense_from is not None:
+        for minute in range(dense_from, dense_from + 420):  # 7 hours: whole blocks
+            series.add(minute, [3 + minute % 7, minute % 3, 0, 0, 0, 5, 9])
+    for minute, measure, count in cells:
+        values = [0] * N
+        values[measure % N] = count
+        series.add(minute, values)
+    if fold_at is not None:
+        series.expire(fold_at)
+    assert series.first_minute() == _first_minute_reference(series)
