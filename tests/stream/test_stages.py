@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import random
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +25,7 @@ from stream.aggregate import MEASURES
 from stream.local import LocalRuntime
 from stream.pipeline import SourceRecord
 from stream.settings import Settings
-from stream.stages import Message, Stages, Topology, gc_paused, source_of
+from stream.stages import Message, Stages, Topology, collect_due, gc_paused, source_of
 
 NOW = 1_795_000_020_000
 MIN = 60_000
@@ -380,3 +381,38 @@ def test_ingest_keeps_no_event_objects_beyond_its_routed_rows() -> None:
     rows = [row for r in as_records(step.messages, TOPO.routed).values() for m in r
             for row in codec.decode_rows(m.value or b"")]  # fmt: skip
     assert len(rows) == 50
+
+
+class _Cycle:
+    """Garbage only the cyclic collector frees."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_pause_that_collects_frees_the_cycles_made_meanwhile_on_its_way_out() -> None:
+    """The worker keeps the collector paused through each batch: what it would have
+    collected meanwhile is collected at the batch's end, by its thresholds."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(100, 10, 10)
+    try:
+        with gc_paused(collect=True):
+            cycle = _Cycle()
+            gone = weakref.ref(cycle)
+            del cycle
+            kept = [[i] for i in range(1000)]  # past the threshold: a collection is due
+            assert gone() is not None and not gc.isenabled()
+        assert gc.isenabled() and gone() is None
+        del kept
+        with gc_paused(collect=True):  # nothing due: no collection
+            cycle = _Cycle()
+            gone = weakref.ref(cycle)
+            del cycle
+        assert gone() is not None
+        gc.set_threshold(0)  # the collector switched off by its thresholds: left alone
+        collect_due()
+        assert gone() is not None
+    finally:
+        gc.set_threshold(*before)
+        gc.collect()
