@@ -201,7 +201,7 @@ class IngestStage:
         result = into.result
         counts = result.counts
         carry = self._carry_before if self.carry else dict.fromkeys(self._carry_before, 1 << 62)
-        routed, n = into.routed, self.routed_partitions
+        routed, n, route = into.routed, self.routed_partitions, codec.route
         newest = self.newest.get(tp, 0)
         for record in records:
             event = parse(record.value, topic_type=topic_type, now_ms=now_ms)
@@ -219,11 +219,7 @@ class IngestStage:
                 where = codec.origin(topic, partition, record.offset, record.key, record.value)
             else:
                 where = codec.origin(topic, partition, record.offset)
-            p = codec.route_partition(event, n)
-            rows = routed.get(p)
-            if rows is None:
-                rows = routed[p] = []
-            rows.append(codec.routed_row(event, record.timestamp, where))
+            route(routed, event, n, record.timestamp, where)
             if ts > result.newest.get(kind, 0):
                 result.newest[kind] = ts
         if newest > self.newest.get(tp, 0):
