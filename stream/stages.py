@@ -200,7 +200,7 @@ class IngestStage:
         topic_type = handler.topic_types[topic]
         result = into.result
         counts = result.counts
-        carry = self._carry_before if self.carry else dict.fromkeys(self._carry_before, 1 << 62)
+        carry = self._carry_before if self.carry else None
         routed, n, route = into.routed, self.routed_partitions, codec.route
         newest = self.newest.get(tp, 0)
         for record in records:
@@ -215,7 +215,7 @@ class IngestStage:
             counts[kind] = counts.get(kind, 0) + 1
             if ts > newest:
                 newest = ts
-            if ts < now_ms - carry[kind]:
+            if carry is not None and ts < now_ms - carry[kind]:
                 where = codec.origin(topic, partition, record.offset, record.key, record.value)
             else:
                 where = codec.origin(topic, partition, record.offset)
