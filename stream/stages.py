@@ -227,7 +227,8 @@ class IngestStage:
 
     def messages(self, ingested: Ingested, watermark_before: int) -> Iterator[Message]:
         """Routed rows (stamped with the event time this worker had reached before the
-        step: the lateness reference of the dedup stage) and dead letters."""
+        step: the lateness reference of the dedup stage) and dead letters. Once a step:
+        the rows are let go as they are encoded."""
         stamp = codec.watermark_header(watermark_before)
         routed, ingested.routed = ingested.routed, {}  # encoded: the rows can go
         for p, rows in routed.items():
