@@ -69,8 +69,9 @@ def gc_paused(*, collect: bool = False) -> Iterator[None]:
     the step, when those are gone: at the next allocation past the threshold, or, with
     ``collect``, on the way out, by the collector's own rule (the oldest generation whose
     count passed its threshold), for a caller that keeps it paused nearly all the time
-    (the worker's loop). The stages make no reference cycles per event, so nothing piles
-    up meanwhile. Nested, only the outermost pause counts.
+    (the worker's loop, which also calls :func:`collect_due` on each attempt of a long
+    recovery). The stages make no reference cycles per event, so nothing piles up
+    meanwhile. Nested, only the outermost pause counts.
     """
     if not gc.isenabled():  # someone else holds it off: theirs to restore
         yield

@@ -59,7 +59,7 @@ from stream.metrics import MetricsServer, build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
 from stream.shutdown import Watchdog
-from stream.stages import Stages, Topology, gc_paused, source_of
+from stream.stages import Stages, Topology, collect_due, gc_paused, source_of
 from stream.stalls import Stalls, locate, positions, rewind
 from stream.windows import next_evaluation_in
 
@@ -468,6 +468,7 @@ class PipelineService(Service):
         self._recovering = True
         try:
             while not self.should_stop:
+                collect_due()  # the loop's pause lasts as long as this does (a broker outage)
                 try:
                     await self._reset_producer()
                     await self._rewind()
