@@ -337,6 +337,12 @@ class EventParser:
         self._reporting_currency = reporting_currency
         self._max_bytes = max_bytes
         self._max_future_skew_ms = max_future_skew_ms
+        self._fast_events = {
+            kind: make(self._event, self._rates, self._rates[reporting_currency],
+                       max_future_skew_ms)
+            for kind, make in _FAST_MAKERS.items()
+        }  # fmt: skip
+        """Per type: ``body, now_ms`` -> Event, Rejection or None (see :func:`_fast_source`)."""
 
     def parse(self, raw: bytes | None, *, topic_type: str | None, now_ms: int) -> Event | Rejection:
         """Parse one message value; ``topic_type`` is None on a shared topic."""
@@ -418,7 +424,8 @@ class EventParser:
         order_id: str | None,
     ) -> Event | Rejection:
         """The rules beyond the schema (range, clock skew, rates), on validated fields:
-        shared by the pydantic path and the fast path, so they cannot differ here."""
+        the pydantic path's; the fast path inlines the same expressions for an event they
+        accept and calls this for any other, so a rejection is always made here."""
         if not _MIN_TS_MS <= ts < _MAX_TS_MS:
             return Rejection(
                 RejectReason.BAD_TIMESTAMP,
@@ -468,17 +475,14 @@ class EventParser:
             return None
         tag = body.get("type")
         if topic_type is None:
-            check = _FAST_CHECKS.get(tag) if type(tag) is str else None
-            if check is None:
+            fast = self._fast_events.get(tag) if type(tag) is str else None
+            if fast is None:
                 return None
         else:
             if tag is not None and tag != topic_type:
                 return None
-            check = _FAST_CHECKS[topic_type]
-        fields = check(body)
-        if fields is None:
-            return None
-        return self._event(now_ms, *fields)
+            fast = self._fast_events[topic_type]
+        return fast(body, now_ms)
 
 
 # -- the fast path's view of the models ----------------------------------------------
@@ -543,10 +547,13 @@ _READ = ("event_id", "ts", "campaign_id", "channel", "currency", "", "click_id",
 
 
 def _fast_source(kind: str, fields: tuple[FastField, ...]) -> str:
-    """Python source of the fast check of one type: ``body`` -> the arguments of
-    :meth:`EventParser._event` (but ``now_ms``), or None. One block per field, in the
-    model's order; a field the model lacks is passed as None (an extra is ignored)."""
-    lines = [f"def check_{kind}(body):"]
+    """Python source of the fast path of one type: ``make_<kind>(slow, rates, default_rate,
+    skew)`` returns ``fast(body, now_ms)`` -> the :class:`Event`, or None (the models
+    decide). One block per field, in the model's order; a field the model lacks is None
+    (an extra is ignored). Then :meth:`EventParser._event`'s rules, inlined for the common
+    case (no call, no argument tuple: this runs once an event); whatever they would refuse
+    goes to ``slow`` (that method) with the same arguments, so the rejection is its own."""
+    lines = [f"def make_{kind}(slow, rates, default_rate, skew):", " def fast(body, now_ms):"]
     money = None
     for name, rule, required, nullable, lo, hi in fields:
         if rule == _TAG:
@@ -601,19 +608,44 @@ def _fast_source(kind: str, fields: tuple[FastField, ...]) -> str:
             lines.append(f"    {'    ' if not required or nullable else ''}{fix}")
     have = {f[0] for f in fields}
     read = [money or "None" if n == "" else f"f_{n}" if n in have else "None" for n in _READ]
-    lines.append(f"    return ({kind!r}, {', '.join(read)})")
-    return "\n".join(lines) + "\n"
+    got = dict(zip(_READ, read, strict=True))
+    micros = "round(m * 1_000_000)"
+    spend, revenue = ("0", micros) if kind == "order" else (micros, "0")
+    new = f"bool({got['new_customer']})" if got["new_customer"] != "None" else "False"
+    dedup_key = f"f_order_id or {got['event_id']}" if got["order_id"] != "None" else got["event_id"]
+    lines += [
+        f"    rate = default_rate if {got['currency']} is None else "
+        f"rates.get({got['currency']}.upper())",
+        "    if rate is None or not MIN_TS <= f_ts < MAX_TS or f_ts > now_ms + skew:",
+        f"        return slow(now_ms, {kind!r}, {', '.join(read)})",
+        f"    m = ({got['']} or 0.0) * rate",
+        "    if not m < MAX_MONEY:",
+        f"        return slow(now_ms, {kind!r}, {', '.join(read)})",
+        f"    return Event({kind!r}, {got['event_id']}, {dedup_key}, f_ts, {got['campaign_id']}, "
+        f"{got['channel']} or 'unknown', {got['click_id']}, {spend}, {revenue}, {new}, "
+        f"{got['customer_id']})",
+    ]
+    # One more level of indentation for the inner function, which the factory returns.
+    inner = ["    " + line for line in lines[2:]]
+    return "\n".join([lines[0], "    def fast(body, now_ms):", *inner, "    return fast"]) + "\n"
 
 
-def _compile_checks() -> dict[str, Callable[[dict[str, Any]], tuple[Any, ...] | None]]:
+FastEvent = Callable[[dict[str, Any], int], Event | Rejection | None]
+"""A type's fast path: (body, now_ms) -> its event, its rejection, or None (the models')."""
+FastMaker = Callable[[Callable[..., Event | Rejection], dict[str, float], float, int], FastEvent]
+"""(``EventParser._event``, rates, the reporting currency's rate, future skew) -> fast path."""
+
+
+def _compile_fast() -> dict[str, FastMaker]:
     namespace: dict[str, Any] = {
         "EXACT_INT": _EXACT_INT, "INF": _INF, "RFC3339": _RFC3339.fullmatch,
         "fromisoformat": datetime.fromisoformat, "EPOCH": _EPOCH, "MS": _MS,
+        "MIN_TS": _MIN_TS_MS, "MAX_TS": _MAX_TS_MS, "MAX_MONEY": MAX_MONEY, "Event": Event,
     }  # fmt: skip
     for kind, fields in _FAST_FIELDS.items():
         exec(_fast_source(kind, fields), namespace)
-    return {kind: namespace[f"check_{kind}"] for kind in _FAST_FIELDS}
+    return {kind: namespace[f"make_{kind}"] for kind in _FAST_FIELDS}
 
 
-_FAST_CHECKS = _compile_checks()
-"""Per type: its fast check (source: ``_fast_source``)."""
+_FAST_MAKERS = _compile_fast()
+"""Per type: the factory of its fast path (source: ``_fast_source``), bound per parser."""

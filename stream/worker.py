@@ -58,7 +58,7 @@ from stream.metrics import MetricsServer, build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
 from stream.shutdown import Watchdog
-from stream.stages import Stages, Topology, source_of
+from stream.stages import Stages, Topology, collect_due, gc_paused, source_of
 from stream.stalls import Stalls, locate, positions, rewind
 from stream.windows import next_evaluation_in
 
@@ -384,13 +384,21 @@ class PipelineService(Service):
         assert consumer is not None
         with contextlib.suppress(ConsumerStoppedError):  # stopping: on_stop closed it
             while not self.should_stop:
-                batches = await self._gather(consumer, self.settings.max_batch_records)
-                async with self._lock:
-                    if self.should_stop:
-                        return  # no new transaction once stopping (nothing of it is committed)
-                    batches = await clients.still_current(consumer, batches)
-                    if await self._failed(self._transact(batches)) == "fenced":
+                # The batch's records are young until it commits; collect once it is gone.
+                with gc_paused(collect=True):
+                    if await self._batch(consumer) == "stop":
                         return
+
+    async def _batch(self, consumer: AIOKafkaConsumer) -> str | None:
+        """Gather one batch and commit it; "stop" when the loop should end."""
+        batches = await self._gather(consumer, self.settings.max_batch_records)
+        async with self._lock:
+            if self.should_stop:
+                return "stop"  # no new transaction once stopping (nothing of it is committed)
+            batches = await clients.still_current(consumer, batches)
+            if await self._failed(self._transact(batches)) == "fenced":
+                return "stop"
+        return None
 
     async def _failed(self, transaction: Coroutine[Any, Any, None]) -> str | None:
         """Run one transaction: None when it committed; "aborted" after a Kafka error
@@ -459,6 +467,7 @@ class PipelineService(Service):
         self._recovering = True
         try:
             while not self.should_stop:
+                collect_due()  # the loop's pause lasts as long as this does (a broker outage)
                 try:
                     await self._reset_producer()
                     await self._rewind()

@@ -40,3 +40,23 @@ def test_partial_round_trip() -> None:
     partial = codec.Partial(2, 123, True, [["search", "c1", 7, 1, 2, 3, 4, 5, 6, 7]],
                             [[1000, 3]])  # fmt: skip
     assert codec.Partial.decode(partial.encode()) == partial
+
+
+def test_route_is_routed_row_at_route_partition() -> None:
+    """The ingest stage's one call a event makes what the two functions make."""
+    events = [
+        Event("click", f"k{i}", f"k{i}", 1_795_000_000_000 + i, "c1", "search", f"ck{i}", 5, 0)
+        for i in range(20)
+    ] + [
+        Event("order", f"o{i}", f"o{i}", 1_795_000_000_000, None, "unknown", None, 0, 20, True)
+        for i in range(20)
+    ]
+    routed: dict[int, list[list[object]]] = {}
+    expected: dict[int, list[list[object]]] = {}
+    for i, event in enumerate(events):
+        where = codec.origin("t", 1, i)
+        codec.route(routed, event, 6, 7, where)
+        expected.setdefault(codec.route_partition(event, 6), []).append(
+            codec.routed_row(event, 7, where)
+        )
+    assert routed == expected and len(routed) > 1

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
+import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,7 +25,7 @@ from stream.aggregate import MEASURES
 from stream.local import LocalRuntime
 from stream.pipeline import SourceRecord
 from stream.settings import Settings
-from stream.stages import Message, Stages, Topology, source_of
+from stream.stages import Message, Stages, Topology, collect_due, gc_paused, source_of
 
 NOW = 1_795_000_020_000
 MIN = 60_000
@@ -338,3 +340,79 @@ def test_with_read_back_routed_rows_carry_no_originals_and_late_letters_wait_for
     assert by_offset[b"3"].key is None
     assert dict(by_offset[b"3"].headers or [])["kpimon.original"] == b"reconstructed"
     assert json.loads(by_offset[b"3"].value or b"")["event_id"] == "k103"
+
+
+def test_a_step_holds_the_garbage_collector_off_and_gives_it_back() -> None:
+    """Within a step no collection runs; after it, the collector is on again (also when
+    the step raises), and a caller that had it off keeps it off."""
+    stages = Stages(SETTINGS, TOPO)
+    seen: list[bool] = []
+    inner = stages.ingest.apply
+
+    def spy(*args: Any) -> None:
+        seen.append(gc.isenabled())
+        inner(*args)
+
+    stages.ingest.apply = spy  # type: ignore[method-assign,assignment]
+    assert gc.isenabled()
+    assert stages.step({(CLICKS, 0): records(CLICKS, [click(1)])}, NOW, {}) is not None
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(RuntimeError), gc_paused():
+        assert not gc.isenabled()
+        raise RuntimeError("a stage failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_ingest_keeps_no_event_objects_beyond_its_routed_rows() -> None:
+    """A step's ingest result counts events without holding them (the rows carry them),
+    and the rows are let go once encoded: what a step holds until it commits is small."""
+    stages = Stages(SETTINGS, TOPO)
+    step = stages.step({(CLICKS, 0): records(CLICKS, [click(i) for i in range(50)])}, NOW, {})
+    assert step is not None
+    assert step.records == 50 and step.ingested.result.counts == {"click": 50}
+    assert step.ingested.result.events == [] and step.ingested.routed == {}
+    rows = [row for r in as_records(step.messages, TOPO.routed).values() for m in r
+            for row in codec.decode_rows(m.value or b"")]  # fmt: skip
+    assert len(rows) == 50
+
+
+class _Cycle:
+    """Garbage only the cyclic collector frees."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_pause_that_collects_frees_the_cycles_made_meanwhile_on_its_way_out() -> None:
+    """The worker keeps the collector paused through each batch: what it would have
+    collected meanwhile is collected at the batch's end, by its thresholds."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.set_threshold(100, 10, 10)
+    try:
+        with gc_paused(collect=True):
+            cycle = _Cycle()
+            gone = weakref.ref(cycle)
+            del cycle
+            kept = [[i] for i in range(1000)]  # past the threshold: a collection is due
+            assert gone() is not None and not gc.isenabled()
+        assert gc.isenabled() and gone() is None
+        del kept
+        with gc_paused(collect=True):  # nothing due: no collection
+            cycle = _Cycle()
+            gone = weakref.ref(cycle)
+            del cycle
+        assert gone() is not None
+        gc.set_threshold(0)  # the collector switched off by its thresholds: left alone
+        collect_due()
+        assert gone() is not None
+    finally:
+        gc.set_threshold(*before)
+        gc.collect()
