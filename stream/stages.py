@@ -19,10 +19,8 @@ The alert stage (``alerts.stage``) runs beside the segment stage, on the evaluat
 
 from __future__ import annotations
 
-import gc
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +35,7 @@ from stream.aggregate import (
     TooLate,
 )
 from stream.events import Event
+from stream.gcpolicy import gc_paused
 from stream.pipeline import (
     BatchResult,
     DeadLetter,
@@ -56,42 +55,6 @@ DLQ_FALLBACK_LIMIT = 1 << 20
 
 Partition = tuple[str, int]
 """(topic, partition); aiokafka's ``TopicPartition`` is one."""
-
-
-@contextmanager
-def gc_paused(*, collect: bool = False) -> Iterator[None]:
-    """The cyclic garbage collector held off for one step's (or batch's) work.
-
-    A step keeps tens of thousands of young containers alive until it ends (the records,
-    the routed rows, the decoded rows of the routed and partials messages), so every
-    collection that falls within it traverses all of them to free none: in
-    ``bench/stages`` that was 2 µs of the 12 an event. Paused, the collection runs after
-    the step, when those are gone: at the next allocation past the threshold, or, with
-    ``collect``, on the way out, by the collector's own rule (the oldest generation whose
-    count passed its threshold), for a caller that keeps it paused nearly all the time
-    (the worker's loop, which also calls :func:`collect_due` on each attempt of a long
-    recovery). The stages make no reference cycles per event, so nothing piles up
-    meanwhile. Nested, only the outermost pause counts.
-    """
-    if not gc.isenabled():  # someone else holds it off: theirs to restore
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-        if collect:
-            collect_due()
-
-
-def collect_due() -> None:
-    """One collection if the collector would have made one by now (its thresholds)."""
-    counts, thresholds = gc.get_count(), gc.get_threshold()
-    for generation in (2, 1, 0):
-        if thresholds[0] and counts[generation] > thresholds[generation]:
-            gc.collect(generation)
-            return
 
 
 @dataclass(frozen=True)

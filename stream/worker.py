@@ -54,11 +54,12 @@ from alerts.rules import RulesFile
 from alerts.stage import AlertStage, Tick, compute_tick
 from alerts.targets_export import TargetsExporter
 from stream import checkpoint, clients, codec, gcpolicy, logs
+from stream.gcpolicy import collect_due, gc_paused
 from stream.metrics import MetricsServer, build_registry, render
 from stream.pipeline import PipelineStats
 from stream.settings import Settings
 from stream.shutdown import Watchdog
-from stream.stages import Stages, Topology, collect_due, gc_paused, source_of
+from stream.stages import Stages, Topology, source_of
 from stream.stalls import Stalls, locate, positions, rewind
 from stream.windows import next_evaluation_in
 

@@ -22,10 +22,11 @@ import pytest
 
 from stream import checkpoint, codec
 from stream.aggregate import MEASURES
+from stream.gcpolicy import collect_due, gc_paused
 from stream.local import LocalRuntime
 from stream.pipeline import SourceRecord
 from stream.settings import Settings
-from stream.stages import Message, Stages, Topology, collect_due, gc_paused, source_of
+from stream.stages import Message, Stages, Topology, source_of
 
 NOW = 1_795_000_020_000
 MIN = 60_000
