@@ -11,7 +11,10 @@ so the baseline is per minute, not per window, and says how much data stands beh
 - The daily and weekly shape, once the history holds them: the same minutes yesterday
   and last week (half an hour around them), scaled to the recent level by the ratio of
   today's trailing span to the same span that day. So a Monday-morning ramp is expected
-  on Monday morning, from the first minute of it, instead of being lagged behind.
+  on Monday morning, from the first minute of it, instead of being lagged behind. The
+  factor is the segment's traffic's (its most numerous count), one for all measures: a
+  small campaign's orders of half an hour yesterday are too few to shape anything
+  (``_day_factor``), and a ratio's baseline is then unshaped (the factor cancels).
 - How sure: each measure's expected value carries the counts it was estimated from
   (1 / its relative variance). A fresh deployment, with five minutes of history, is judged
   from then on, but a baseline from a few counts raises the detectors' thresholds
@@ -29,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.aggregate import SeriesKey
-from stream.kpis import LUMPY, N_MEASURES
+from stream.kpis import LUMPY, MONEY, N_MEASURES
 from stream.segments import SegmentView
 
 DAY, WEEK = 1440, 7 * 1440
@@ -62,6 +65,8 @@ FREEZE_HISTORY = 60
 
 Floats = npt.NDArray[np.float64]
 Totals = npt.NDArray[np.int64]
+COUNTS = tuple(m for m in range(N_MEASURES) if m not in MONEY)
+"""Measures that are counts (money is not: its sums say nothing of their precision)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,10 @@ class Expected:
     """Length of the trailing span it was estimated from."""
     kind: str
     """How it was made, for alert texts: "previous 60 min", "... and daily shape"."""
+    ratio_counts: Floats | None = None
+    """Information of each measure's trailing level alone (None: ``counts``): what a ratio
+    of two measures is known from, since the day's factor, common to all measures,
+    cancels out of it."""
 
 
 def _align(minute: int) -> int:
@@ -116,6 +125,29 @@ class Recent:
     def put(self, inputs: tuple[object, ...], value: Expected) -> Expected:
         self.now[inputs] = value
         return value
+
+
+def _day_factor(before: Floats, at: Floats, span: int) -> tuple[float, float] | None:
+    """The day's factor from one earlier day: its traffic ``at`` the judged minute's
+    SHAPE_MINUTES over its ``before`` span's (``span`` minutes; sums of every measure), and
+    its relative variance. None where that day holds no traffic in both.
+
+    One factor for all measures, from the count measured most precisely there (traffic:
+    impressions, where the segment has them): the day moves traffic, and orders, leads
+    and clicks with it (a ratio of two measures hardly follows the day). A count's own
+    shape would be the ratio of two thin sums in a small segment (a campaign's orders of
+    half an hour yesterday: a few), skewed upwards by chance well beyond what its variance
+    says, and no discount of a baseline multiplied by it keeps the detectors to their
+    budget: the low scenario's week fired ``orders_drop`` on small campaigns at expected
+    rates 1.5-4x the truth, shaped by a few of yesterday's orders.
+    """
+    usable = [m for m in COUNTS if before[m] > 0 and at[m] > 0]
+    if not usable:
+        return None
+    traffic = max(usable, key=lambda m: float(before[m] + at[m]))
+    factor = float(at[traffic] / SHAPE_MINUTES) / float(before[traffic] / span)
+    variance = 1.0 / float(before[traffic]) + 1.0 / float(at[traffic])
+    return min(MAX_SHAPE, max(1 / MAX_SHAPE, factor)), variance
 
 
 def expected(
@@ -166,33 +198,27 @@ def _expected(
     the minute."""
     trailing = totals.astype(np.float64)
     level = trailing / minutes
-    shapes: list[Floats] = []
-    variances: list[Floats] = []
+    factors: list[float] = []
+    variances: list[float] = []
     names = []
     for name, before_sums, at_sums in days:
-        before = before_sums.astype(np.float64) / span
-        at = at_sums.astype(np.float64)
-        at /= SHAPE_MINUTES
-        known = (before > 0) & (at > 0)
-        if not known.any():
+        day = _day_factor(before_sums.astype(np.float64), at_sums.astype(np.float64), span)
+        if day is None:
             continue
-        shape = np.where(known, at / np.where(known, before, 1.0), 1.0)
-        shapes.append(np.clip(shape, 1 / MAX_SHAPE, MAX_SHAPE))
-        info = _information(before * span, at * SHAPE_MINUTES)
-        with np.errstate(divide="ignore"):
-            variances.append(np.where(known, 1.0 / np.maximum(info, 1e-300), 0.0))
+        factors.append(day[0])
+        variances.append(day[1])
         names.append(name)
     counts = _information(trailing)
+    ratio_counts = counts
     kind = f"previous {minutes} min"
-    if shapes:
-        shape = np.mean(shapes, axis=0)
-        level = level * shape
-        extra = np.sum(variances, axis=0) / len(shapes) ** 2
+    if factors:
+        level = level * (sum(factors) / len(factors))
+        extra = sum(variances) / len(factors) ** 2
         with np.errstate(divide="ignore"):
             total = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), np.inf) + extra
         counts = np.where(np.isfinite(total), 1.0 / total, 0.0)
         kind += f" shaped like {' and '.join(names)}"
-    return Expected(level, counts, minutes, kind)
+    return Expected(level, counts, minutes, kind, ratio_counts)
 
 
 def block_sums(segments: SegmentView, key: SeriesKey, start: int, block: int) -> Floats:

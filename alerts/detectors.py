@@ -314,12 +314,15 @@ def evidence(
     rate: Floats,
     counts: Floats,
     span: int,
+    ratio_counts: Floats | None = None,
 ) -> Evidence | None:
     """One minute's evidence; None when the baseline expects nothing to judge by.
 
     ``minute``: the minute's sums; ``exposed``: the sums over the ``p.lag`` minutes ending
     with it; ``rate``/``counts``: the baseline per minute and its information
-    (``alerts.baselines.Expected``) over ``span`` minutes.
+    (``alerts.baselines.Expected``) over ``span`` minutes; ``ratio_counts``: the trailing
+    level's information alone, which a ratio is known from (the day's factor cancels in
+    it; None: ``counts``).
     """
     j = p.judged
     if p.exposure is None:
@@ -332,6 +335,8 @@ def evidence(
         return None
     ratio = float(rate[j] / rate[e])
     conversions = p.kpi.volume_index
+    if ratio_counts is not None:
+        counts = ratio_counts
     info_j = counts[conversions] if j in MONEY else counts[j]
     if e in LUMPY:
         info_e = 1.0 / (1.0 / (SPEND_INFORMATION_PER_MINUTE * span) + LUMP_SD**2)
