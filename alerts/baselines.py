@@ -7,7 +7,7 @@ so the baseline is per minute, not per window, and says how much data stands beh
   minutes under judgement. Volumes follow the day (traffic doubles from night to
   afternoon), so a long span would lag behind the level: theirs is an hour. Ratios
   (clicks per impression, orders per unit spend) hardly move with the level, so their
-  span is three hours, for three times the evidence.
+  span is three hours, for three times the evidence; six for CTR (``RATE_MINUTES``).
 - The daily and weekly shape, once the history holds them: the same minutes yesterday
   and last week (half an hour around them), scaled to the recent level by the ratio of
   today's trailing span to the same span that day. So a Monday-morning ramp is expected
@@ -45,6 +45,15 @@ LEVEL_MINUTES = 60
 steepest slope of the simulator's day) before the daily shape is known."""
 RATIO_MINUTES = 180
 """Trailing span of ratios, which the day's level cancels out of."""
+RATE_MINUTES = 360
+"""Trailing span of proportions whose trials come in the same minute (CTR: clicks given
+impressions). A small segment's detection is bound by its baseline's information: each
+minute's evidence counts ``1 / (1 + h / (c(r) x counts))`` (``alerts.detectors.discount``),
+so a campaign with ~1,300 clicks in 3 h weighs a 25% drop's evidence 0.74 (a 30% CTR drop
+of the small shop took ~1.5x its bound, and one trial in four more than 2x), with 6 h of
+clicks 0.85. Neither the day's level nor the lag of orders behind clicks is in them, so
+they may look further back than conversions (which trail, and judge against maturing
+clicks) and spend (its reporting blocks, fitted over RATIO_MINUTES)."""
 SHAPE_MINUTES = 30
 """The span around the same minute yesterday / last week that gives the day's shape (its
 information is counted: a small segment's shape is known roughly, and judged so). History
@@ -156,8 +165,8 @@ def expected(
 ) -> Expected | None:  # fmt: skip
     """The baseline of ``key`` at ``minute`` from its history before minute ``end``.
 
-    ``span``: the trailing span (LEVEL_MINUTES or RATIO_MINUTES). None until the
-    segment has MIN_HISTORY minutes of history before ``end``. ``memo``: baselines by the
+    ``span``: the trailing span (LEVEL_MINUTES, RATIO_MINUTES or RATE_MINUTES). None
+    until the segment has MIN_HISTORY minutes of history before ``end``. ``memo``: baselines by the
     sums they are computed from, kept by the caller across ticks: a detector in an
     excursion judges every minute against the same span (its baseline stops where the
     excursion began), so its sums, and its baseline, are those of the tick before unless

@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from alerts.baselines import LEVEL_MINUTES, RATIO_MINUTES
+from alerts.baselines import LEVEL_MINUTES, RATE_MINUTES, RATIO_MINUTES
 from stream.kpis import LUMPY, MICROS, MONEY, TRAILING, Kpi
 
 # Coefficient of variation of one order's revenue, assumed by the revenue tests (window sums
@@ -248,8 +248,11 @@ class Plan:
 
     @property
     def span(self) -> int:
-        """The trailing baseline span: an hour for volumes, three for ratios."""
-        return LEVEL_MINUTES if self.exposure is None else RATIO_MINUTES
+        """The trailing baseline span: an hour for volumes, three for ratios, six for
+        proportions judged in their own minute (CTR)."""
+        if self.exposure is None:
+            return LEVEL_MINUTES
+        return RATE_MINUTES if self.binomial else RATIO_MINUTES
 
 
 def plan(kpi: Kpi) -> Plan:

@@ -14,12 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from alerts.baselines import DAY, LEVEL_MINUTES, expected
-from alerts.detectors import SILENCE, information_bound, kl_per_count
+from alerts.baselines import DAY, LEVEL_MINUTES, RATE_MINUTES, RATIO_MINUTES, expected
+from alerts.detectors import SILENCE, discount, information_bound, kl_per_count, plan
 from alerts.engine import AlertEngine
 from alerts.rules import parse_rules
 from stream.aggregate import SegmentStore
-from stream.kpis import IMPRESSIONS, N_MEASURES, ORDERS
+from stream.kpis import IMPRESSIONS, KPI, N_MEASURES, ORDERS
 from stream.segments import SegmentView
 from stream.simulate import diurnal_factor
 
@@ -116,3 +116,15 @@ def test_a_silent_small_stream_fires_within_its_bound() -> None:
         assert fired, "the silence must fire"
         at = datetime.fromisoformat(fired[0]["fired_at"]).timestamp() / 60
         assert 0 < at - onset <= 1.5 * bound + 1, (at - onset, bound)
+
+
+def test_ctr_looks_back_further_than_the_ratios_that_trail_or_lump() -> None:
+    """CTR (clicks given the minute's impressions) judges against six hours, conversions
+    (maturing clicks) and cost (reporting blocks) against three, volumes against one: a
+    small campaign's CTR evidence then counts ~0.85 instead of ~0.74 of its weight."""
+    assert plan(KPI["ctr"]).span == RATE_MINUTES == 2 * RATIO_MINUTES
+    assert plan(KPI["conversion_rate"]).span == plan(KPI["cpc"]).span == RATIO_MINUTES
+    assert plan(KPI["orders"]).span == LEVEL_MINUTES
+    clicks = 6.9  # a small-shop campaign's clicks a minute, CTR 4.3%
+    h, info = 15.85, [clicks * minutes / (1 - 0.043) for minutes in (RATIO_MINUTES, RATE_MINUTES)]
+    assert [round(discount(h, 0.75, i), 2) for i in info] == [0.74, 0.85]
