@@ -7,11 +7,14 @@ so the baseline is per minute, not per window, and says how much data stands beh
   minutes under judgement. Volumes follow the day (traffic doubles from night to
   afternoon), so a long span would lag behind the level: theirs is an hour. Ratios
   (clicks per impression, orders per unit spend) hardly move with the level, so their
-  span is three hours, for three times the evidence.
+  span is three hours, for three times the evidence; six for CTR (``RATE_MINUTES``).
 - The daily and weekly shape, once the history holds them: the same minutes yesterday
   and last week (half an hour around them), scaled to the recent level by the ratio of
   today's trailing span to the same span that day. So a Monday-morning ramp is expected
-  on Monday morning, from the first minute of it, instead of being lagged behind.
+  on Monday morning, from the first minute of it, instead of being lagged behind. The
+  factor is the segment's traffic's (its most numerous count), one for all measures: a
+  small campaign's orders of half an hour yesterday are too few to shape anything
+  (``_day_factor``), and a ratio's baseline is then unshaped (the factor cancels).
 - How sure: each measure's expected value carries the counts it was estimated from
   (1 / its relative variance). A fresh deployment, with five minutes of history, is judged
   from then on, but a baseline from a few counts raises the detectors' thresholds
@@ -29,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream.aggregate import SeriesKey
-from stream.kpis import LUMPY, N_MEASURES
+from stream.kpis import LUMPY, MONEY, N_MEASURES
 from stream.segments import SegmentView
 
 DAY, WEEK = 1440, 7 * 1440
@@ -42,6 +45,15 @@ LEVEL_MINUTES = 60
 steepest slope of the simulator's day) before the daily shape is known."""
 RATIO_MINUTES = 180
 """Trailing span of ratios, which the day's level cancels out of."""
+RATE_MINUTES = 360
+"""Trailing span of proportions whose trials come in the same minute (CTR: clicks given
+impressions). A small segment's detection is bound by its baseline's information: each
+minute's evidence counts ``1 / (1 + h / (c(r) x counts))`` (``alerts.detectors.discount``),
+so a campaign with ~1,300 clicks in 3 h weighs a 25% drop's evidence 0.74 (a 30% CTR drop
+of the small shop took ~1.5x its bound, and one trial in four more than 2x), with 6 h of
+clicks 0.85. Neither the day's level nor the lag of orders behind clicks is in them, so
+they may look further back than conversions (which trail, and judge against maturing
+clicks) and spend (its reporting blocks, fitted over RATIO_MINUTES)."""
 SHAPE_MINUTES = 30
 """The span around the same minute yesterday / last week that gives the day's shape (its
 information is counted: a small segment's shape is known roughly, and judged so). History
@@ -62,6 +74,8 @@ FREEZE_HISTORY = 60
 
 Floats = npt.NDArray[np.float64]
 Totals = npt.NDArray[np.int64]
+COUNTS = tuple(m for m in range(N_MEASURES) if m not in MONEY)
+"""Measures that are counts (money is not: its sums say nothing of their precision)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,10 @@ class Expected:
     """Length of the trailing span it was estimated from."""
     kind: str
     """How it was made, for alert texts: "previous 60 min", "... and daily shape"."""
+    ratio_counts: Floats | None = None
+    """Information of each measure's trailing level alone (None: ``counts``): what a ratio
+    of two measures is known from, since the day's factor, common to all measures,
+    cancels out of it."""
 
 
 def _align(minute: int) -> int:
@@ -118,14 +136,38 @@ class Recent:
         return value
 
 
+def _day_factor(before: Floats, at: Floats, span: int) -> tuple[float, float] | None:
+    """The day's factor from one earlier day: its traffic ``at`` the judged minute's
+    SHAPE_MINUTES over its ``before`` span's (``span`` minutes; sums of every measure), and
+    its relative variance. None where that day holds no traffic in both.
+
+    One factor for all measures, from the count measured most precisely there (traffic:
+    impressions, where the segment has them): the day moves traffic, and orders, leads
+    and clicks with it (a ratio of two measures hardly follows the day). A count's own
+    shape would be the ratio of two thin sums in a small segment (a campaign's orders of
+    half an hour yesterday: a few), skewed upwards by chance well beyond what its variance
+    says, which the detectors' discount for an uncertain baseline does not cover: in
+    simulated campaigns of 0.05-0.3 orders a minute, 1% of such shaped expectations were
+    3-6x the truth (``tests/alerts/test_day_shape.py``), and a volume-drop CUSUM judged
+    against them gathers evidence of a drop that is not there.
+    """
+    usable = [m for m in COUNTS if before[m] > 0 and at[m] > 0]
+    if not usable:
+        return None
+    traffic = max(usable, key=lambda m: float(before[m] + at[m]))
+    factor = float(at[traffic] / SHAPE_MINUTES) / float(before[traffic] / span)
+    variance = 1.0 / float(before[traffic]) + 1.0 / float(at[traffic])
+    return min(MAX_SHAPE, max(1 / MAX_SHAPE, factor)), variance
+
+
 def expected(
     segments: SegmentView, key: SeriesKey, minute: int, end: int, span: int,
     memo: Recent | None = None,
 ) -> Expected | None:  # fmt: skip
     """The baseline of ``key`` at ``minute`` from its history before minute ``end``.
 
-    ``span``: the trailing span (LEVEL_MINUTES or RATIO_MINUTES). None until the
-    segment has MIN_HISTORY minutes of history before ``end``. ``memo``: baselines by the
+    ``span``: the trailing span (LEVEL_MINUTES, RATIO_MINUTES or RATE_MINUTES). None
+    until the segment has MIN_HISTORY minutes of history before ``end``. ``memo``: baselines by the
     sums they are computed from, kept by the caller across ticks: a detector in an
     excursion judges every minute against the same span (its baseline stops where the
     excursion began), so its sums, and its baseline, are those of the tick before unless
@@ -166,33 +208,27 @@ def _expected(
     the minute."""
     trailing = totals.astype(np.float64)
     level = trailing / minutes
-    shapes: list[Floats] = []
-    variances: list[Floats] = []
+    factors: list[float] = []
+    variances: list[float] = []
     names = []
     for name, before_sums, at_sums in days:
-        before = before_sums.astype(np.float64) / span
-        at = at_sums.astype(np.float64)
-        at /= SHAPE_MINUTES
-        known = (before > 0) & (at > 0)
-        if not known.any():
+        day = _day_factor(before_sums.astype(np.float64), at_sums.astype(np.float64), span)
+        if day is None:
             continue
-        shape = np.where(known, at / np.where(known, before, 1.0), 1.0)
-        shapes.append(np.clip(shape, 1 / MAX_SHAPE, MAX_SHAPE))
-        info = _information(before * span, at * SHAPE_MINUTES)
-        with np.errstate(divide="ignore"):
-            variances.append(np.where(known, 1.0 / np.maximum(info, 1e-300), 0.0))
+        factors.append(day[0])
+        variances.append(day[1])
         names.append(name)
     counts = _information(trailing)
+    ratio_counts = counts
     kind = f"previous {minutes} min"
-    if shapes:
-        shape = np.mean(shapes, axis=0)
-        level = level * shape
-        extra = np.sum(variances, axis=0) / len(shapes) ** 2
+    if factors:
+        level = level * (sum(factors) / len(factors))
+        extra = sum(variances) / len(factors) ** 2
         with np.errstate(divide="ignore"):
             total = np.where(counts > 0, 1.0 / np.maximum(counts, 1e-300), np.inf) + extra
         counts = np.where(np.isfinite(total), 1.0 / total, 0.0)
         kind += f" shaped like {' and '.join(names)}"
-    return Expected(level, counts, minutes, kind)
+    return Expected(level, counts, minutes, kind, ratio_counts)
 
 
 def block_sums(segments: SegmentView, key: SeriesKey, start: int, block: int) -> Floats:

@@ -81,7 +81,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from alerts.baselines import LEVEL_MINUTES, RATIO_MINUTES
+from alerts.baselines import LEVEL_MINUTES, RATE_MINUTES, RATIO_MINUTES
 from stream.kpis import LUMPY, MICROS, MONEY, TRAILING, Kpi
 
 # Coefficient of variation of one order's revenue, assumed by the revenue tests (window sums
@@ -248,8 +248,11 @@ class Plan:
 
     @property
     def span(self) -> int:
-        """The trailing baseline span: an hour for volumes, three for ratios."""
-        return LEVEL_MINUTES if self.exposure is None else RATIO_MINUTES
+        """The trailing baseline span: an hour for volumes, three for ratios, six for
+        proportions judged in their own minute (CTR)."""
+        if self.exposure is None:
+            return LEVEL_MINUTES
+        return RATE_MINUTES if self.binomial else RATIO_MINUTES
 
 
 def plan(kpi: Kpi) -> Plan:
@@ -314,12 +317,15 @@ def evidence(
     rate: Floats,
     counts: Floats,
     span: int,
+    ratio_counts: Floats | None = None,
 ) -> Evidence | None:
     """One minute's evidence; None when the baseline expects nothing to judge by.
 
     ``minute``: the minute's sums; ``exposed``: the sums over the ``p.lag`` minutes ending
     with it; ``rate``/``counts``: the baseline per minute and its information
-    (``alerts.baselines.Expected``) over ``span`` minutes.
+    (``alerts.baselines.Expected``) over ``span`` minutes; ``ratio_counts``: the trailing
+    level's information alone, which a ratio is known from (the day's factor cancels in
+    it; None: ``counts``).
     """
     j = p.judged
     if p.exposure is None:
@@ -332,6 +338,8 @@ def evidence(
         return None
     ratio = float(rate[j] / rate[e])
     conversions = p.kpi.volume_index
+    if ratio_counts is not None:
+        counts = ratio_counts
     info_j = counts[conversions] if j in MONEY else counts[j]
     if e in LUMPY:
         info_e = 1.0 / (1.0 / (SPEND_INFORMATION_PER_MINUTE * span) + LUMP_SD**2)

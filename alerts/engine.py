@@ -345,7 +345,9 @@ class AlertEngine:
             return None
         exposed = segments.sum(key, minute + 1 - p.lag, minute + 1)
         current = segments.sum(key, minute, minute + 1)
-        return evidence(p, current, exposed, base.rate, base.counts, base.minutes)
+        return evidence(
+            p, current, exposed, base.rate, base.counts, base.minutes, base.ratio_counts
+        )
 
     def _add_minutes(
         self, rule: Rule, h: float, segments: SegmentView, key: SeriesKey, cusum: Cusum,
