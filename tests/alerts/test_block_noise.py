@@ -14,11 +14,10 @@ import math
 import numpy as np
 import pytest
 
-from alerts.baselines import FREEZE_MINUTES
+from alerts.baselines import FREEZE_MINUTES, RATIO_MINUTES
 from alerts.detectors import (
     DISPERSION_MINUTES,
     MIN_BLOCKS,
-    RATIO_MINUTES,
     SILENCE,
     SPEND_BLOCK_MINUTES,
     Cusum,
