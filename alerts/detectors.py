@@ -27,8 +27,11 @@ What is judged is a count given what it is exposed to, derived from the catalogu
   lump or none. A count paid for as it comes (clicks: CPC) is judged in whole reporting
   blocks (``SPEND_BLOCK_MINUTES``, clock-aligned, as platforms report): each block's
   clicks against the block's spend at the past blocks' rate, in units of their dispersion
-  given the spend, *fitted* to the segment's own last blocks (``unit``). Where prices are
-  steady, clicks given spend hardly vary, so a price rise shows in a block or two. A
+  given the spend, *fitted* to the segment's own last blocks (``fit``: 6 h of them, each
+  half against its own ratio) and widened for the chance of that fit (``allowance``: a
+  fit that happened to be low would make ordinary blocks look like a price rise). Where
+  prices are steady, clicks given spend hardly vary, so a price rise shows in a block or
+  two. Silence (no click at all) is judged no finer than a Poisson count. A
   block's spend is trimmed of its largest minutes (``alerts.baselines.block_sums``), its
   reports' minutes, in every block alike: a report that came with the wrong block (late,
   early, twice) does not move it, while a price rise raises every minute. Conversions that
