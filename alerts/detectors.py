@@ -27,8 +27,11 @@ What is judged is a count given what it is exposed to, derived from the catalogu
   lump or none. A count paid for as it comes (clicks: CPC) is judged in whole reporting
   blocks (``SPEND_BLOCK_MINUTES``, clock-aligned, as platforms report): each block's
   clicks against the block's spend at the past blocks' rate, in units of their dispersion
-  given the spend, *fitted* to the segment's own last blocks (``unit``). Where prices are
-  steady, clicks given spend hardly vary, so a price rise shows in a block or two. A
+  given the spend, *fitted* to the segment's own last blocks (``fit``: 6 h of them, each
+  half against its own ratio) and widened for the chance of that fit (``allowance``: a
+  fit that happened to be low would make ordinary blocks look like a price rise). Where
+  prices are steady, clicks given spend hardly vary, so a price rise shows in a block or
+  two. Silence (no click at all) is judged no finer than a Poisson count. A
   block's spend is trimmed of its largest minutes (``alerts.baselines.block_sums``), its
   reports' minutes, in every block alike: a report that came with the wrong block (late,
   early, twice) does not move it, while a price rise raises every minute. Conversions that
@@ -109,6 +112,12 @@ common; with longer periods the fitted dispersion is larger and detection slower
 noisier). Blocks are aligned to the clock, as the periods are."""
 MIN_BLOCKS = 6
 """Blocks of history before spend is judged in blocks: a dispersion from fewer is a guess."""
+DISPERSION_MINUTES = 2 * RATIO_MINUTES
+"""Past reporting blocks a dispersion is fitted to (``fit``): 6 h, 36 blocks in two groups
+of ``RATIO_MINUTES``, each against its own ratio: 34 degrees of freedom, where the ratio's
+3 h alone give 17, whose chance lows call for an allowance of ~3.0x the fit
+(``allowance``) against ~1.7x. Longer fits would add time-of-day changes of the campaign
+mix."""
 MIN_UNIT = 0.01
 """Floor of the fitted dispersion of clicks given their spend: a history of identical
 blocks must not make the next one exact."""
@@ -254,6 +263,12 @@ class Plan:
             return LEVEL_MINUTES
         return RATE_MINUTES if self.binomial else RATIO_MINUTES
 
+    @property
+    def history(self) -> int:
+        """Minutes of past blocks a block is judged against (the dispersion's fit), else
+        the span."""
+        return DISPERSION_MINUTES if self.block > 1 else self.span
+
 
 def plan(kpi: Kpi) -> Plan:
     """The judged count of ``kpi`` and its exposure, from the catalogue's fields."""
@@ -308,6 +323,11 @@ class Evidence:
     """Information of the baseline behind ``mu`` (1 / its relative variance)."""
     block: bool = False
     """A whole reporting block (``block_evidence``), not one minute."""
+    dof: float | None = None
+    """Degrees of freedom of the dispersion ``x`` and ``mu`` are counted in, when it was
+    fitted (``fit``; None: a model's, e.g. Poisson): judged with its ``allowance``."""
+    unit: float = 1.0
+    """That dispersion: counts per unit of ``x`` and ``mu``."""
 
 
 def evidence(
@@ -368,60 +388,118 @@ def evidence(
     return Evidence(x, mu, None, 0.0, float(info))
 
 
-def unit(p: Plan, history: Floats) -> float:
+def fit(p: Plan, history: Floats) -> tuple[float, float]:
     """The dispersion of ``p``'s judged count given its exposure, per expected count, fitted
-    to past blocks (``history``: one row of sums per block).
+    to past blocks (``history``: one row of sums per block, oldest first), and its degrees
+    of freedom.
 
-    Each block's count is set against its exposure at the history's own ratio (so a slow
-    drift of the level is not counted as scatter); the residuals' variance per expected
-    count, made unbiased and raised by one standard error of a variance from K blocks
-    (K / (K - sqrt(2K)): a short history must not look steadier than it is), at least
-    ``MIN_UNIT``. Infinite when the history has no exposure or count to fit.
+    The blocks are taken in groups of ``RATIO_MINUTES`` from the newest, each group's
+    counts set against its exposure at the group's own ratio (a slow drift of prices over
+    the day is not scatter, and costs one degree of freedom per group). Unbiased where the
+    variance is proportional to the expected count: a residual's expected square is
+    ``phi mu (1 - mu / group's sum of mu)``, and that is what the squares are divided by.
+    At least ``MIN_UNIT``; infinite (no degrees of freedom) when nothing can be fitted.
     """
     j, e = p.judged, p.exposure
     assert e is not None
-    x, s = history[:, j], history[:, e]
-    k = len(history)
-    if k < 2 or s.sum() <= 0 or x.sum() <= 0:
+    per_group = max(RATIO_MINUTES // p.block, 1)
+    group = (len(history) - 1 - np.arange(len(history))) // per_group
+    squares = expected = dof = 0.0
+    for g in np.unique(group):
+        x, s = history[group == g, j], history[group == g, e]
+        if len(x) < 2 or s.sum() <= 0 or x.sum() <= 0:
+            continue
+        mu = s * (x.sum() / s.sum())
+        squares += float(((x - mu) ** 2).sum())
+        expected += float(mu.sum() - (mu**2).sum() / mu.sum())
+        dof += len(x) - 1
+    if dof <= 0 or expected <= 0:
+        return math.inf, 0.0
+    return max(squares / expected, MIN_UNIT), dof
+
+
+def unit(p: Plan, history: Floats) -> float:
+    """The fitted dispersion of ``p``'s judged count given its exposure (``fit``)."""
+    return fit(p, history)[0]
+
+
+def allowance(h: float, dof: float) -> float:
+    """The factor a dispersion fitted with ``dof`` degrees of freedom is widened by, so that
+    a CUSUM judged in its units keeps its false-alarm rate at threshold ``h``.
+
+    In units of the true dispersion phi, a CUSUM on a quasi-likelihood ratio reaches h by
+    chance with probability about e^-h per excursion. Counted in units of a fit a x phi
+    widened by m, reaching h takes h a m in true units: e^-(h a m). The fit is a
+    chi-square over its degrees of freedom nu (a ~ chi2_nu / nu), and it stays for hours,
+    so an excursion sees one draw of it: averaged over it, the chance is
+    E[e^-(h a m)] = (1 + 2 h m / nu)^(-nu / 2). This is e^-h for
+    m = nu / (2 h) x (e^(2 h / nu) - 1): ~1.7 for 34 degrees of freedom at h = 16.2, ~3.0
+    for 17, and 1 + h / nu for many. The margin this replaces, one standard error of a
+    variance from 18 blocks (x1.5), holds the chance at e^-11.5 instead of e^-16.2 (~100
+    times the budget): the fits that happened to be low (a steady few hours) carry most of
+    the false alarms.
+    """
+    if dof <= 0:
         return math.inf
-    mu = s * (x.sum() / s.sum())
-    fitted = float(((x - mu) ** 2).sum() / mu.sum()) * k / (k - 1)
-    fitted *= k / max(k - math.sqrt(2 * k), 1.0)
-    return max(fitted, MIN_UNIT)
+    x = 2.0 * h / dof
+    return math.expm1(x) / x if x < 700 else math.inf
 
 
 def block_evidence(p: Plan, block: Sums, history: Floats) -> Evidence | None:
     """One reporting block's evidence: its judged count against its exposure at the ratio
-    of the past blocks, both in units of their fitted dispersion (``unit``), so that the
-    Poisson log-likelihood ratio of ``llr`` applies (a quasi-likelihood). The ratio is the
-    trimmed blocks' own (``alerts.baselines.block_sums``: a trimmed block is set against
-    trimmed ones), and known from their judged count in the same units.
+    of the last ``RATIO_MINUTES`` of past blocks, both in units of the dispersion fitted to
+    up to ``DISPERSION_MINUTES`` of them (``fit``; widened at judgement by ``allowance``
+    for its degrees of freedom), so that the Poisson log-likelihood ratio of ``llr``
+    applies (a quasi-likelihood). The ratio is the trimmed blocks' own
+    (``alerts.baselines.block_sums``: a trimmed block is set against trimmed ones), and
+    known from their judged count in the same units.
 
-    ``block``: the block's sums; ``history``: past blocks' sums (``MIN_BLOCKS`` or more).
-    None when the history has nothing to judge by.
+    ``block``: the block's sums; ``history``: past blocks' sums, oldest first (``MIN_BLOCKS``
+    or more). None when the history has nothing to judge by.
     """
     j, e = p.judged, p.exposure
     assert e is not None and p.block > 1
     # Blocks before the segment's traffic (its first minute may be a stray's: a trickle of
     # late events) say nothing of its prices, and would fit a dispersion of ~0: a block
     # counts with a quarter of the largest one's exposure or more (the day's shape moves
-    # traffic far less within the span).
+    # traffic far less within the span). Selected by their exposure only, which the count
+    # is judged given: leaving out blocks by their count (e.g. those without a click, a
+    # third of a small campaign's at night) would raise the ratio above the blocks' own
+    # and narrow their scatter, and every block after would look like a price rise.
     exposure = history[:, e]
-    history = history[(history[:, j] > 0) & (exposure > 0) & (exposure >= exposure.max() / 4)]
-    if len(history) < MIN_BLOCKS:
+    history = history[(exposure > 0) & (exposure >= exposure.max(initial=0.0) / 4)]
+    recent = history[-max(RATIO_MINUTES // p.block, 1) :]
+    if len(recent) < MIN_BLOCKS:
         return None
-    seen, exposed = float(history[:, j].sum()), float(history[:, e].sum())
-    u = unit(p, history)
+    seen, exposed = float(recent[:, j].sum()), float(recent[:, e].sum())
+    u, dof = fit(p, history)
     if not (seen > 0 and exposed > 0 and math.isfinite(u) and u > 0):
         return None
     x, mu = float(block[j]) / u, seen / exposed * float(block[e]) / u
-    return Evidence(x, mu, None, 0.0, seen / u, block=True)
+    return Evidence(x, mu, None, 0.0, seen / u, block=True, dof=dof, unit=u)
 
 
 def judge(ev: Evidence, rs: Sequence[float], h: float) -> list[float]:
     """The log-likelihood ratios of ``ev`` for magnitudes ``rs``, each weighted by the
-    baseline's certainty at threshold ``h`` (``discount``)."""
-    return [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
+    baseline's certainty at threshold ``h`` (``discount``).
+
+    Evidence in the units of a fitted dispersion (``Evidence.dof``) is judged in units
+    widened by its ``allowance`` at ``h`` (the count and the baseline's alike: both were
+    counted in the fitted units). Silence, in units no finer than a Poisson count's: a
+    fitted dispersion describes the scatter of clicks around their spend where both move
+    together (a block's clicks pay for much of its spend), a second moment; it says nothing
+    of the chance of a block with no click at all, which is at least a Poisson count's
+    (e^-mu). In finer units a small campaign's quiet night, a few clicks a block, would
+    read a run of three empty blocks as an outage.
+    """
+    if ev.dof is None:
+        return [weighted(llr(ev, r), discount(h, r, ev.counts)) for r in rs]
+    widen = 1.0 / allowance(h, ev.dof)
+    out = []
+    for r in rs:
+        scale = min(widen, ev.unit) if r == SILENCE else widen
+        out.append(weighted(llr(ev, r) * scale, discount(h, r, ev.counts * scale)))
+    return out
 
 
 def llr(ev: Evidence, r: float) -> float:

@@ -337,7 +337,7 @@ class AlertEngine:
             if len(starts) >= MIN_BLOCKS:
                 if (minute + 1) % p.block:
                     return None  # judged with its block
-                history = self._blocks(segments, key, before, p.span, p.block)
+                history = self._blocks(segments, key, before, p.history, p.block)
                 block = block_sums(segments, key, minute + 1 - p.block, p.block)
                 return block_evidence(p, block, history)
         base = self._base(segments, key, minute, until, p.span)

@@ -428,8 +428,8 @@ def _shop_minutes(
 
 def _blocked_run(kpi: str, sums: np.ndarray, h: float, start: int) -> int | None:
     """Minute of the first alarm of ``kpi``'s block CUSUM over ``sums`` from ``start`` (the
-    engine's way, through a segment view: trimmed blocks, 3 hours of trailing baseline and
-    blocks before each block, frozen at the start of an excursion), or None."""
+    engine's way, through a segment view: trimmed blocks, the plan's history of blocks
+    before each block, frozen at the start of an excursion), or None."""
     p = plan(KPI[kpi])
     rs = multipliers(p, 0.2)
     cusum = Cusum.empty(len(rs))
@@ -443,7 +443,7 @@ def _blocked_run(kpi: str, sums: np.ndarray, h: float, start: int) -> int | None
         view = SegmentView({key: buckets})
         until = end - 1 if cusum.since is None else max(cusum.since, end - 1 - FREEZE_MINUTES)
         before = until - until % p.block
-        history = blocks(view, key, before, 180, p.block)
+        history = blocks(view, key, before, p.history, p.block)
         ev = block_evidence(p, block_sums(view, key, end - p.block, p.block), history)
         assert ev is not None
         cusum.add(end - 1, ev, judge(ev, rs, h), [h] * len(rs))
