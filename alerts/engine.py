@@ -53,6 +53,7 @@ from alerts.detectors import (
     judge,
     kpi_value,
     multipliers,
+    per_step,
     plan,
     threshold,
 )
@@ -364,8 +365,8 @@ class AlertEngine:
             if ev is None:  # nothing to judge by yet: the minute passes unjudged
                 cusum.last = minute
                 continue
-            ratios = judge(ev, rs, h)
-            cusum.add(minute, ev, ratios, [h] * len(rs))
+            limit = per_step(h, p.block) if ev.block else h
+            cusum.add(minute, ev, judge(ev, rs, limit), [limit] * len(rs))
 
     def _compare(
         self, rule: Rule, segments: SegmentView, key: SeriesKey, start: int, end: int,
