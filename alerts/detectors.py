@@ -541,19 +541,6 @@ def threshold(total_weight: float, share: float, magnitudes: int, budget: float)
     return math.log(magnitudes * WEEK_MINUTES * max(total_weight, share) / (budget * share))
 
 
-def per_step(h: float, step_minutes: int) -> float:
-    """The threshold of a CUSUM that steps once per ``step_minutes`` (spend's reporting
-    blocks), for the budget that gives ``h`` to one stepping every minute.
-
-    A CUSUM's mean time to a false alarm is at least e^h of its *steps* (``threshold``
-    counts them in minutes): one stepping once per block has the same weeks in
-    ``step_minutes`` times fewer steps, so the same budget allows h - ln(step_minutes).
-    """
-    if step_minutes < 1:
-        raise ValueError(f"step_minutes must be >= 1, got {step_minutes}")
-    return h - math.log(step_minutes)
-
-
 def discount(h: float, r: float, counts: float) -> float:
     """The weight of one minute's evidence for magnitude ``r`` against a baseline known
     from ``counts`` (1 for an exact baseline, 0 without one).

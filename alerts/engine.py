@@ -53,7 +53,6 @@ from alerts.detectors import (
     judge,
     kpi_value,
     multipliers,
-    per_step,
     plan,
     threshold,
 )
@@ -365,8 +364,8 @@ class AlertEngine:
             if ev is None:  # nothing to judge by yet: the minute passes unjudged
                 cusum.last = minute
                 continue
-            limit = per_step(h, p.block) if ev.block else h
-            cusum.add(minute, ev, judge(ev, rs, limit), [limit] * len(rs))
+            ratios = judge(ev, rs, h)
+            cusum.add(minute, ev, ratios, [h] * len(rs))
 
     def _compare(
         self, rule: Rule, segments: SegmentView, key: SeriesKey, start: int, end: int,

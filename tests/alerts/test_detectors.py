@@ -38,7 +38,6 @@ from alerts.detectors import (
     llr,
     multipliers,
     normal_sf,
-    per_step,
     plan,
     poisson_cdf,
     poisson_sf,
@@ -237,15 +236,6 @@ def test_threshold_splits_one_budget_over_every_detector() -> None:
     assert threshold(0, 1, 3, 1.0) == pytest.approx(math.log(3 * WEEK_MINUTES))  # one alone
     with pytest.raises(ValueError):
         threshold(10, 0, 3, 1.0)
-
-
-def test_a_detector_stepping_once_per_block_has_the_budget_in_fewer_steps() -> None:
-    h = threshold(240, 1, 3, 1.0)
-    assert per_step(h, 1) == h
-    # once per 10-minute block: the same weeks in a tenth of the steps, h - ln 10
-    assert per_step(h, 10) == pytest.approx(math.log(240 * 3 * WEEK_MINUTES / 10))
-    with pytest.raises(ValueError):
-        per_step(h, 0)
 
 
 def test_a_short_baseline_discounts_the_evidence() -> None:
