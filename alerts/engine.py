@@ -160,17 +160,20 @@ class AlertEngine:
         weight = sum(r.budget_share * len(keys[r.name]) for r in self.trend)
         baselines: dict[BaselineKey, float] = {}
         resolved: dict[AlertKey, dict[str, object]] = {}
-        self._expected, self._history, self._block_sums = {}, {}, {}
         self._recent.next_tick()
-        for rule in self.trend:
-            h = threshold(weight, rule.budget_share, len(self.detectors[rule.name].multipliers),
-                          self.budget)  # fmt: skip
-            notes = self._evaluate_rule(
-                rule, keys[rule.name], h, segments, end_minute, now_s, replaying, baselines
-            )
-            resolved.update({n.alert.key: n.alert.details for n in notes if n.kind == "resolved"})
+        try:
+            for rule in self.trend:
+                h = threshold(weight, rule.budget_share,
+                              len(self.detectors[rule.name].multipliers), self.budget)  # fmt: skip
+                notes = self._evaluate_rule(
+                    rule, keys[rule.name], h, segments, end_minute, now_s, replaying, baselines
+                )
+                resolved.update(
+                    {n.alert.key: n.alert.details for n in notes if n.kind == "resolved"}
+                )
+        finally:  # the tick's memos hold its segments' sums: none outlives the tick
+            self._expected, self._history, self._block_sums = {}, {}, {}
         self.baselines = baselines
-        self._expected, self._history, self._block_sums = {}, {}, {}
         if replaying:  # nothing was judged: incidents hold too (no repeat, no resolve)
             return []
         resolved.update(self._evaluate_goals(segments, end_minute, now_s, goals))
