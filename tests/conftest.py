@@ -6,7 +6,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,18 @@ from stream.devstack import (
 from tests.helpers import REPO, WorkerProcess, delete_topics, run
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Remember a failed test call, so fixtures can add what explains it to the report."""
+    report = yield
+    if call.when == "call" and report.failed:
+        item.stash[FAILED] = True
+    return report
 
 
 def require_binary(*names: str) -> None:
@@ -97,9 +109,10 @@ def worker_env(
 
 @pytest.fixture
 def start_worker(
-    worker_env: dict[str, str], tmp_path: Path
+    worker_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """Start ``kpimon worker`` subprocesses; all are stopped at teardown."""
+    """Start ``kpimon worker`` subprocesses; all are stopped at teardown. When the test
+    failed, each log's tail goes into its report (CI keeps only the output)."""
     workers: list[WorkerProcess] = []
 
     def start(worker_id: str = "w1", module: str = "stream.cli", **extra: str) -> WorkerProcess:
@@ -115,8 +128,14 @@ def start_worker(
         return worker
 
     yield start
+    failed = request.node.stash.get(FAILED, False)
     for worker in workers:
+        if failed and worker.alive():
+            print(f"--- {worker.log_path.stem}'s metrics at the failure ---\n{worker.health()}")
         worker.stop()
+    if failed:
+        for log, worker in sorted({w.log_path: w for w in workers}.items()):
+            print(f"--- last lines of {log.name} ---\n{worker.log_tail(80)}")
 
 
 @pytest.fixture(scope="session")

@@ -77,6 +77,15 @@ def sample(
     return samples.get((name, frozenset(labels.items())))
 
 
+HEALTH = (
+    "kpimon_replaying", "kpimon_restating", "kpimon_watermark_lag_seconds",
+    "kpimon_window_end_timestamp_seconds", "kpimon_consumer_lag_records",
+    "kpimon_outbox_pending", "kpimon_notifications", "kpimon_alerts_firing",
+    "kpimon_transactions", "kpimon_event_loop_stall_max_seconds", "kpimon_partition_stalled",
+)  # fmt: skip
+"""The metrics of :meth:`WorkerProcess.health`."""
+
+
 @dataclass
 class WorkerProcess:
     """``kpimon worker`` as a real subprocess with its own env and log file."""
@@ -118,6 +127,19 @@ class WorkerProcess:
             return self.scrape() is not None
 
         wait_for(ready, timeout=timeout, what="worker /metrics")
+
+    def health(self) -> str:
+        """The worker's own gauges and counters (no per-segment KPIs): what says why it
+        did not do what a test waited for (held, replaying, lagging, not delivering)."""
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError as exc:
+            return f"/metrics: {exc}"
+        return "\n".join(
+            line for line in text.splitlines()
+            if line.startswith(HEALTH) and not line.startswith("kpimon_events_late_")
+        )  # fmt: skip
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
