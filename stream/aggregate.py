@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import copy
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -575,6 +575,9 @@ class SegmentStore:
         self.shown_end = 0  # the end minute of the last evaluation
         self.restated = 0  # cells applied to shown minutes since the last evaluation
         self._restating_since: int | None = None
+        self._progress: deque[tuple[int, int | None]] = deque()
+        """(wall clock, the least event time reached by a live worker not caught up, or
+        None) at each change of the reports: what had been passed on by when."""
         self._deleted: list[tuple[SeriesKey, list[int]]] = []  # series whose blocks went
         self._frozen: dict[tuple[str, str], int] = {}  # totals of demoted ids -> hour frozen
         self._newest_minute = 0
@@ -667,6 +670,37 @@ class SegmentStore:
     def report(self, partition: int, watermark_ms: int, *, caught_up: bool, now_ms: int) -> None:
         """Progress of one routed-events partition, as its owner last reported it."""
         self.reporters[partition] = _Reporter(watermark_ms, caught_up, now_ms)
+        self._note_progress(now_ms)
+
+    def _behind(self, now_ms: int) -> list[int]:
+        """Event times reached by the live workers that are not caught up."""
+        return [
+            r.watermark_ms
+            for r in self.reporters.values()
+            if not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
+        ]
+
+    def _note_progress(self, now_ms: int) -> None:
+        """Record what the reports say has been passed on at ``now_ms`` (a change only),
+        keeping the newest record a settle old and every one after it."""
+        behind = self._behind(now_ms)
+        reached = min(behind) if behind else None
+        progress = self._progress
+        if not progress or progress[-1][1] != reached:
+            progress.append((now_ms, reached))
+        cutoff = now_ms - self.settle_ms
+        while len(progress) > 1 and progress[1][0] <= cutoff:
+            progress.popleft()
+
+    def _passed_on(self, at_ms: int) -> int | None:
+        """The event time every event before which had been passed on at wall time
+        ``at_ms``, as the reports then said (None: no report that old)."""
+        reached: int | None = None
+        for seen_ms, behind in self._progress:
+            if seen_ms > at_ms:
+                break
+            reached = at_ms if behind is None else behind
+        return reached
 
     def observe_latency(self, source_ts: Iterable[int], now_ms: int, n: int = 1) -> None:
         """Events that reached the state at ``now_ms``, ``n`` for each source timestamp."""
@@ -682,19 +716,30 @@ class SegmentStore:
         return now_ms - self.watermark_ms > self.replay_lag_ms
 
     def advance_watermark(self, now_ms: int, *, hold: bool = False) -> int:
-        """Wall clock when every live worker is caught up, else the event time they reached.
+        """Wall clock when every live worker is caught up, else the event time they reached;
+        and no further than what the reports said a settle delay ago, plus that delay.
+
+        A report tells what its worker has *passed on*: the events before its watermark
+        are routed, not yet counted here (two hops later). For live traffic the settle
+        delay covers those hops, since the watermark is about the wall clock. A backlog's
+        end makes the watermark jump by minutes or hours in one report, with its last
+        events still in flight: so a claim is believed a settle delay after it was made
+        (for live traffic this changes nothing). With no report that old (a store that
+        just started: the worker shows nothing before its first report) or none at all
+        (the backtest), the reports and the wall clock as they stand.
 
         ``hold``: the store's own input lags (progress reports not yet applied), so
         neither the reports nor the wall clock say how far the sums are complete.
         """
         if hold:
             return self.watermark_ms
-        behind = [
-            r.watermark_ms
-            for r in self.reporters.values()
-            if not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
-        ]
+        behind = self._behind(now_ms)
         candidate = min(min(behind), now_ms) if behind else now_ms
+        if self._progress:
+            self._note_progress(now_ms)
+            then = self._passed_on(now_ms - self.settle_ms)
+            if then is not None:
+                candidate = min(candidate, then + self.settle_ms)
         self.watermark_ms = max(self.watermark_ms, candidate)
         return self.watermark_ms
 
@@ -702,10 +747,7 @@ class SegmentStore:
         """True from when late events restate shown minutes while a worker still has a
         backlog, until every worker is through it: at most ``RESTATING_HOLD_MS``, so late
         events trickling into a worker that always lags a little never hold alerts for good."""
-        lagging = any(
-            not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
-            for r in self.reporters.values()
-        )
+        lagging = bool(self._behind(now_ms))
         if not lagging:
             self._restating_since = None
         elif self.restated and self._restating_since is None:
@@ -761,6 +803,7 @@ class SegmentStore:
         view.series = {key: buckets.snapshot() for key, buckets in self.series.items()}
         view.totals = {key: list(counts) for key, counts in self.totals.items()}
         view.reporters = dict(self.reporters)  # report() replaces entries, never mutates one
+        view._progress = deque(self._progress)
         view.latency_counts = list(self.latency_counts)
         view.campaign_guard = self.campaign_guard.view()  # evaluate reads their counts
         view.channel_guard = self.channel_guard.view()

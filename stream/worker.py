@@ -523,11 +523,14 @@ class PipelineService(Service):
         )  # fmt: skip
 
     async def _lags(self) -> dict[TopicPartition, int | None]:
+        """Records behind per assigned partition, but for stalled ones: a partition that
+        cannot be read holds no one's watermark (the others go on; what it holds is
+        counted, as late as it is, once it can be read: stream/stalls.py)."""
         lags = await clients.lags(self._consumer) if self._consumer else {}
         for tp, lag in lags.items():
             if lag is not None:  # kpimon_consumer_lag_records
                 self.stats.consumer_lag[(tp.topic, tp.partition)] = lag
-        return lags
+        return {tp: lag for tp, lag in lags.items() if tp not in self.stalls}
 
     def _partials_lag(self) -> int:
         """Partials records not yet applied to the scope state (large when unknown)."""
@@ -579,8 +582,10 @@ class PipelineService(Service):
             # Until the segment stage has applied its input, progress reports are
             # stale: windows would look partial (false drops), so hold the watermark.
             hold = self._partials_lag() > PARTIALS_HOLD_LAG
-            if hold and scope.store.watermark_ms == 0:
-                return None  # nothing shown yet rather than half-filled windows
+            if (hold or not scope.store.reporters) and scope.store.watermark_ms == 0:
+                # Nothing shown yet rather than half-filled windows: until the first
+                # progress report, the wall clock would pass for a watermark.
+                return None
             started = time.perf_counter()
             scope.store.advance(now_ms, hold=hold)
             view = scope.store.snapshot()

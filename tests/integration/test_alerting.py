@@ -1,14 +1,13 @@
 """Live alerting end to end: real broker, real Alertmanager, a local Slack stand-in.
 
-The simulator backfills half an hour that ends with a CTR drop in one campaign,
-then keeps sending normal traffic in real time. Once the worker has caught up,
-the drop is in its 5-minute window: the campaign's alert fires and the channel it
-drags alerts too. One cause, one incident: one message reaches Slack (through 429
-and 500 answers), one record ``kpimon.alerts``, and Alertmanager gets both alerts
-under one ``incident`` label, the channel's inhibited by the campaign's (the root).
-An alert that joins after the firing message (the channel a tick later, the global
-CTR) is told in an update: one short Slack message and one ``kpimon.alerts`` record
-each, naming it.
+The simulator backfills half an hour that ends with a CTR drop in one campaign, then
+goes on in real time, the drop lasting 3 more minutes. Once the worker has caught up,
+the campaign's alert fires and the channel it drags alerts too. One cause, one
+incident: one message reaches Slack (through 429 and 500 answers), one record
+``kpimon.alerts``, and Alertmanager gets both alerts under one ``incident`` label, the
+channel's inhibited by the campaign's (the root). An alert that joins after the firing
+message (the channel a tick later, the global CTR) is told in an update: one short
+Slack message and one ``kpimon.alerts`` record each, naming it.
 The worker is killed while it fires and restarted; the recovered traffic resolves
 the incident, once. No other segment alerts.
 """
@@ -35,6 +34,7 @@ pytestmark = pytest.mark.integration
 
 RATE, SEED, CAMPAIGNS = 150, 5, 12
 INCIDENT_CAMPAIGN = "c1"
+LIVE_DROP = "3m"
 
 
 class SlackStandIn:
@@ -159,15 +159,22 @@ QUICK = {
 """Worker settings that make a test's alerts decide and go out within seconds."""
 
 
-def ctr_drop_ending_now(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """30 minutes of history whose last 6 minutes have c1's CTR 80% down, then normal
-    traffic in real time (returned: the caller stops it), so the drop ends now."""
+def ctr_drop_going_on(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """30 minutes of history whose last 6 minutes have c1's CTR 80% down, then traffic in
+    real time (returned: the caller stops it) that keeps it down for LIVE_DROP more.
+
+    The drop goes on while the worker catches up, fires and is killed, however long the
+    backfill took on a loaded machine: a drop that ended with the backfill could be
+    judged over, and its alert resolved, before the test looked (its minutes are judged
+    once, when they settle)."""
     backfill = simulate(
         env, "--start-ago", "30m", "--duration", "30m",
         "--incident", f"ctr_drop:campaign={INCIDENT_CAMPAIGN}:at=24m:by=80%:for=6m",
     )  # fmt: skip
     assert backfill.wait(180) == 0
-    return simulate(env)
+    return simulate(
+        env, "--incident", f"ctr_drop:campaign={INCIDENT_CAMPAIGN}:at=0m:by=80%:for={LIVE_DROP}"
+    )
 
 
 def _am_alerts(url: str, tag: str) -> list[dict[str, Any]]:
@@ -204,7 +211,7 @@ def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
         **QUICK,
         "KPIMON_ALERTMANAGER_RESEND_SECONDS": "5",
     }
-    live = ctr_drop_ending_now({**os.environ, **worker_env})
+    live = ctr_drop_going_on({**os.environ, **worker_env})
     worker = start_worker("w1", **env)
     try:
         worker.wait_ready()

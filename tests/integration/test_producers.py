@@ -219,12 +219,20 @@ def check_exact(worker: WorkerProcess, expected: Expected) -> None:
         samples = worker.scrape()
         return samples if samples and measure_totals(samples) == totals else None
 
+    def shown() -> Samples | None:
+        """Exact totals, and windows past the minutes of the events: they move a settle
+        delay after the worker says it has caught up (the last events are in flight)."""
+        samples = settled()
+        clicks = window_sums(samples).get(("global", "", "", "5m", "clicks"), 0) if samples else 0
+        return samples if clicks > 0 else None
+
     try:
-        samples = wait_for(settled, timeout=60, what="exact measure totals")
+        wait_for(settled, timeout=60, what="exact measure totals")
     except AssertionError:
         got = measure_totals(worker.scrape() or {})
         diff = {k: (got.get(k), v) for k, v in totals.items() if got.get(k) != v}
         raise AssertionError(f"measure totals differ (got, expected): {diff}") from None
+    samples = wait_for(shown, timeout=120, what="the events in the windows, totals exact")
     end_minute = int(samples[("kpimon_window_end_timestamp_seconds", frozenset())]) // 60
     windows = expected.windows(end_minute)
     assert window_sums(samples) == windows

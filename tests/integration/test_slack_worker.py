@@ -21,7 +21,7 @@ from tests.helpers import WorkerProcess, sample, wait_for
 from tests.integration.test_alerting import (
     INCIDENT_CAMPAIGN,
     QUICK,
-    ctr_drop_ending_now,
+    ctr_drop_going_on,
     rules_file,
 )
 from tests.slack_api import CHANNEL_ID, TOKEN, SlackApi
@@ -54,7 +54,7 @@ def test_one_message_per_incident_through_a_kill_and_an_outage_resolved_in_place
         **QUICK,
         "KPIMON_NOTIFY_MAX_BACKOFF_SECONDS": "5",
     }
-    live = ctr_drop_ending_now({**os.environ, **worker_env})
+    live = ctr_drop_going_on({**os.environ, **worker_env})
     worker = start_worker("w1", **env)
     try:
         worker.wait_ready()

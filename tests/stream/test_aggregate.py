@@ -675,6 +675,40 @@ def test_watermark_follows_event_time_while_a_worker_replays() -> None:
     assert store.advance_watermark(now + 31_000) == now + 31_000
 
 
+def test_a_backlogs_end_is_shown_a_settle_delay_after_it_is_claimed() -> None:
+    """The report that ends a backlog says its last events are passed on, while they are
+    still in flight to their dedup stage. Judged at once, their minutes would miss them
+    (a CTR drop whose impressions are in and clicks not, or the reverse): the claim is
+    believed a settle delay after it is made, and its minutes are shown then, whole."""
+    settle = 5_000
+    store = SegmentStore(settle_ms=settle)
+    now = T0 + 60 * MIN
+    for i in range(11):  # catching up: each second 2 minutes further into the backlog
+        store.report(0, T0 + i * 2 * MIN, caught_up=False, now_ms=now - 10_000 + i * 1000)
+    store.report(0, now, caught_up=True, now_ms=now)  # its last events routed, in flight
+    claimed = store.evaluate(now)
+    assert claimed.end_minute == T0 // MIN + 10, "what was passed on a settle delay ago"
+    assert claimed.hold_alerts
+    in_flight = T0 // MIN + 40
+    store.apply_cells([("search", "c1", in_flight, [1] * N)])
+    assert store.restated == 0, "not a restatement: its minute was not shown"
+    store.report(0, now + settle, caught_up=True, now_ms=now + settle)
+    whole = store.evaluate(now + settle)
+    assert whole.end_minute == (now + settle - settle) // MIN and not whole.hold_alerts
+    assert whole.series[("global", "", "")].windows["24h"].tolist() == [1] * N
+
+
+def test_live_reports_are_shown_as_soon_as_they_settle() -> None:
+    """Believing a claim a settle delay later costs live traffic nothing: its watermark
+    is about the wall clock, and its minutes wait the settle delay anyway."""
+    settle = 5_000
+    store = SegmentStore(settle_ms=settle)
+    now = T0 + 60 * MIN
+    for t in range(now - 20_000, now + 1, 100):  # a report every step, 100 ms behind
+        store.report(t % 3, t - 100, caught_up=False, now_ms=t)
+    assert store.advance_watermark(now) == now - 300  # the least of the three partitions
+
+
 def test_scope_changelog_round_trip() -> None:
     store = SegmentStore()
     minute = T0 // MIN

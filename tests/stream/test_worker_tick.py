@@ -229,3 +229,19 @@ async def test_in_thread_returns_or_raises_on_the_loop() -> None:
     release.set()
     with pytest.raises(asyncio.CancelledError):
         await waiting
+
+
+async def test_no_tick_before_the_first_progress_report(service: PipelineService) -> None:
+    """Until a worker has reported progress, the wall clock would pass for a watermark:
+    the tick shows nothing (the backlog about to arrive would land in shown minutes)."""
+    assert service.stages.segments is not None
+    store = service.stages.segments.store
+    store.reporters.clear()
+    assert await service._tick() is None
+    producer: FakeProducer = service._producer  # type: ignore[assignment]
+    assert producer.committed == [] and store.watermark_ms == 0
+    assert service.kpi_exposition == b""
+    now_ms = int(time.time() * 1000)
+    store.report(0, now_ms, caught_up=True, now_ms=now_ms)
+    assert await service._tick() is None
+    assert len(producer.committed) == 1 and store.watermark_ms >= now_ms
