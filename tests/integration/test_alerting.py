@@ -95,7 +95,9 @@ def slack() -> Iterator[SlackStandIn]:
 
 def rules_file(path: Path, tag: str) -> Path:
     """CTR at every scope plus conversion, clicks and orders rules: only CTR may fire, in
-    c1 and in its channel.
+    c1 and in its channel. The conversion rule waits 10 minutes (``for``): where the
+    backfill's simulator stops and the live one starts, orders lag their clicks (the
+    backfill's last clicks never convert, the live ones not yet) for a few minutes.
 
     c1 carries about two thirds of its channel's clicks, so its 80% drop moves the channel's
     CTR 45-55% once the 5-minute window is all inside the incident, and still ~30% with two
@@ -127,7 +129,7 @@ rules:
     kpi: conversion_rate
     scopes: [global, channel, campaign]
     min_change: 0.6
-    for: 1m
+    for: 10m
     severity: ticket
     labels: {{e2e: "{tag}"}}
     runbook_url: docs/runbooks/rate-drop.md
@@ -226,7 +228,8 @@ def test_ctr_drop_fires_once_everywhere_survives_a_kill_and_resolves_once(
         # The channel's alert joins c1's incident: sent to Alertmanager (re-sent every
         # 5 s) under the same incident label, inhibited by the root; to Slack in the
         # firing message, or in an update when it joined a tick or more later.
-        shown = wait_for(lambda: _grouped(alertmanager_url, tag), timeout=90,
+        # The channel may join minutes later, on the live minutes of the drop.
+        shown = wait_for(lambda: _grouped(alertmanager_url, tag), timeout=240,
                          what="both alerts of the incident in Alertmanager")  # fmt: skip
         channel = _channel(message)
         # The global CTR may move enough too (c1 is a big campaign): then it is a member.
