@@ -670,7 +670,7 @@ class SegmentStore:
     def report(self, partition: int, watermark_ms: int, *, caught_up: bool, now_ms: int) -> None:
         """Progress of one routed-events partition, as its owner last reported it."""
         self.reporters[partition] = _Reporter(watermark_ms, caught_up, now_ms)
-        self._note_progress(now_ms)
+        self._note_progress(now_ms, self._behind(now_ms))
 
     def _behind(self, now_ms: int) -> list[int]:
         """Event times reached by the live workers that are not caught up."""
@@ -680,10 +680,10 @@ class SegmentStore:
             if not r.caught_up and now_ms - r.seen_ms <= self.worker_timeout_ms
         ]
 
-    def _note_progress(self, now_ms: int) -> None:
-        """Record what the reports say has been passed on at ``now_ms`` (a change only),
-        keeping the newest record a settle old and every one after it."""
-        behind = self._behind(now_ms)
+    def _note_progress(self, now_ms: int, behind: list[int]) -> None:
+        """Record what the reports say has been passed on at ``now_ms`` (``behind``: see
+        :meth:`_behind`; a change only), keeping the newest record a settle old and every
+        one after it."""
         reached = min(behind) if behind else None
         progress = self._progress
         if not progress or progress[-1][1] != reached:
@@ -736,7 +736,7 @@ class SegmentStore:
         behind = self._behind(now_ms)
         candidate = min(min(behind), now_ms) if behind else now_ms
         if self._progress:
-            self._note_progress(now_ms)
+            self._note_progress(now_ms, behind)
             then = self._passed_on(now_ms - self.settle_ms)
             if then is not None:
                 candidate = min(candidate, then + self.settle_ms)

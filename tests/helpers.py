@@ -136,10 +136,7 @@ class WorkerProcess:
                 text = resp.read().decode()
         except OSError as exc:
             return f"/metrics: {exc}"
-        return "\n".join(
-            line for line in text.splitlines()
-            if line.startswith(HEALTH) and not line.startswith("kpimon_events_late_")
-        )  # fmt: skip
+        return "\n".join(line for line in text.splitlines() if line.startswith(HEALTH))
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
