@@ -64,10 +64,16 @@ async def ensure_topics(settings: Settings, topology: Topology, sources: list[st
     try:
         existing = set(await admin.list_topics())
         missing = [t for t in wanted if t.name not in existing]
+        created = False
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):  # another worker was first
                 await admin.create_topics(missing)
+                created = True
             log.info("created topics %s", ", ".join(t.name for t in missing))
+        if created and any(t.name == settings.dlq_topic for t in missing):
+            # Ours, with our limit: read back at once, a topic just created may not be
+            # known to the broker that answers yet (and would read as the fallback).
+            return codec.INTERNAL_MESSAGE_BYTES
         return await max_message_bytes(admin, settings.dlq_topic)
     finally:
         await admin.close()
